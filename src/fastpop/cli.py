@@ -1,0 +1,134 @@
+"""The `fastpop` command. It only parses, calls the library and prints: no logic a Python user could not call.
+
+Bad input ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
+        raise UsageError(message)
+
+
+def parse_seeds(text: str) -> int | list[int]:
+    """'1000' is a count; '3,7,11' (or '5,' for one seed) is an explicit list."""
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--seeds takes a count (1000) or a comma-separated list (3,7,11), got {text!r}") from None
+
+
+RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the same name
+    "arch": (str, "architecture (see `fastpop archs`)"),
+    "dataset": (str, "data set"),
+    "seeds": (parse_seeds, "a count (1000) or a list (3,7,11)"),
+    "seed-offset": (int, "first seed when --seeds is a count"),
+    "vary": (str, "what differs between networks: both, init or order"),
+    "shared-seed": (int, "seed of what --vary keeps the same for all networks"),
+    "epochs": (int, "epochs"),
+    "batch-size": (int, "examples per network per step"),
+    "lr": (float, "peak learning rate"),
+    "momentum": (float, "SGD momentum"),
+    "weight-decay": (float, "L2 weight decay"),
+    "schedule": (str, "learning-rate schedule: constant, step or cosine"),
+    "warmup-epochs": (float, "linear warm-up length in epochs"),
+    "record-every": (int, "also record every this many steps (0: once per epoch)"),
+    "device": (str, "auto, cpu, cuda or cuda:N"),
+    "backend": (str, "auto or torch"),
+    "out": (str, "new run directory (default runs/ARCH-DATASET-PN-TIME)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastpop", description="Train populations of small networks and study their agreement.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train a population into a new run directory")
+    run.add_argument("--config", metavar="FILE.toml", help="config file; flags given here override it")
+    for flag, (typ, text) in RUN_FLAGS.items():
+        run.add_argument(f"--{flag}", type=typ, default=None, help=text)
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    archs = sub.add_parser("archs", help="list architectures with their size and cost")
+    archs.add_argument("--input-shape", default="1x8x8", help="C x H x W (default: digits, 1x8x8)")
+    archs.add_argument("--classes", type=int, default=10)
+
+    bench = sub.add_parser("bench", help="training throughput: fastpop vs torch.func vmap vs a loop of modules")
+    bench.add_argument("--nets", default="10,100,1000", help="population sizes, comma-separated")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per provider and size")
+    bench.add_argument("--arch", default="small-cnn")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--loop-max-nets", type=int, default=1000, help="skip the module loop above this P")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"run": _run, "archs": _archs, "bench": _bench}[args.command](args)
+    except UsageError as e:
+        print(f"fastpop: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastpop: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from .config import Config
+    from .console import ProgressBar, print_summary
+    from .trainer import train
+
+    overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in RUN_FLAGS}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "seed_offset" in overrides and isinstance(overrides.get("seeds"), list):
+        raise UsageError("--seed-offset applies to a seed count, not to an explicit --seeds list")
+    config = Config.from_toml(args.config, **overrides) if args.config else Config(**overrides)
+    with ProgressBar(enabled=not args.quiet) as bar:
+        run = train(config, progress=bar.update)
+    print_summary(run)
+    return 0
+
+
+def _archs(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .archs import ARCHS, build_arch
+
+    try:
+        shape = tuple(int(v) for v in args.input_shape.lower().split("x"))
+        assert len(shape) == 3 and min(shape) > 0
+    except (ValueError, AssertionError):
+        raise UsageError(f"--input-shape takes CxHxW such as 3x32x32, got {args.input_shape!r}") from None
+    if args.classes < 2:
+        raise UsageError("--classes must be at least 2")
+    table = Table(title=f"architectures for input {'x'.join(map(str, shape))}, {args.classes} classes")
+    for col in ("arch", "params/network", "forward FLOPs/example", "layers"):
+        table.add_column(col, justify="right" if "/" in col else "left")
+    for name, (_, _, text) in ARCHS.items():
+        arch = build_arch(name, shape, args.classes)
+        table.add_row(name, f"{arch.params_per_network():,}", f"{arch.flops_per_example():,}", text)
+    Console().print(table)
+    return 0
+
+
+def _bench(args) -> int:
+    from .benchmark import print_table, run_benchmark
+
+    try:
+        nets = [int(v) for v in args.nets.split(",")]
+    except ValueError:
+        raise UsageError(f"--nets takes comma-separated population sizes, got {args.nets!r}") from None
+    if min(nets) < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UsageError("--nets, --steps and --batch-size must be positive")
+    print_table(run_benchmark(nets, args.steps, args.arch, args.batch_size, args.loop_max_nets))
+    return 0

@@ -1,0 +1,147 @@
+"""The one configuration of a run: validated on construction, saved into run.json, loadable from TOML.
+
+CLI flags in kebab-case map onto these fields (--batch-size -> batch_size); TOML files may use either spelling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+VARY = ("both", "init", "order")
+SCHEDULES = ("constant", "step", "cosine")
+STEP_MILESTONES = (0.5, 0.75)  # the step schedule multiplies lr by 0.1 at these fractions of training
+
+
+@dataclass
+class Config:
+    arch: str = "small-cnn"
+    dataset: str = "digits"
+    seeds: int | list[int] = 100  # a count (seed_offset, seed_offset+1, ...) or an explicit list
+    seed_offset: int = 0
+    vary: str = "both"  # what differs between networks: init and batch order, or only one of them
+    shared_seed: int = 0  # the seed of whatever `vary` keeps the same for all networks
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    record_every: int = 0  # also record every this many steps (0: only at the end of each epoch)
+    device: str = "auto"
+    backend: str = "auto"
+    out: str | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # reserved; must stay empty
+
+    def __post_init__(self):
+        from .archs import ARCHS
+        from .data import DATASETS
+
+        if self.arch not in ARCHS:
+            raise UsageError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.dataset not in DATASETS:
+            raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+        _check_int("seed_offset", self.seed_offset, 0, 2**62)
+        _check_int("shared_seed", self.shared_seed, 0, 2**62)
+        if isinstance(self.seeds, (list, tuple)):
+            self.seeds = list(self.seeds)
+            if not self.seeds:
+                raise UsageError("seeds: the list is empty")
+            for s in self.seeds:
+                _check_int("seeds", s, 0, 2**62)
+            dup = sorted(s for s, n in Counter(self.seeds).items() if n > 1)
+            if dup:
+                raise UsageError(f"seeds: duplicated seed(s) {', '.join(map(str, dup[:5]))}")
+        else:
+            _check_int("seeds", self.seeds, 1, 10_000_000)
+        _check_choice("vary", self.vary, VARY)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_int("epochs", self.epochs, 1, 100_000)
+        _check_int("batch_size", self.batch_size, 1, 1_000_000)
+        _check_int("record_every", self.record_every, 0, 10**9)
+        _check_float("lr", self.lr, 0.0, 10.0, low_open=True)
+        _check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _check_float("weight_decay", self.weight_decay, 0.0, 1.0, high_open=True)
+        _check_float("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
+        if not isinstance(self.device, str) or not isinstance(self.backend, str):
+            raise UsageError("device and backend must be strings")
+        if self.out is not None and not isinstance(self.out, str):
+            raise UsageError("out must be a path string")
+        if self.extra:
+            raise UsageError(f"unknown config keys: {', '.join(self.extra)}")
+
+    @property
+    def seed_list(self) -> list[int]:
+        if isinstance(self.seeds, list):
+            return list(self.seeds)
+        return list(range(self.seed_offset, self.seed_offset + self.seeds))
+
+    def init_seeds(self) -> list[int]:
+        return self.seed_list if self.vary in ("both", "init") else [self.shared_seed] * len(self.seed_list)
+
+    def order_seeds(self) -> list[int]:
+        return self.seed_list if self.vary in ("both", "order") else [self.shared_seed] * len(self.seed_list)
+
+    def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        """Learning rate of step `step` (0-based): linear warm-up, then the schedule over the remaining steps."""
+        warmup = round(self.warmup_epochs * steps_per_epoch)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, total_steps - warmup)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * frac))
+        if self.schedule == "step":
+            return self.lr * 0.1 ** sum(frac >= m for m in STEP_MILESTONES)
+        return self.lr
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        d = {k.replace("-", "_"): v for k, v in d.items()}
+        known = {k: v for k, v in d.items() if k in names}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+    @classmethod
+    def from_toml(cls, path: str, **overrides) -> "Config":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+        except OSError as e:
+            raise UsageError(f"cannot read config {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"malformed TOML in {path}: {e}") from None
+        d = {k.replace("-", "_"): v for k, v in d.items()}
+        d.update(overrides)
+        return cls.from_dict(d)
+
+
+def _check_int(name, v, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise UsageError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+
+
+def _check_float(name, v, lo, hi, low_open=False, high_open=False):
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    ok = ok and (lo < v if low_open else lo <= v) and (v < hi if high_open else v <= hi)
+    if not ok:
+        brackets = ("(" if low_open else "[") + f"{lo}, {hi}" + (")" if high_open else "]")
+        raise UsageError(f"{name} must be a number in {brackets}, got {v!r}")
+
+
+def _check_choice(name, v, choices):
+    if v not in choices:
+        raise UsageError(f"unknown {name} {v!r}; valid: {', '.join(choices)}")

@@ -1,0 +1,55 @@
+"""Terminal display for the CLI: a progress bar fed by the trainer's callback, and the end-of-run summary."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .run import Run
+from .trainer import Progress
+
+
+class ProgressBar:
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = RichProgress(
+            TextColumn("epoch {task.fields[epoch]:.2f}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.fields[rate]} net-img/s"), TextColumn("test acc {task.fields[acc]}"),
+            console=Console(stderr=True), disable=not enabled)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def update(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        fields = {"epoch": p.epoch, "rate": f"{p.net_images_per_s:,.0f}",
+                  "acc": "-" if p.mean_test_acc is None else f"{p.mean_test_acc:.3f}"}
+        if self.task is None:
+            self.task = self.bar.add_task("train", total=p.total_steps, **fields)
+        self.bar.update(self.task, completed=p.step, **fields)
+
+
+def print_summary(run: Run, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"{run.config.arch} on {run.config.dataset}: {len(run.seeds)} networks, "
+                        f"{len(run.checkpoints)} checkpoints")
+    for col in ("split", "mean acc", "std", "min", "max"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split in ("train", "test"):
+        acc = np.asarray(run.accuracy(split)[-1], dtype=np.float64)
+        table.add_row(split, *(f"{v:.4f}" for v in (acc.mean(), acc.std(), acc.min(), acc.max())))
+    console.print(table)
+    t = run.manifest.get("timings", {})
+    if t:
+        console.print(f"wall {t['wall_s']:.1f} s (train {t['train_s']:.1f} s, evaluation {t['eval_s']:.1f} s), "
+                      f"{t['net_images_per_s']:,.0f} net-images/s in training")
+    console.print(f"run directory: {run.path}")

@@ -1,0 +1,97 @@
+"""The parameters of P networks in one flat buffer, and the forward pass of all of them.
+
+Layout is layer-major: parameter i of every network lies in one contiguous block viewed as [P, *shape], so each
+layer of all networks is one tensor for one op, and a slice of networks [lo:hi] of a layer is contiguous too.
+Gradients and momentum live in flat buffers of the same layout, so the optimizer is one op over everything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .archs import Arch
+from .seeding import INIT, generator
+
+
+def init_network(arch: Arch, seed: int) -> torch.Tensor:
+    """Network `seed`'s initial parameters, flat [D] in `param_shapes` order, on the CPU.
+
+    torch.nn's default distributions: Conv2d and Linear weights and biases are all U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5) reduces to that bound). One draw of D numbers per network.
+    """
+    parts = []
+    for name, shape in arch.param_shapes():
+        if name.endswith("weight"):  # a bias follows its weight and shares its fan_in
+            fan_in = math.prod(shape[1:])
+        parts.append(torch.full((math.prod(shape),), fan_in ** -0.5))
+    bound = torch.cat(parts)
+    u = torch.rand(len(bound), generator=generator(seed, INIT))
+    return (u * 2 - 1) * bound
+
+
+class Population:
+    def __init__(self, arch: Arch, init_seeds: list[int], device: torch.device):
+        self.arch = arch
+        self.p = len(init_seeds)
+        self.shapes = [shape for _, shape in arch.param_shapes()]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.d = sum(self.sizes)
+        self.params = torch.empty(self.p * self.d, device=device)
+        self.grads = torch.zeros_like(self.params)
+        self.momentum = torch.zeros_like(self.params)
+        unique = {s: init_network(arch, s) for s in dict.fromkeys(init_seeds)}
+        self.set_networks(torch.stack([unique[s] for s in init_seeds]))
+
+    def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer views [P, *shape] into a flat buffer of this population's layout."""
+        out, start = [], 0
+        for shape, n in zip(self.shapes, self.sizes):
+            out.append(buf[start:start + self.p * n].view(self.p, *shape))
+            start += self.p * n
+        return out
+
+    def networks(self, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """Network-major copy [P, D] of a flat buffer (default: the parameters); row k is network k."""
+        views = self.views(self.params if buf is None else buf)
+        return torch.cat([v.reshape(self.p, -1) for v in views], dim=1)
+
+    def set_networks(self, rows: torch.Tensor, buf: torch.Tensor | None = None) -> None:
+        """Write network-major rows [P, D] into a flat buffer (default: the parameters)."""
+        rows = rows.to(self.params.device)
+        start = 0
+        for v, n in zip(self.views(self.params if buf is None else buf), self.sizes):
+            v.copy_(rows[:, start:start + n].view_as(v))
+            start += n
+
+    def leaves(self, lo: int, hi: int) -> list[torch.Tensor]:
+        """Autograd leaves for networks lo:hi that alias the parameters, with .grad aliasing the gradient
+        buffer: backward accumulates in place, straight into the flat gradients."""
+        out = []
+        for param, grad in zip(self.views(self.params), self.views(self.grads)):
+            leaf = param[lo:hi].detach().requires_grad_()
+            leaf.grad = grad[lo:hi]
+            out.append(leaf)
+        return out
+
+
+def forward(arch: Arch, backend, params: list[torch.Tensor], images: torch.Tensor, idx: torch.Tensor | None,
+            mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Logits [P, B, K] of the networks whose per-layer parameters [P, ...] are `params`.
+
+    idx int64 [P, B] picks each network's batch from `images` [N, C, H, W]; idx None feeds all of `images`
+    to every network.
+    """
+    p, shared = params[0].shape[0], idx is None
+    it = iter(params)
+    h = backend.gather_images(images, idx, mean, std, flat=not arch.convs)
+    for conv in arch.convs:
+        h = backend.conv_block(h, next(it), next(it), conv.pool, shared)
+        shared = False
+    if arch.convs:
+        h = backend.global_avg_pool(h, p)
+    for layer in arch.dense:
+        h = backend.dense(h, next(it), next(it), layer.relu, shared)
+        shared = False
+    return h

@@ -1,0 +1,55 @@
+"""Evaluation checkpoints: every network on a whole split, reduced to packed correctness bits and per-network
+loss and accuracy, in the record's layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .archs import Arch
+from .data import Split
+from .population import forward
+from .rundir import bytes_per_row
+
+EVAL_FLOATS = 1 << 24  # activation floats per evaluation chunk (64 MiB of the largest layer)
+
+_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
+
+
+def pack_bits(correct: torch.Tensor) -> np.ndarray:
+    """bool [P, N] -> uint8 [P, R], R = 8 * ceil(N / 64), little bit order, padding bits zero:
+    the same bytes as np.packbits(c, axis=-1, bitorder="little") padded with zero bytes to R."""
+    p, n = correct.shape
+    r = bytes_per_row(n)
+    padded = torch.zeros(p, r * 8, dtype=torch.int32, device=correct.device)
+    padded[:, :n] = correct
+    packed = (padded.view(p, r, 8) * _BIT_WEIGHTS.to(correct.device)).sum(-1)
+    return packed.to(torch.uint8).cpu().numpy()
+
+
+def eval_chunk(arch: Arch, p: int) -> int:
+    """Examples per evaluation chunk, so that the largest activation of all P networks stays near EVAL_FLOATS."""
+    return max(1, EVAL_FLOATS // (p * arch.activations_per_example()))
+
+
+@torch.no_grad()
+def evaluate(arch: Arch, backend, params: list[torch.Tensor], split: Split, mean: torch.Tensor, std: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correctness bool [P, N] (argmax == label; ties go to the lowest class index, as torch.argmax) and each
+    network's mean cross-entropy [P] over the whole split."""
+    p, n = params[0].shape[0], len(split)
+    correct = torch.empty(p, n, dtype=torch.bool, device=split.y.device)
+    loss = torch.zeros(p, dtype=torch.float64, device=split.y.device)
+    step = eval_chunk(arch, p)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        logits = forward(arch, backend, params, split.x[lo:hi], None, mean, std)
+        y = split.y[lo:hi]
+        correct[:, lo:hi] = logits.argmax(-1) == y
+        loss += backend.cross_entropy(logits, y).double() * (hi - lo)
+    return correct, (loss / n).float()
+
+
+def record(correct: torch.Tensor, loss: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One split's checkpoint row: (packed bits, loss, accuracy) as numpy."""
+    return pack_bits(correct), loss.cpu().numpy(), correct.float().mean(1).cpu().numpy()

@@ -1,0 +1,84 @@
+"""Reading a run directory back: `load_run(path) -> Run`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .errors import UsageError
+from .rundir import MANIFEST, SPLITS, STATE
+
+
+class Run:
+    """A run directory: its config, manifest, and record (memory-mapped, only completed checkpoints)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{self.path} is not a run directory (no {MANIFEST})") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"cannot read {self.path / MANIFEST}: {e}") from None
+        self.config = Config.from_dict(self.manifest["config"])
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.manifest["seeds"]
+
+    @property
+    def status(self) -> str:
+        return self.manifest["status"]
+
+    @property
+    def checkpoints(self) -> list[dict]:
+        """The completed checkpoints: [{"epoch": ..., "step": ...}, ...]."""
+        return self.manifest["checkpoints"][: self.manifest["checkpoints_done"]]
+
+    def n(self, split: str) -> int:
+        return self.manifest["splits"][split]["n"]
+
+    def _array(self, name: str) -> np.ndarray:
+        arr = np.load(self.path / name, mmap_mode="r")
+        return arr[: self.manifest["checkpoints_done"]]
+
+    def bits(self, split: str) -> np.ndarray:
+        """uint8 [T, P, R] packed correctness (memory-mapped), T = completed checkpoints."""
+        _check_split(split)
+        return self._array(f"{split}.bits.npy")
+
+    def correct(self, split: str, t: int = -1) -> np.ndarray:
+        """bool [P, N]: which network is right on which example at checkpoint t."""
+        bits = self.bits(split)[t]
+        return np.unpackbits(bits, axis=-1, count=self.n(split), bitorder="little").astype(bool)
+
+    def loss(self, split: str) -> np.ndarray:
+        """float32 [T, P]: each network's mean cross-entropy on the split at each checkpoint."""
+        _check_split(split)
+        return self._array(f"{split}.loss.npy")
+
+    def accuracy(self, split: str) -> np.ndarray:
+        """float32 [T, P]: each network's accuracy on the split at each checkpoint."""
+        _check_split(split)
+        return self._array(f"{split}.acc.npy")
+
+    def weights(self) -> torch.Tensor:
+        """float32 [P, D]: each network's parameters at the last saved state, in arch.param_shapes order."""
+        return torch.load(self.path / STATE, map_location="cpu")["params"]
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.path)!r}, arch={self.config.arch}, P={len(self.seeds)}, "
+                f"checkpoints={len(self.checkpoints)}, status={self.status})")
+
+
+def load_run(path: str | Path) -> Run:
+    return Run(path)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
