@@ -27,7 +27,7 @@ class Config:
     shared_seed: int = 0  # the seed of whatever `vary` keeps the same for all networks
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"

@@ -76,22 +76,16 @@ class Population:
         return out
 
 
-def forward(arch: Arch, backend, params: list[torch.Tensor], images: torch.Tensor, idx: torch.Tensor | None,
+def forward(arch: Arch, backend, params: list[torch.Tensor], images: torch.Tensor, idx: torch.Tensor,
             mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Logits [P, B, K] of the networks whose per-layer parameters [P, ...] are `params`.
-
-    idx int64 [P, B] picks each network's batch from `images` [N, C, H, W]; idx None feeds all of `images`
-    to every network.
-    """
-    p, shared = params[0].shape[0], idx is None
+    """Logits [P, B, K] of the networks whose per-layer parameters [P, ...] are `params`; idx int64 [P, B] picks
+    each network's batch from `images` [N, C, H, W]."""
     it = iter(params)
     h = backend.gather_images(images, idx, mean, std, flat=not arch.convs)
     for conv in arch.convs:
-        h = backend.conv_block(h, next(it), next(it), conv.pool, shared)
-        shared = False
+        h = backend.conv_block(h, next(it), next(it), conv.pool)
     if arch.convs:
-        h = backend.global_avg_pool(h, p)
+        h = backend.global_avg_pool(h)
     for layer in arch.dense:
-        h = backend.dense(h, next(it), next(it), layer.relu, shared)
-        shared = False
+        h = backend.dense(h, next(it), next(it), layer.relu)
     return h

@@ -43,7 +43,8 @@ def evaluate(arch: Arch, backend, params: list[torch.Tensor], split: Split, mean
     step = eval_chunk(arch, p)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        logits = forward(arch, backend, params, split.x[lo:hi], None, mean, std)
+        idx = torch.arange(lo, hi, device=split.y.device).expand(p, -1)  # every network sees the same examples
+        logits = forward(arch, backend, params, split.x, idx, mean, std)
         y = split.y[lo:hi]
         correct[:, lo:hi] = logits.argmax(-1) == y
         loss += backend.cross_entropy(logits, y).double() * (hi - lo)

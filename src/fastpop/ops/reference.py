@@ -1,11 +1,15 @@
 """The pure-torch population op set: all P networks in one call per layer. The CPU backend, and the reference
 that every kernel is tested against.
 
-Activation layouts (private to this backend; the population code only chains them):
-- conv activations: [B, P*C, H, W], so one grouped convolution (groups=P) serves every network with no copies;
-- dense activations: [P, B, F].
-A `shared` input is one batch seen by every network (evaluation): the first layer then runs as one ordinary
-conv or GEMM over the P*Cout output channels instead of P copies of the input.
+Layouts (private to this backend; the population code only chains them): conv activations [P, B, H, W, C]
+(channels last within each network), dense activations [P, B, F].
+
+Convolutions are im2col + one batched GEMM (torch.bmm) over all networks, not grouped F.conv2d: oneDNN picks
+different grouped-conv algorithms for different group counts, so network k's result changed in the last bits
+with P (seen on this 2-core AVX-512 CPU, torch 2.13). bmm computes each network's product the same way for any
+P, which makes network k bit-identical alone or in any population (tests/test_independence.py). The bias rides
+in the GEMM as a column of ones, so its gradient comes from the same GEMM rather than a reduction whose
+threading, and so rounding, could depend on P.
 """
 
 from __future__ import annotations
@@ -16,40 +20,84 @@ import torch.nn.functional as F
 NAME = "torch"
 
 
-def gather_images(x: torch.Tensor, idx: torch.Tensor | None, mean: torch.Tensor, std: torch.Tensor,
-                  flat: bool) -> torch.Tensor:
-    """Normalized input. x [N, C, H, W] stored dtype; idx int64 [P, B] (each network its own batch) or None (x is
-    the shared batch). Returns [B, P*C, H, W] for convs or [P, B, C*H*W] when `flat`; shared: [N, C, H, W] or
-    [N, C*H*W]."""
-    batch = x if idx is None else (x[idx] if flat else x[idx.T])  # [P, B, C, H, W] or [B, P, C, H, W]
-    shape = [1] * (batch.dim() - 3) + [-1, 1, 1]
-    batch = (batch.float() - mean.view(shape)) / std.view(shape)
-    if flat:
-        return batch.flatten(-3)
-    return batch if idx is None else batch.flatten(1, 2)
+def gather_images(x: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flat: bool
+                  ) -> torch.Tensor:
+    """Normalized batches. x [N, C, H, W] stored dtype; idx int64 [P, B], row k is network k's batch.
+    Returns [P, B, H, W, C] for convs, or [P, B, C*H*W] (nn.Flatten's order) when `flat`."""
+    batch = (x[idx].float() - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)  # [P, B, C, H, W]
+    return batch.flatten(2) if flat else batch.permute(0, 1, 3, 4, 2).contiguous()
 
 
-def conv_block(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, pool: bool, shared: bool) -> torch.Tensor:
-    """3x3 conv (padding 1) + bias + ReLU (+ 2x2 max-pool). h [B, P*Cin, H, W] ([B, Cin, H, W] if shared);
-    w [P, Cout, Cin, 3, 3]; b [P, Cout]. Returns [B, P*Cout, H', W']."""
-    p, cout = w.shape[:2]
-    out = F.conv2d(h, w.reshape(p * cout, *w.shape[2:]), b.reshape(-1), padding=1, groups=1 if shared else p)
-    out = torch.relu(out)
-    return F.max_pool2d(out, 2) if pool else out
+class _Conv3x3(torch.autograd.Function):
+    """3x3 convolution, padding 1, of every network at once. x [P, B, H, W, C]; w [P, Cout, C, 3, 3];
+    b [P, Cout] -> [P, B, H, W, Cout]."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        p, bsz, h, wd, c = x.shape
+        cols = im2col(x)  # [P, B*H*W, 9C + 1]
+        wmat = torch.cat([w.permute(0, 3, 4, 2, 1).reshape(p, 9 * c, -1), b.unsqueeze(1)], 1)  # [P, 9C + 1, Cout]
+        ctx.save_for_backward(cols, wmat)
+        ctx.x_shape = x.shape
+        return torch.bmm(cols, wmat).view(p, bsz, h, wd, -1)
+
+    @staticmethod
+    def backward(ctx, dout):
+        cols, wmat = ctx.saved_tensors
+        p, bsz, h, wd, c = ctx.x_shape
+        dout = dout.reshape(p, bsz * h * wd, -1)
+        dwmat = torch.bmm(cols.transpose(1, 2), dout)  # [P, 9C + 1, Cout]: weights and bias together
+        dw = dwmat[:, :-1].view(p, 3, 3, c, -1).permute(0, 4, 3, 1, 2)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = col2im(torch.bmm(dout, wmat[:, :-1].transpose(1, 2)), ctx.x_shape)
+        return dx, dw, dwmat[:, -1]
 
 
-def global_avg_pool(h: torch.Tensor, p: int) -> torch.Tensor:
-    """[B, P*C, H, W] -> [P, B, C]."""
-    return h.mean((2, 3)).view(h.shape[0], p, -1).transpose(0, 1)
+def im2col(x: torch.Tensor) -> torch.Tensor:
+    """[P, B, H, W, C] -> [P, B*H*W, 9C + 1]: each output pixel's 3x3 zero-padded neighbourhood in (kh, kw, c)
+    order, then a 1 for the bias."""
+    p, bsz, h, w, c = x.shape
+    cols = torch.empty(p, bsz * h * w, 9 * c + 1, dtype=x.dtype, device=x.device)
+    cols[:, :, -1] = 1
+    windows = F.pad(x, (0, 0, 1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)  # [P, B, H, W, C, 3, 3]
+    cols[:, :, :-1].unflatten(1, (bsz, h, w)).unflatten(4, (3, 3, c)).copy_(windows.permute(0, 1, 2, 3, 5, 6, 4))
+    return cols
 
 
-def dense(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, relu: bool, shared: bool) -> torch.Tensor:
-    """h [P, B, Fin] ([B, Fin] if shared); w [P, Fout, Fin]; b [P, Fout]. Returns [P, B, Fout]."""
-    if shared:
-        p, fout, fin = w.shape
-        out = torch.addmm(b.reshape(-1), h, w.reshape(p * fout, fin).T).view(-1, p, fout).transpose(0, 1)
-    else:
-        out = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+def col2im(dcols: torch.Tensor, shape) -> torch.Tensor:
+    """Adjoint of im2col (without the bias column): [P, B*H*W, 9C] -> [P, B, H, W, C]."""
+    p, bsz, h, w, c = shape
+    d = dcols.view(p, bsz, h, w, 3, 3, c)
+    dx = torch.zeros(p, bsz, h + 2, w + 2, c, dtype=dcols.dtype, device=dcols.device)
+    for kh in range(3):
+        for kw in range(3):
+            dx[:, :, kh:kh + h, kw:kw + w] += d[:, :, :, :, kh, kw]
+    return dx[:, :, 1:-1, 1:-1]
+
+
+def conv_block(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, pool: bool) -> torch.Tensor:
+    """3x3 conv (padding 1) + bias + ReLU (+ 2x2 max-pool, floor). h [P, B, H, W, Cin]; w [P, Cout, Cin, 3, 3];
+    b [P, Cout]. Returns [P, B, H', W', Cout]."""
+    out = torch.relu(_Conv3x3.apply(h, w, b))
+    return max_pool2x2(out) if pool else out
+
+
+def max_pool2x2(h: torch.Tensor) -> torch.Tensor:
+    """[P, B, H, W, C] -> [P, B, H//2, W//2, C]; ties and gradients exactly as nn.MaxPool2d(2)."""
+    p, bsz, hh, w, c = h.shape
+    nchw = h.view(p * bsz, hh, w, c).permute(0, 3, 1, 2)  # a channels-last NCHW view: no copy
+    return F.max_pool2d(nchw, 2).permute(0, 2, 3, 1).reshape(p, bsz, hh // 2, w // 2, c)
+
+
+def global_avg_pool(h: torch.Tensor) -> torch.Tensor:
+    """[P, B, H, W, C] -> [P, B, C]."""
+    return h.mean((2, 3))
+
+
+def dense(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, relu: bool) -> torch.Tensor:
+    """h [P, B, Fin]; w [P, Fout, Fin]; b [P, Fout]. Returns [P, B, Fout]."""
+    out = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
     return torch.relu(out) if relu else out
 
 

@@ -1,0 +1,95 @@
+"""Population semantics: network k in a population trains exactly as network k alone, and as a plain nn.Module
+with the same init and batch order trained by torch.optim.SGD."""
+
+import pytest
+import torch
+
+from fastpop import ops
+from fastpop.archs import build_arch
+from fastpop.config import Config
+from fastpop.data import load_dataset
+from fastpop.data.orders import epoch_orders
+from fastpop.population import Population, init_network
+from fastpop.trainer import train_step
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", CPU)
+
+
+def _train_population(arch, data, config, steps):
+    pop = Population(arch, config.init_seeds(), CPU)
+    orders = epoch_orders(config.order_seeds(), 0, len(data.train))
+    losses = []
+    for s in range(steps):
+        idx = orders[:, s * config.batch_size:(s + 1) * config.batch_size]
+        losses.append(train_step(pop, ops.reference, data, idx, config.lr_at(s, steps, steps), config))
+    return pop, torch.stack(losses)
+
+
+@pytest.mark.parametrize("arch_name", ["small-cnn", "wide-cnn", "mlp"])
+def test_population_equals_plain_modules(digits, arch_name):
+    config = Config(arch=arch_name, seeds=4, batch_size=16, lr=0.1, momentum=0.9, weight_decay=1e-3,
+                    schedule="cosine")
+    arch = build_arch(arch_name, digits.in_shape, digits.classes)
+    steps = 6
+    pop, pop_losses = _train_population(arch, digits, config, steps)
+    orders = epoch_orders(config.order_seeds(), 0, len(digits.train))
+    x = (digits.train.x.float() - digits.mean.view(1, -1, 1, 1)) / digits.std.view(1, -1, 1, 1)
+    for k, seed in enumerate(config.seed_list):
+        module = arch.to_module()
+        with torch.no_grad():
+            flat = init_network(arch, seed)
+            start = 0
+            for p in module.parameters():
+                p.copy_(flat[start:start + p.numel()].view_as(p))
+                start += p.numel()
+        opt = torch.optim.SGD(module.parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+        for s in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = config.lr_at(s, steps, steps)
+            idx = orders[k, s * 16:(s + 1) * 16]
+            loss = torch.nn.functional.cross_entropy(module(x[idx]), digits.train.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            torch.testing.assert_close(pop_losses[s, k], loss.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=f"loss of network {k} at step {s}")
+        want = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+        torch.testing.assert_close(pop.networks()[k], want, rtol=1e-5, atol=1e-6, msg=f"weights of network {k}")
+
+
+def test_init_depends_on_seed_only(digits):
+    arch = build_arch("small-cnn", digits.in_shape, digits.classes)
+    alone = Population(arch, [7], CPU).networks()[0]
+    among = Population(arch, [3, 7, 11], CPU).networks()[1]
+    assert torch.equal(alone, among)
+    assert not torch.equal(Population(arch, [8], CPU).networks()[0], alone)
+
+
+def test_init_follows_torch_default_bounds(digits):
+    arch = build_arch("small-cnn", digits.in_shape, digits.classes)
+    pop = Population(arch, list(range(50)), CPU)
+    for (name, shape), v in zip(arch.param_shapes(), pop.views(pop.params)):
+        fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1) if name.endswith("weight") else None
+        if fan_in:
+            bound = fan_in ** -0.5
+        assert v.abs().max() <= bound, name
+        assert v.abs().max() > 0.9 * bound, name  # the whole range is used
+
+
+def test_gradients_do_not_mix(digits):
+    """Each network's gradient is the gradient of its own mean loss alone."""
+    arch = build_arch("small-cnn", digits.in_shape, digits.classes)
+    config = Config(seeds=3, batch_size=8, momentum=0.0, weight_decay=0.0)
+    pop = Population(arch, [1, 2, 3], CPU)
+    idx = epoch_orders([1, 2, 3], 0, len(digits.train))[:, :8]
+    train_step(pop, ops.reference, digits, idx, 0.0, config)
+    together = pop.networks(pop.grads)
+    single = Population(arch, [2], CPU)
+    train_step(single, ops.reference, digits, idx[1:2], 0.0, config)
+    torch.testing.assert_close(together[1], single.networks(single.grads)[0], rtol=1e-5, atol=1e-7)
