@@ -130,5 +130,5 @@ def _bench(args) -> int:
         raise UsageError(f"--nets takes comma-separated population sizes, got {args.nets!r}") from None
     if min(nets) < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--nets, --steps and --batch-size must be positive")
-    print_table(run_benchmark(nets, args.steps, args.arch, args.batch_size, args.loop_max_nets))
+    print_table(run_benchmark(nets, args.steps, args.arch, args.batch_size, args.loop_max_nets), args.batch_size)
     return 0

@@ -22,11 +22,11 @@ class ProgressBar:
         self.task = None
 
     def __enter__(self):
-        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+        if self.task is not None:  # started lazily, so an early error leaves the terminal untouched
+            self.bar.stop()
 
     def update(self, p: Progress) -> None:
         if not self.enabled:
@@ -34,6 +34,7 @@ class ProgressBar:
         fields = {"epoch": p.epoch, "rate": f"{p.net_images_per_s:,.0f}",
                   "acc": "-" if p.mean_test_acc is None else f"{p.mean_test_acc:.3f}"}
         if self.task is None:
+            self.bar.start()
             self.task = self.bar.add_task("train", total=p.total_steps, **fields)
         self.bar.update(self.task, completed=p.step, **fields)
 

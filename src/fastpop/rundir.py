@@ -48,7 +48,9 @@ def check_new_out(path: Path) -> None:
     """Refuse an --out that exists and is not empty, or that cannot be created; touches nothing."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageError(f"--out {path} exists and is not empty; choose a new directory")
-    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    parent = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"--out {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--out {path} is not writable")
 

@@ -1,0 +1,149 @@
+"""Training throughput, side by side in one run: fastpop's population step against the two usual ways to train
+many small networks in PyTorch, a torch.func ensemble (stack_module_state + functional_call + vmap + grad) and a
+plain loop over nn.Modules. Every provider does the same work per step: gather each network's batch, forward,
+backward, SGD with momentum and weight decay. Figures are net-images/s (networks x examples per second) and
+achieved FLOP/s (3x the forward FLOPs) as a fraction of an sgemm ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .archs import build_arch
+from .config import Config
+from .data import load_dataset
+from .data.orders import epoch_orders
+from .ops import reference
+from .population import Population, init_network
+from .trainer import train_step
+
+WARMUP = 2
+LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
+
+
+@dataclass
+class Row:
+    provider: str
+    p: int
+    net_images_per_s: float
+    gflops: float
+    ceiling_gflops: float
+
+
+def sgemm_ceiling(n: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of one n x n fp32 matmul on this device: the ceiling our FLOP fractions refer to."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def _time(step, batches) -> float:
+    for idx in batches[:WARMUP]:
+        step(idx)
+    t = time.perf_counter()
+    for idx in batches[WARMUP:]:
+        step(idx)
+    return (time.perf_counter() - t) / (len(batches) - WARMUP)
+
+
+def _modules(arch, seeds):
+    modules = []
+    for s in seeds:
+        m, flat, start = arch.to_module(), init_network(arch, s), 0
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(flat[start:start + p.numel()].view_as(p))
+                start += p.numel()
+        modules.append(m)
+    return modules
+
+
+def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", batch_size: int = 32,
+                  loop_max_nets: int = 1000) -> list[Row]:
+    data = load_dataset("digits", torch.device("cpu"))
+    arch = build_arch(arch_name, data.in_shape, data.classes)
+    x_all = (data.train.x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
+    ceiling = sgemm_ceiling()
+    rows = []
+    for p in nets:
+        seeds = list(range(p))
+        orders = epoch_orders(seeds, 0, len(data.train))
+        n_batches = min(WARMUP + steps, len(data.train) // batch_size)
+        batches = [orders[:, i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+        providers = {"fastpop-torch": _fastpop_step(arch, data, seeds, batch_size),
+                     "torch.func vmap": _vmap_step(arch, seeds, x_all, data.train.y)}
+        if p <= loop_max_nets:
+            providers["module loop"] = _loop_step(arch, seeds, x_all, data.train.y)
+        for name, step in providers.items():
+            dt = _time(step, batches)
+            rate = p * batch_size / dt
+            rows.append(Row(name, p, rate, 3 * arch.flops_per_example() * rate / 1e9, ceiling))
+    return rows
+
+
+def _fastpop_step(arch, data, seeds, batch_size):
+    config = Config(seeds=len(seeds), batch_size=batch_size, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    pop = Population(arch, seeds, torch.device("cpu"))
+    return lambda idx: train_step(pop, reference, data, idx, LR, config)
+
+
+def _vmap_step(arch, seeds, x_all, y_all):
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    modules = _modules(arch, seeds)
+    params, buffers = stack_module_state(modules)
+    base = copy.deepcopy(modules[0]).to("meta")
+    names = list(params)
+    bufs = [torch.zeros_like(params[n]) for n in names]
+
+    def loss(prm, bfr, x, y):
+        return F.cross_entropy(functional_call(base, (prm, bfr), (x,)), y)
+
+    grads_of = vmap(grad(loss))
+
+    def step(idx):
+        g = grads_of(params, buffers, x_all[idx], y_all[idx])
+        with torch.no_grad():
+            ps, gs = [params[n] for n in names], [g[n] for n in names]
+            torch._foreach_add_(gs, ps, alpha=WD)
+            torch._foreach_mul_(bufs, MOMENTUM)
+            torch._foreach_add_(bufs, gs)
+            torch._foreach_add_(ps, bufs, alpha=-LR)
+
+    return step
+
+
+def _loop_step(arch, seeds, x_all, y_all):
+    modules = _modules(arch, seeds)
+    opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD) for m in modules]
+
+    def step(idx):
+        for k, (m, opt) in enumerate(zip(modules, opts)):
+            opt.zero_grad()
+            F.cross_entropy(m(x_all[idx[k]]), y_all[idx[k]]).backward()
+            opt.step()
+
+    return step
+
+
+def print_table(rows: list[Row], batch_size: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"training step, digits, B={batch_size}; sgemm ceiling {rows[0].ceiling_gflops:.0f} GFLOP/s"
+                  if rows else "no rows")
+    for col in ("provider", "P", "net-images/s", "GFLOP/s", "% ceiling", "fastpop speed-up"):
+        table.add_column(col, justify="left" if col == "provider" else "right")
+    ours = {r.p: r.net_images_per_s for r in rows if r.provider == "fastpop-torch"}
+    for r in rows:
+        table.add_row(r.provider, str(r.p), f"{r.net_images_per_s:,.0f}", f"{r.gflops:.1f}",
+                      f"{100 * r.gflops / r.ceiling_gflops:.1f}", f"{ours[r.p] / r.net_images_per_s:.2f}x")
+    Console().print(table)
