@@ -1,0 +1,84 @@
+"""In which order networks learn examples: accessibility, per-network speed, the checkpoint each example is
+learned at, forgetting events, and how consistent the order is within and across populations."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+from ..errors import UsageError
+from .kernels import _forgetting_kernel, _learned_at_kernel, _speed_counts_kernel
+from .record import words_of
+
+
+def speed_counts(src, n: int | None = None, split: str = "test") -> np.ndarray:
+    """int32 [P, N]: at how many checkpoints network p is right on example n. Speed s = counts / T."""
+    words, n = words_of(src, n, split)
+    return _speed_counts_kernel(words, n)
+
+
+def accessibility(src, n: int | None = None, split: str = "test") -> np.ndarray:
+    """float64 [N]: mean over checkpoints and networks of correctness: how early and widely an example is learned."""
+    words, n = words_of(src, n, split)
+    t, p = words.shape[:2]
+    return _speed_counts_kernel(words, n).sum(0) / (t * p)
+
+
+def learned_at(src, n: int | None = None, split: str = "test") -> np.ndarray:
+    """int32 [P, N]: first checkpoint from which network p stays right on example n; T when it never does."""
+    words, n = words_of(src, n, split)
+    return _learned_at_kernel(words, n)
+
+
+def forgetting(src, n: int | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(int32 [P, N] forgetting events, bool [P, N] never learned). An event is right at checkpoint t-1 and wrong
+    at t; an example a network never gets right has zero events and is flagged in the second array instead."""
+    words, n = words_of(src, n, split)
+    return _forgetting_kernel(words, n)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def split_half(speed: np.ndarray, seed: int = 0) -> dict:
+    """Spearman of accessibility computed from two disjoint random halves of the networks, and its
+    Spearman-Brown correction 2r / (1 + r) for the full population. speed: counts [P, N]."""
+    p = len(speed)
+    if p < 2:
+        raise UsageError("split-half needs at least 2 networks")
+    perm = np.random.default_rng(seed).permutation(p)
+    r = spearman(speed[perm[: p // 2]].sum(0), speed[perm[p // 2:]].sum(0))
+    return {"r": r, "spearman_brown": 2 * r / (1 + r) if r > -1 else float("nan")}
+
+
+def pairwise_spearman(speed: np.ndarray, max_pairs: int = 2000, seed: int = 0) -> dict:
+    """Spearman between per-network speeds s[i, :] and s[j, :] over network pairs: all pairs when there are at
+    most max_pairs, else max_pairs distinct random pairs."""
+    p = len(speed)
+    if p < 2:
+        raise UsageError("pairwise Spearman needs at least 2 networks")
+    i, j = np.triu_indices(p, 1)
+    if len(i) > max_pairs:
+        pick = np.random.default_rng(seed).choice(len(i), max_pairs, replace=False)
+        i, j = i[pick], j[pick]
+    ranks = rankdata(speed, axis=1)
+    z = ranks - ranks.mean(1, keepdims=True)
+    norm = np.sqrt((z * z).sum(1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (z[i] * z[j]).sum(1) / (norm[i] * norm[j])
+    return {"mean": float(np.nanmean(r)) if np.isfinite(r).any() else float("nan"), "pairs": int(len(r))}
+
+
+def containment(final_tpa_a: np.ndarray, final_tpa_b: np.ndarray, threshold: float = 0.5) -> dict:
+    """Of the examples population A learns (final TPA >= threshold), the fraction B learns too, and the reverse.
+    With A the weaker population, a_in_b near 1 says the stronger one learns what the weaker learns, and more."""
+    if final_tpa_a.shape != final_tpa_b.shape:
+        raise UsageError("containment needs the same examples in both populations")
+    la, lb = final_tpa_a >= threshold, final_tpa_b >= threshold
+    frac = lambda x, y: float((x & y).sum() / x.sum()) if x.any() else float("nan")  # noqa: E731
+    return {"a_in_b": frac(la, lb), "b_in_a": frac(lb, la), "learned_a": int(la.sum()), "learned_b": int(lb.sum())}
