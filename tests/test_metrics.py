@@ -1,0 +1,190 @@
+"""Every metric against a naive numpy reference on dense bool records, plus closed forms."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy.stats import spearmanr
+
+from fastpop import metrics as M
+from fastpop.errors import UsageError
+
+
+def pack(c: np.ndarray) -> np.ndarray:
+    """Dense bool [..., N] -> the record layout uint8 [..., 8 * ceil(N / 64)]."""
+    n = c.shape[-1]
+    out = np.zeros(c.shape[:-1] + (8 * -(-n // 64),), np.uint8)
+    out[..., : -(-n // 8)] = np.packbits(c, axis=-1, bitorder="little")
+    return out
+
+
+@st.composite
+def records(draw):
+    t, p, n = draw(st.integers(1, 5)), draw(st.integers(1, 7)), draw(st.integers(1, 200))
+    kind = draw(st.sampled_from(["random", "all-right", "all-wrong", "sparse"]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "all-right":
+        return np.ones((t, p, n), bool)
+    if kind == "all-wrong":
+        return np.zeros((t, p, n), bool)
+    return rng.random((t, p, n)) < (0.1 if kind == "sparse" else rng.random())
+
+
+def naive_learned_at(c):
+    t_, p_, n_ = c.shape
+    out = np.full((p_, n_), t_)
+    for p, n in itertools.product(range(p_), range(n_)):
+        t = t_
+        while t > 0 and c[t - 1, p, n]:
+            t -= 1
+        out[p, n] = t
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(records())
+def test_counts_order_and_forgetting(c):
+    t, p, n = c.shape
+    bits = pack(c)
+    np.testing.assert_array_equal(M.tpa_counts(bits, n), c.sum(1))
+    np.testing.assert_array_equal(M.speed_counts(bits, n), c.sum(0))
+    np.testing.assert_allclose(M.accessibility(bits, n), c.mean((0, 1)))
+    np.testing.assert_allclose(M.accuracy(bits, n), c.mean(-1))
+    np.testing.assert_array_equal(M.learned_at(bits, n), naive_learned_at(c))
+    events, never = M.forgetting(bits, n)
+    np.testing.assert_array_equal(events, (c[:-1] & ~c[1:]).sum(0))
+    np.testing.assert_array_equal(never, ~c.any(0))
+
+
+def naive_kappa(c):
+    p, n = c.shape
+    a = c.mean(1)
+    out = np.empty((p, p))
+    for i, j in itertools.product(range(p), range(p)):
+        obs = (c[i] == c[j]).mean()
+        exp = a[i] * a[j] + (1 - a[i]) * (1 - a[j])
+        out[i, j] = 1.0 if obs == 1 else (obs - exp) / (1 - exp)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(records())
+def test_error_consistency(c):
+    n = c.shape[-1]
+    for t in (0, -1):
+        np.testing.assert_allclose(M.error_consistency(pack(c), n, t=t), naive_kappa(c[t]), atol=1e-12)
+
+
+def naive_fleiss(c):
+    """Textbook Fleiss' kappa from the subjects x categories table."""
+    p, n = c.shape
+    table = np.stack([c.sum(0), p - c.sum(0)], 1).astype(float)  # [N, 2]
+    pi = ((table**2).sum(1) - p) / (p * (p - 1))
+    pj = table.sum(0) / (n * p)
+    pe = (pj**2).sum()
+    return (pi.mean() - pe) / (1 - pe)
+
+
+@settings(max_examples=60, deadline=None)
+@given(records())
+def test_agreement_summary(c):
+    t, p, n = c.shape
+    counts, acc = c[-1].sum(0), c[-1].mean(1)
+    s = M.agreement_summary(counts, acc)
+    hist = np.bincount(counts, minlength=p + 1) / n
+    assert s["mass0"] == pytest.approx(hist[0]) and s["mass1"] == pytest.approx(hist[p])
+    pb = M.poisson_binomial_pmf(acc)
+    assert s["tv_poisson_binomial"] == pytest.approx(0.5 * np.abs(hist - pb).sum())
+    pbar = acc.mean()
+    v0 = (acc * (1 - acc)).sum() / p**2
+    if p > 1 and pbar * (1 - pbar) - v0 > 1e-12:
+        assert s["rho"] == pytest.approx(((counts / p).var() - v0) / (pbar * (1 - pbar) - v0))
+        assert s["fleiss_kappa"] == pytest.approx(naive_fleiss(c[-1]))
+    else:
+        assert np.isnan(s["rho"])
+
+
+def test_identical_networks_give_tpa_0_or_1_and_rho_1():
+    rng = np.random.default_rng(1)
+    one = rng.random(777) < 0.7
+    c = np.broadcast_to(one, (3, 40, 777)).copy()
+    counts = M.tpa_counts(pack(c), 777)[-1]
+    assert set(np.unique(counts)) <= {0, 40}
+    s = M.agreement_summary(counts, c[-1].mean(1))
+    assert s["rho"] == pytest.approx(1.0) and s["fleiss_kappa"] == pytest.approx(1.0)
+    assert s["mass0"] + s["mass1"] == pytest.approx(1.0)
+
+
+def test_independent_networks_give_rho_near_0():
+    rng = np.random.default_rng(2)
+    acc = rng.uniform(0.5, 0.95, 60)
+    c = rng.random((1, 60, 20_000)) < acc[None, :, None]
+    s = M.agreement_summary(M.tpa_counts(pack(c), 20_000)[0], c[0].mean(1))
+    assert abs(s["rho"]) < 0.03  # sampling sd ~ 1/sqrt(N) = 0.007
+    assert s["tv_poisson_binomial"] < 0.05 and abs(s["fleiss_kappa"]) < 0.03
+
+
+@pytest.mark.parametrize("p", [1, 2, 5, 11])
+def test_poisson_binomial_matches_brute_force(p):
+    q = np.random.default_rng(p).random(p)
+    brute = np.zeros(p + 1)
+    for outcome in itertools.product([0, 1], repeat=p):
+        o = np.array(outcome)
+        brute[o.sum()] += np.prod(np.where(o, q, 1 - q))
+    np.testing.assert_allclose(M.poisson_binomial_pmf(q), brute, atol=1e-14)
+
+
+def test_poisson_binomial_is_stable_at_100k_and_equals_binomial_for_equal_q():
+    q = np.random.default_rng(3).uniform(0.8, 0.99, 100_000)
+    pmf = M.poisson_binomial_pmf(q)
+    assert (pmf >= 0).all() and pmf.sum() == pytest.approx(1.0, abs=1e-9)
+    assert (np.arange(len(pmf)) * pmf).sum() == pytest.approx(q.sum(), rel=1e-9)
+    np.testing.assert_allclose(M.poisson_binomial_pmf(np.full(30, 0.3)), M.binomial_pmf(30, 0.3), atol=1e-13)
+
+
+def test_spearman_family_against_scipy():
+    rng = np.random.default_rng(4)
+    speed = rng.integers(0, 6, (9, 300))
+    a, b = speed[0], speed[1]
+    assert M.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    pw = M.pairwise_spearman(speed, max_pairs=10_000)
+    want = np.mean([spearmanr(speed[i], speed[j]).statistic for i, j in itertools.combinations(range(9), 2)])
+    assert pw["pairs"] == 36 and pw["mean"] == pytest.approx(want)
+    assert M.pairwise_spearman(speed, max_pairs=5)["pairs"] == 5
+    sh = M.split_half(speed, seed=0)
+    perm = np.random.default_rng(0).permutation(9)
+    r = spearmanr(speed[perm[:4]].sum(0), speed[perm[4:]].sum(0)).statistic
+    assert sh["r"] == pytest.approx(r) and sh["spearman_brown"] == pytest.approx(2 * r / (1 + r))
+
+
+def test_containment():
+    a = np.array([0.9, 0.1, 0.6, 0.0])
+    b = np.array([1.0, 0.7, 0.2, 0.0])
+    c = M.containment(a, b)
+    assert c["a_in_b"] == pytest.approx(0.5) and c["b_in_a"] == pytest.approx(0.5)
+    assert c["learned_a"] == 2 and c["learned_b"] == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 50), st.integers(2, 12), st.integers(0, 2**32 - 1))
+def test_consensus_agreement(t, p, n, k, seed):
+    labels = np.random.default_rng(seed).integers(0, k, (t, p, n)).astype(np.uint8)
+    want = np.array([[np.bincount(labels[i, :, j]).max() / p for j in range(n)] for i in range(t)])
+    np.testing.assert_allclose(M.consensus_agreement(labels), want)
+
+
+def test_bad_records_are_refused():
+    c = np.ones((2, 3, 70), bool)
+    bits = pack(c)
+    with pytest.raises(UsageError, match="uint8"):
+        M.tpa_counts(bits.astype(np.int16), 70)
+    with pytest.raises(UsageError, match="needs R"):
+        M.tpa_counts(bits[..., :8], 70)
+    with pytest.raises(UsageError, match="padding"):
+        M.tpa_counts(bits, 65)
+    with pytest.raises(UsageError, match="T, P, R"):
+        M.tpa_counts(bits[0], 70)
+    with pytest.raises(UsageError, match="out of range"):
+        M.error_consistency(bits, 70, t=5)
