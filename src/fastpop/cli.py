@@ -61,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     archs.add_argument("--input-shape", default="1x8x8", help="C x H x W (default: digits, 1x8x8)")
     archs.add_argument("--classes", type=int, default=10)
 
+    analyze = sub.add_parser("analyze", help="agreement and learning-order metrics of a run directory")
+    analyze.add_argument("run", metavar="RUN")
+    analyze.add_argument("--split", default="test", choices=("test", "train"))
+    analyze.add_argument("--checkpoint", type=int, default=-1, help="checkpoint of the table (default: last)")
+
+    report = sub.add_parser("report", help="figures and report.html in RUN/report/")
+    report.add_argument("run", metavar="RUN")
+    report.add_argument("--split", default="test", choices=("test", "train"))
+
+    compare = sub.add_parser("compare", help="learning order of two populations on the same examples")
+    compare.add_argument("run_a", metavar="RUN_A")
+    compare.add_argument("run_b", metavar="RUN_B")
+    compare.add_argument("--split", default="test", choices=("test", "train"))
+    compare.add_argument("--threshold", type=float, default=0.5, help="final TPA at which an example counts as learned")
+    compare.add_argument("--out", help="folder for compare.json and the figure (default compare-A-vs-B)")
+
     bench = sub.add_parser("bench", help="training throughput: fastpop vs torch.func vmap vs a loop of modules")
     bench.add_argument("--nets", default="10,100,1000", help="population sizes, comma-separated")
     bench.add_argument("--steps", type=int, default=20, help="timed steps per provider and size")
@@ -73,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"run": _run, "archs": _archs, "bench": _bench}[args.command](args)
+        commands = {"run": _run, "archs": _archs, "bench": _bench, "analyze": _analyze, "report": _report,
+                    "compare": _compare}
+        return commands[args.command](args)
     except UsageError as e:
         print(f"fastpop: error: {e}", file=sys.stderr)
         return 2
@@ -131,4 +149,47 @@ def _bench(args) -> int:
     if min(nets) < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--nets, --steps and --batch-size must be positive")
     print_table(run_benchmark(nets, args.steps, args.arch, args.batch_size, args.loop_max_nets), args.batch_size)
+    return 0
+
+
+def _analyze(args) -> int:
+    from .analysis import analyze
+    from .console import print_analysis
+    from .run import load_run
+
+    result = analyze(load_run(args.run), args.split, args.checkpoint)
+    print_analysis(result)
+    print(f"wrote {args.run}/{args.split}.metrics.json and per-example arrays")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report
+    from .run import load_run
+
+    print(f"wrote {write_report(load_run(args.run), args.split)}")
+    return 0
+
+
+def _compare(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .analysis import compare
+    from .report import write_compare_figure
+    from .run import load_run
+
+    if not 0 < args.threshold <= 1:
+        raise UsageError("--threshold must be in (0, 1]")
+    a, b = load_run(args.run_a), load_run(args.run_b)
+    result = compare(a, b, args.split, args.threshold)
+    out = Path(args.out or f"compare-{a.path.name}-vs-{b.path.name}")
+    figure = write_compare_figure(result, out)
+    summary = {k: v for k, v in result.items() if k != "arrays"}
+    (out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"Spearman of accessibility: {result['spearman_accessibility']:.4f}")
+    print(f"weaker {result['weaker']}, stronger {result['stronger']} (final TPA >= {args.threshold} counts as learned)")
+    print(f"  learned by the weaker and also by the stronger: {result['weak_learned_also_by_strong']:.4f}")
+    print(f"  learned by the stronger and also by the weaker: {result['strong_learned_also_by_weak']:.4f}")
+    print(f"wrote {out / 'compare.json'} and {out / figure}")
     return 0

@@ -54,3 +54,28 @@ def print_summary(run: Run, console: Console | None = None) -> None:
         console.print(f"wall {t['wall_s']:.1f} s (train {t['train_s']:.1f} s, evaluation {t['eval_s']:.1f} s), "
                       f"{t['net_images_per_s']:,.0f} net-images/s in training")
     console.print(f"run directory: {run.path}")
+
+
+def print_analysis(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    a, g, k = result["accuracy"], result["agreement"], result["kappa"]
+    table = Table(title=f"{result['split']} split, checkpoint {result['checkpoint']} of {result['T']}: "
+                        f"P={result['P']}, N={result['N']}")
+    table.add_column("measure")
+    for col in ("observed", "binomial null", "Poisson-binomial null"):
+        table.add_column(col, justify="right")
+    table.add_row("accuracy mean (std, min, max)",
+                  f"{a['mean']:.4f} ({a['std']:.4f}, {a['min']:.4f}, {a['max']:.4f})", "", "")
+    table.add_row("mass at TPA = 0", f"{g['mass0']:.4f}", f"{g['mass0_binomial']:.3g}",
+                  f"{g['mass0_poisson_binomial']:.3g}")
+    table.add_row("mass at TPA = 1", f"{g['mass1']:.4f}", f"{g['mass1_binomial']:.3g}",
+                  f"{g['mass1_poisson_binomial']:.3g}")
+    table.add_row("TV distance to the null", "", f"{g['tv_binomial']:.4f}", f"{g['tv_poisson_binomial']:.4f}")
+    table.add_row("over-dispersion rho", f"{g['rho']:.4f}", "", "")
+    table.add_row("Fleiss kappa", f"{g['fleiss_kappa']:.4f}", "", "")
+    table.add_row(f"mean pairwise kappa ({k['networks']} nets)", f"{k['mean']:.4f}", "", "")
+    if result["split_half"]:
+        sh = result["split_half"]
+        table.add_row("split-half Spearman (Spearman-Brown)", f"{sh['r']:.4f} ({sh['spearman_brown']:.4f})", "", "")
+        table.add_row("mean pairwise Spearman of speed", f"{result['pairwise_spearman']['mean']:.4f}", "", "")
+    console.print(table)

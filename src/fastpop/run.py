@@ -24,7 +24,15 @@ class Run:
             raise UsageError(f"{self.path} is not a run directory (no {MANIFEST})") from None
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"cannot read {self.path / MANIFEST}: {e}") from None
-        self.config = Config.from_dict(self.manifest["config"])
+        try:
+            self.config = Config.from_dict(self.manifest["config"])
+            self.manifest["checkpoints"], self.manifest["checkpoints_done"], self.manifest["splits"]
+        except (KeyError, TypeError) as e:
+            raise UsageError(f"{self.path / MANIFEST} is incomplete (missing {e})") from None
+
+    def require_checkpoint(self) -> None:
+        if not self.checkpoints:
+            raise UsageError(f"{self.path} has no completed checkpoint yet")
 
     @property
     def seeds(self) -> list[int]:
@@ -42,14 +50,24 @@ class Run:
     def n(self, split: str) -> int:
         return self.manifest["splits"][split]["n"]
 
-    def _array(self, name: str) -> np.ndarray:
-        arr = np.load(self.path / name, mmap_mode="r")
+    def _array(self, name: str, row_shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A record array, checked against the manifest, cut to the completed checkpoints."""
+        path = self.path / name
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise UsageError(f"{path} is missing") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path} is truncated or corrupt ({e})") from None
+        want = (len(self.manifest["checkpoints"]), len(self.seeds), *row_shape)
+        if arr.shape != want or arr.dtype != dtype:
+            raise UsageError(f"{path} holds {arr.dtype} {arr.shape}, but run.json says {np.dtype(dtype)} {want}")
         return arr[: self.manifest["checkpoints_done"]]
 
     def bits(self, split: str) -> np.ndarray:
         """uint8 [T, P, R] packed correctness (memory-mapped), T = completed checkpoints."""
         _check_split(split)
-        return self._array(f"{split}.bits.npy")
+        return self._array(f"{split}.bits.npy", (self.manifest["splits"][split]["bytes_per_row"],), np.uint8)
 
     def correct(self, split: str, t: int = -1) -> np.ndarray:
         """bool [P, N]: which network is right on which example at checkpoint t."""
@@ -59,12 +77,12 @@ class Run:
     def loss(self, split: str) -> np.ndarray:
         """float32 [T, P]: each network's mean cross-entropy on the split at each checkpoint."""
         _check_split(split)
-        return self._array(f"{split}.loss.npy")
+        return self._array(f"{split}.loss.npy", (), np.float32)
 
     def accuracy(self, split: str) -> np.ndarray:
         """float32 [T, P]: each network's accuracy on the split at each checkpoint."""
         _check_split(split)
-        return self._array(f"{split}.acc.npy")
+        return self._array(f"{split}.acc.npy", (), np.float32)
 
     def weights(self) -> torch.Tensor:
         """float32 [P, D]: each network's parameters at the last saved state, in arch.param_shapes order."""

@@ -5,6 +5,7 @@ Everything a run needs is checked before anything is written, so bad input leave
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from dataclasses import dataclass
@@ -174,7 +175,8 @@ def _manifest(setup: Setup, seeds: list[int]) -> dict:
                  "flops_per_example": arch.flops_per_example(),
                  "param_shapes": [[n, list(s)] for n, s in arch.param_shapes()]},
         "dataset": {"name": data.name, "classes": data.classes, "in_shape": list(data.in_shape)},
-        "splits": {s: {"n": len(data.split(s)), "bytes_per_row": bytes_per_row(len(data.split(s)))}
+        "splits": {s: {"n": len(data.split(s)), "bytes_per_row": bytes_per_row(len(data.split(s))),
+                       "labels_sha256": hashlib.sha256(data.split(s).y.cpu().numpy().tobytes()).hexdigest()}
                    for s in SPLITS},
         "steps_per_epoch": setup.steps_per_epoch,
         "total_steps": config.epochs * setup.steps_per_epoch,

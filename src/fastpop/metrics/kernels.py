@@ -5,7 +5,7 @@ results do not depend on the thread count."""
 import numpy as np
 from numba import njit, prange
 
-from ._bits import add_word, extract, popcount, trailing_zeros
+from ._bits import FLUSH, popcount, swar_add, swar_flush
 
 _ONE = np.uint64(1)
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -15,17 +15,14 @@ _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 def _tpa_counts_kernel(words, n):
     """int32 [T, N]: how many networks are right on example n at checkpoint t."""
     t_, p_, w_ = words.shape
-    nplanes = 1
-    while (1 << nplanes) <= p_:
-        nplanes += 1
     out = np.zeros((t_, n), np.int32)
     for t in prange(t_):
-        planes = np.zeros((w_, nplanes), np.uint64)
+        acc = np.zeros((8, w_), np.uint64)
         for p in range(p_):
-            for w in range(w_):
-                add_word(planes, w, words[t, p, w])
-        for w in range(w_):
-            extract(planes, w, nplanes, out[t], w * 64, n)
+            swar_add(acc, words[t, p])
+            if p % FLUSH == FLUSH - 1:
+                swar_flush(acc, out[t], n)
+        swar_flush(acc, out[t], n)
     return out
 
 
@@ -33,61 +30,59 @@ def _tpa_counts_kernel(words, n):
 def _speed_counts_kernel(words, n):
     """int32 [P, N]: at how many checkpoints network p is right on example n."""
     t_, p_, w_ = words.shape
-    nplanes = 1
-    while (1 << nplanes) <= t_:
-        nplanes += 1
     out = np.zeros((p_, n), np.int32)
     for p in prange(p_):
-        planes = np.zeros((w_, nplanes), np.uint64)
+        acc = np.zeros((8, w_), np.uint64)
         for t in range(t_):
-            for w in range(w_):
-                add_word(planes, w, words[t, p, w])
-        for w in range(w_):
-            extract(planes, w, nplanes, out[p], w * 64, n)
+            swar_add(acc, words[t, p])
+            if t % FLUSH == FLUSH - 1:
+                swar_flush(acc, out[p], n)
+        swar_flush(acc, out[p], n)
     return out
 
 
 @njit(parallel=True, cache=False)
 def _learned_at_kernel(words, n):
-    """int32 [P, N]: the first checkpoint from which network p stays right on example n (T when never)."""
+    """int32 [P, N]: the first checkpoint from which network p stays right on example n (T when never):
+    T minus the number of trailing checkpoints at which it is right."""
     t_, p_, w_ = words.shape
-    out = np.empty((p_, w_ * 64), np.int32)
+    out = np.zeros((p_, n), np.int32)
     for p in prange(p_):
-        for w in range(w_):
-            stay = _ALL  # bits right at every checkpoint from t on
-            for t in range(t_ - 1, -2, -1):
-                now = words[t, p, w] & stay if t >= 0 else np.uint64(0)
-                dropped = stay & ~now
-                while dropped:
-                    b = trailing_zeros(dropped)
-                    out[p, w * 64 + b] = t + 1
-                    dropped &= dropped - _ONE
-                stay = now
-                if stay == 0:
-                    break
-    return out[:, :n]
+        acc = np.zeros((8, w_), np.uint64)
+        stay = np.full(w_, _ALL)
+        for i, t in enumerate(range(t_ - 1, -1, -1)):
+            for w in range(w_):
+                stay[w] &= words[t, p, w]
+            swar_add(acc, stay)
+            if i % FLUSH == FLUSH - 1:
+                swar_flush(acc, out[p], n)
+        swar_flush(acc, out[p], n)
+        for j in range(n):
+            out[p, j] = t_ - out[p, j]
+    return out
 
 
 @njit(parallel=True, cache=False)
 def _forgetting_kernel(words, n):
     """(int32 [P, N] forgetting events: right at t-1 and wrong at t; bool [P, N] never right at any checkpoint)."""
     t_, p_, w_ = words.shape
-    nplanes = 1
-    while (1 << nplanes) <= t_:
-        nplanes += 1
     events = np.zeros((p_, n), np.int32)
-    never = np.zeros((p_, w_ * 64), np.bool_)
+    never = np.zeros((p_, n), np.bool_)
     for p in prange(p_):
-        planes = np.zeros((w_, nplanes), np.uint64)
-        for w in range(w_):
-            seen = words[0, p, w]
-            for t in range(1, t_):
-                add_word(planes, w, words[t - 1, p, w] & ~words[t, p, w])
-                seen |= words[t, p, w]
-            for b in range(64):
-                never[p, w * 64 + b] = ((seen >> np.uint64(b)) & _ONE) == 0
-            extract(planes, w, nplanes, events[p], w * 64, n)
-    return events, never[:, :n]
+        acc = np.zeros((8, w_), np.uint64)
+        seen = words[0, p].copy()
+        lost = np.empty(w_, np.uint64)
+        for t in range(1, t_):
+            for w in range(w_):
+                lost[w] = words[t - 1, p, w] & ~words[t, p, w]
+                seen[w] |= words[t, p, w]
+            swar_add(acc, lost)
+            if t % FLUSH == FLUSH - 1:
+                swar_flush(acc, events[p], n)
+        swar_flush(acc, events[p], n)
+        for j in range(n):
+            never[p, j] = ((seen[j // 64] >> np.uint64(j % 64)) & _ONE) == 0
+    return events, never
 
 
 @njit(parallel=True, cache=False)

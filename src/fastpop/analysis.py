@@ -1,0 +1,102 @@
+"""`fastpop analyze` and `fastpop compare` as library calls: metrics of a run directory, written next to its record.
+
+Outputs in RUN/ (per split): {split}.metrics.json (per-checkpoint scalars and order consistency),
+{split}.tpa.npy float32 [T, N] (TP-agreement per checkpoint), {split}.accessibility.npy float64 [N],
+{split}.forgetting.npy int32 [N] (forgetting events summed over networks) and {split}.never_learned.npy float32 [N]
+(fraction of networks that never get the example right).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from .errors import UsageError
+from .run import Run
+from .rundir import atomic_write
+
+KAPPA_MAX_NETS = 2000  # all-pairs kappa over at most this many networks (a fixed random subset above it)
+
+
+def analyze(run: Run, split: str = "test", checkpoint: int = -1, write: bool = True) -> dict:
+    run.require_checkpoint()
+    bits, n = run.bits(split), run.n(split)
+    t_done, p = bits.shape[:2]
+    if not -t_done <= checkpoint < t_done:
+        raise UsageError(f"--checkpoint {checkpoint} out of range: {t_done} completed checkpoints")
+    t_sel = checkpoint % t_done
+    counts = M.tpa_counts(bits, n)
+    acc = M.accuracy(bits, n)
+    per_checkpoint = [dict(run.checkpoints[t], **M.agreement_summary(counts[t], acc[t])) for t in range(t_done)]
+    kappa_nets = _kappa_subset(p)
+    kappa = M.error_consistency(bits[:, kappa_nets] if kappa_nets is not None else bits, n, t=t_sel)
+    speed = M.speed_counts(bits, n)
+    events, never = M.forgetting(bits, n)
+    result = {
+        "split": split, "P": p, "N": n, "T": t_done, "checkpoint": t_sel,
+        "accuracy": _spread(acc[t_sel]),
+        "agreement": per_checkpoint[t_sel],
+        "kappa": dict(M.kappa_summary(kappa), networks=len(kappa)),
+        "split_half": M.split_half(speed) if p > 1 else None,
+        "pairwise_spearman": M.pairwise_spearman(speed) if p > 1 else None,
+        "per_checkpoint": per_checkpoint,
+    }
+    arrays = {"tpa": (counts / p).astype(np.float32), "accessibility": speed.sum(0) / (t_done * p),
+              "forgetting": events.sum(0, dtype=np.int32), "never_learned": never.mean(0, dtype=np.float32),
+              "kappa": kappa}
+    if write:
+        for name, arr in arrays.items():
+            if name != "kappa":
+                _save_npy(run.path / f"{split}.{name}.npy", arr)
+        atomic_write(run.path / f"{split}.metrics.json", (json.dumps(result, indent=1) + "\n").encode())
+    result["arrays"] = arrays
+    return result
+
+
+def _kappa_subset(p: int) -> np.ndarray | None:
+    if p <= KAPPA_MAX_NETS:
+        return None
+    return np.sort(np.random.default_rng(0).choice(p, KAPPA_MAX_NETS, replace=False))
+
+
+def _spread(values: np.ndarray) -> dict:
+    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
+            "max": float(values.max())}
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write(path, buf.getvalue())
+
+
+def compare(run_a: Run, run_b: Run, split: str = "test", threshold: float = 0.5) -> dict:
+    """Cross-population order agreement on the same examples: Spearman of accessibility, and containment with the
+    weaker population (lower final mean accuracy) as A."""
+    for run in (run_a, run_b):
+        run.require_checkpoint()
+    sa, sb = run_a.manifest["splits"][split], run_b.manifest["splits"][split]
+    if run_a.manifest["dataset"] != run_b.manifest["dataset"] or sa.get("labels_sha256") != sb.get("labels_sha256"):
+        raise UsageError(f"{run_a.path} and {run_b.path} were not trained on the same data; "
+                         f"their {split} splits cannot be compared")
+    n = run_a.n(split)
+    acc = {}
+    final = {}
+    for key, run in (("a", run_a), ("b", run_b)):
+        acc[key] = M.accessibility(run, split=split)
+        final[key] = M.tpa_counts(run.bits(split)[-1:], n)[0] / len(run.seeds)
+    mean_acc = {key: float(final[key].mean()) for key in final}
+    weak, strong = ("a", "b") if mean_acc["a"] <= mean_acc["b"] else ("b", "a")
+    cont = M.containment(final[weak], final[strong], threshold)
+    names = {"a": str(run_a.path), "b": str(run_b.path)}
+    return {"split": split, "N": n, "a": names["a"], "b": names["b"],
+            "mean_final_accuracy": {names[k]: v for k, v in mean_acc.items()},
+            "spearman_accessibility": M.spearman(acc["a"], acc["b"]),
+            "weaker": names[weak], "stronger": names[strong], "threshold": threshold,
+            "weak_learned_also_by_strong": cont["a_in_b"], "strong_learned_also_by_weak": cont["b_in_a"],
+            "learned_by_weak": cont["learned_a"], "learned_by_strong": cont["learned_b"],
+            "arrays": {"accessibility_a": acc["a"], "accessibility_b": acc["b"]}}
