@@ -79,6 +79,14 @@ class Arch:
         sizes += [c.cout * h * w for c, (h, w) in zip(self.convs, self.conv_sizes())]
         return max(sizes + [d.fout for d in self.dense])
 
+    def train_floats_per_example(self) -> int:
+        """Floats one network keeps per example through a training step (im2col columns, pre-activation,
+        ReLU and pool outputs, their gradients): sizes --max-nets-per-chunk auto."""
+        total = self.in_shape[0] * self.in_shape[1] * self.in_shape[2]
+        for c, (h, w) in zip(self.convs, self.conv_sizes()):
+            total += (KERNEL * KERNEL * c.cin + 1) * h * w + 4 * c.cout * h * w
+        return 2 * total + sum(3 * d.fout for d in self.dense)
+
     def to_module(self) -> nn.Sequential:
         """The same network as a plain nn.Module, parameters in `param_shapes` order."""
         layers: list[nn.Module] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -41,6 +42,9 @@ RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the sa
     "schedule": (str, "learning-rate schedule: constant, step or cosine"),
     "warmup-epochs": (float, "linear warm-up length in epochs"),
     "record-every": (int, "also record every this many steps (0: once per epoch)"),
+    "save-every": (int, "also save the training state every this many steps"),
+    "max-nets-per-chunk": (lambda v: v if v == "auto" else int(v), "networks per forward/backward pass, or auto"),
+    "shard": (str, "i/n: train only the i-th of n blocks of the seeds (join with fastpop merge)"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
     "backend": (str, "auto or torch"),
     "out": (str, "new run directory (default runs/ARCH-DATASET-PN-TIME)"),
@@ -55,7 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE.toml", help="config file; flags given here override it")
     for flag, (typ, text) in RUN_FLAGS.items():
         run.add_argument(f"--{flag}", type=typ, default=None, help=text)
+    run.add_argument("--resume", metavar="RUN", help="continue an interrupted run directory (no other options)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    verify = sub.add_parser("verify", help="check a run directory: shapes, manifest, checksums, state")
+    verify.add_argument("run", metavar="RUN")
+
+    merge = sub.add_parser("merge", help="join the shard run directories of one population")
+    merge.add_argument("shards", metavar="SHARD", nargs="+")
+    merge.add_argument("--out", required=True, help="new run directory")
 
     archs = sub.add_parser("archs", help="list architectures with their size and cost")
     archs.add_argument("--input-shape", default="1x8x8", help="C x H x W (default: digits, 1x8x8)")
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         commands = {"run": _run, "archs": _archs, "bench": _bench, "analyze": _analyze, "report": _report,
-                    "compare": _compare}
+                    "compare": _compare, "verify": _verify, "merge": _merge}
         return commands[args.command](args)
     except UsageError as e:
         print(f"fastpop: error: {e}", file=sys.stderr)
@@ -98,21 +110,69 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastpop: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine, not the input: a full disk, a vanished directory
+        print(f"fastpop: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; "
+              "a run directory keeps its last complete checkpoint (fastpop run --resume RUN)", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:
+    import signal
+
     from .config import Config
     from .console import ProgressBar, print_summary
-    from .trainer import train
+    from .distributed import run_torchrun, torchrun_world
+    from .trainer import Interrupted, resume, train
 
     overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in RUN_FLAGS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "seed_offset" in overrides and isinstance(overrides.get("seeds"), list):
-        raise UsageError("--seed-offset applies to a seed count, not to an explicit --seeds list")
-    config = Config.from_toml(args.config, **overrides) if args.config else Config(**overrides)
-    with ProgressBar(enabled=not args.quiet) as bar:
-        run = train(config, progress=bar.update)
-    print_summary(run)
+    if args.resume and (overrides or args.config):
+        raise UsageError("--resume takes no other options: the run directory holds its config")
+    config = None
+    if not args.resume:
+        if "seed_offset" in overrides and isinstance(overrides.get("seeds"), list):
+            raise UsageError("--seed-offset applies to a seed count, not to an explicit --seeds list")
+        config = Config.from_toml(args.config, **overrides) if args.config else Config(**overrides)
+
+    stop = []  # SIGINT/SIGTERM ask the trainer to stop at the next step boundary and save
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ProgressBar(enabled=not args.quiet) as bar:
+            if torchrun_world():
+                run = run_torchrun(config, Path(args.resume) if args.resume else None, bar.update, lambda: bool(stop))
+            elif args.resume:
+                run = resume(args.resume, bar.update, lambda: bool(stop))
+            else:
+                run = train(config, bar.update, lambda: bool(stop))
+    except Interrupted as e:
+        print(f"fastpop: {e}", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if run is not None:
+        print_summary(run)
+    return 0
+
+
+def _verify(args) -> int:
+    from .verify import verify
+
+    run, problems, notes = verify(args.run)
+    for note in notes:
+        print(f"note: {note}")
+    if problems:
+        raise UsageError(f"{run.path}: {len(problems)} problem(s): " + "; ".join(problems))
+    print(f"{run.path}: ok ({len(run.checkpoints)} of {len(run.manifest['checkpoints'])} checkpoints, "
+          f"status {run.status})")
+    return 0
+
+
+def _merge(args) -> int:
+    from .console import print_summary
+    from .distributed import merge
+
+    print_summary(merge(args.shards, args.out))
     return 0
 
 

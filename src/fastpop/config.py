@@ -33,6 +33,9 @@ class Config:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     record_every: int = 0  # also record every this many steps (0: only at the end of each epoch)
+    save_every: int = 0  # also save the training state every this many steps (it is saved at every checkpoint)
+    max_nets_per_chunk: int | str = "auto"  # networks per forward/backward pass; auto: fit a memory budget
+    shard: str | None = None  # "i/n": train only the i-th of n contiguous blocks of the seeds (merge joins them)
     device: str = "auto"
     backend: str = "auto"
     out: str | None = None
@@ -64,6 +67,14 @@ class Config:
         _check_int("epochs", self.epochs, 1, 100_000)
         _check_int("batch_size", self.batch_size, 1, 1_000_000)
         _check_int("record_every", self.record_every, 0, 10**9)
+        _check_int("save_every", self.save_every, 0, 10**9)
+        if self.max_nets_per_chunk != "auto":
+            _check_int("max_nets_per_chunk", self.max_nets_per_chunk, 1, 10**9)
+        if self.shard is not None:
+            parts = str(self.shard).split("/")
+            ok = len(parts) == 2 and all(x.isdigit() for x in parts) and 0 <= int(parts[0]) < int(parts[1])
+            if not ok or int(parts[1]) > len(self.seed_list):
+                raise UsageError(f"shard must be i/n with 0 <= i < n <= number of seeds, got {self.shard!r}")
         _check_float("lr", self.lr, 0.0, 10.0, low_open=True)
         _check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
         _check_float("weight_decay", self.weight_decay, 0.0, 1.0, high_open=True)
@@ -80,6 +91,18 @@ class Config:
         if isinstance(self.seeds, list):
             return list(self.seeds)
         return list(range(self.seed_offset, self.seed_offset + self.seeds))
+
+    def shard_range(self) -> tuple[int, int]:
+        """[lo, hi) of this shard's networks within seed_list (all of them without --shard)."""
+        p = len(self.seed_list)
+        if self.shard is None:
+            return 0, p
+        i, n = map(int, self.shard.split("/"))
+        return i * p // n, (i + 1) * p // n
+
+    def shard_seeds(self) -> list[int]:
+        lo, hi = self.shard_range()
+        return self.seed_list[lo:hi]
 
     def init_seeds(self) -> list[int]:
         return self.seed_list if self.vary in ("both", "init") else [self.shared_seed] * len(self.seed_list)

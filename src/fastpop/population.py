@@ -43,6 +43,19 @@ class Population:
         self.momentum = torch.zeros_like(self.params)
         unique = {s: init_network(arch, s) for s in dict.fromkeys(init_seeds)}
         self.set_networks(torch.stack([unique[s] for s in init_seeds]))
+        self.diverged_at = torch.full((self.p,), -1, dtype=torch.int64, device=device)  # step, or -1
+        self.frozen: torch.Tensor | None = None  # flat bool mask of diverged networks' entries; None if none
+
+    def mark_diverged(self, mask: torch.Tensor, step: int) -> None:
+        """Networks in `mask` [P] that are not yet diverged are diverged from `step` on: frozen for good."""
+        new = mask & (self.diverged_at < 0)
+        if new.any():
+            self.set_diverged(torch.where(new, step, self.diverged_at))
+
+    def set_diverged(self, diverged_at: torch.Tensor) -> None:
+        self.diverged_at = diverged_at.to(self.params.device, torch.int64)
+        dead = self.diverged_at >= 0
+        self.frozen = torch.cat([dead.repeat_interleave(n) for n in self.sizes]) if dead.any() else None
 
     def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer views [P, *shape] into a flat buffer of this population's layout."""

@@ -8,7 +8,7 @@ import torch
 
 from .archs import Arch
 from .data import Split
-from .population import forward
+from .population import Population, forward
 from .rundir import bytes_per_row
 
 EVAL_FLOATS = 1 << 24  # activation floats per evaluation chunk (64 MiB of the largest layer)
@@ -33,21 +33,29 @@ def eval_chunk(arch: Arch, p: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(arch: Arch, backend, params: list[torch.Tensor], split: Split, mean: torch.Tensor, std: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Tensor, std: torch.Tensor,
+             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Correctness bool [P, N] (argmax == label; ties go to the lowest class index, as torch.argmax) and each
-    network's mean cross-entropy [P] over the whole split."""
-    p, n = params[0].shape[0], len(split)
+    network's mean cross-entropy [P] over the whole split, `chunk` networks at a time. A diverged network is
+    wrong on every example and its loss is NaN."""
+    p, n = pop.p, len(split)
     correct = torch.empty(p, n, dtype=torch.bool, device=split.y.device)
     loss = torch.zeros(p, dtype=torch.float64, device=split.y.device)
-    step = eval_chunk(arch, p)
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        idx = torch.arange(lo, hi, device=split.y.device).expand(p, -1)  # every network sees the same examples
-        logits = forward(arch, backend, params, split.x, idx, mean, std)
-        y = split.y[lo:hi]
-        correct[:, lo:hi] = logits.argmax(-1) == y
-        loss += backend.cross_entropy(logits, y).double() * (hi - lo)
+    params = pop.views(pop.params)
+    chunk = chunk or p
+    for plo in range(0, p, chunk):
+        phi = min(p, plo + chunk)
+        step = eval_chunk(arch, phi - plo)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            idx = torch.arange(lo, hi, device=split.y.device).expand(phi - plo, -1)  # all see the same examples
+            logits = forward(arch, backend, [v[plo:phi] for v in params], split.x, idx, mean, std)
+            y = split.y[lo:hi]
+            correct[plo:phi, lo:hi] = logits.argmax(-1) == y
+            loss[plo:phi] += backend.cross_entropy(logits, y).double() * (hi - lo)
+    dead = pop.diverged_at >= 0
+    correct[dead] = False
+    loss[dead] = float("nan")
     return correct, (loss / n).float()
 
 

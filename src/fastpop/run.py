@@ -84,6 +84,12 @@ class Run:
         _check_split(split)
         return self._array(f"{split}.acc.npy", (), np.float32)
 
+    @property
+    def diverged(self) -> dict[int, int]:
+        """{seed: step at which its loss stopped being finite} for networks that diverged (frozen from then on,
+        wrong on every example, NaN loss)."""
+        return {int(k): v for k, v in self.manifest.get("diverged", {}).items()}
+
     def weights(self) -> torch.Tensor:
         """float32 [P, D]: each network's parameters at the last saved state, in arch.param_shapes order."""
         return torch.load(self.path / STATE, map_location="cpu")["params"]

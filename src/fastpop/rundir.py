@@ -4,8 +4,11 @@ the saved population state. Readable with numpy and json alone; the layout is do
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +31,14 @@ def bytes_per_row(n: int) -> int:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write, fsync, rename, fsync the folder: readers see the old file or the new one, never a torn one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -56,42 +63,81 @@ def check_new_out(path: Path) -> None:
 
 
 class RunWriter:
-    """Creates a run directory and writes its record, one checkpoint at a time."""
+    """Writes a run directory's record, one checkpoint at a time. `create` makes a new one, `reopen` continues
+    one for --resume; both hold the directory's lock until `close`."""
 
-    def __init__(self, path: Path, manifest: dict, p: int, sizes: dict[str, int]):
+    def __init__(self, path: Path, manifest: dict):
         self.path = path
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot create --out {path}: {e.strerror}") from None
-        acquire_lock(path)
-        t = len(manifest["checkpoints"])
         self.manifest = manifest
-        self.bits, self.loss, self.acc = {}, {}, {}
-        for split, n in sizes.items():
-            self.bits[split] = _new_array(path / f"{split}.bits.npy", (t, p, bytes_per_row(n)), np.uint8, 0)
-            self.loss[split] = _new_array(path / f"{split}.loss.npy", (t, p), np.float32, np.nan)
-            self.acc[split] = _new_array(path / f"{split}.acc.npy", (t, p), np.float32, np.nan)
-        write_json(path / MANIFEST, manifest)
+        t, p = len(manifest["checkpoints"]), len(manifest["seeds"])
+        self.arrays = {}
+        for split, info in manifest["splits"].items():
+            for kind, row, dtype in _ARRAYS:
+                shape = (t, p, info["bytes_per_row"]) if row else (t, p)
+                self.arrays[split, kind] = _open_array(path / f"{split}.{kind}.npy", shape, dtype)
 
-    def write_checkpoint(self, t: int, records: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
-        """records: split -> (packed bits uint8 [P, R], loss [P], accuracy [P]). The arrays reach the disk before
-        the manifest counts checkpoint t as done."""
-        for split, (bits, loss, acc) in records.items():
-            self.bits[split][t] = bits
-            self.loss[split][t] = loss
-            self.acc[split][t] = acc
-            for arr in (self.bits[split], self.loss[split], self.acc[split]):
+    @classmethod
+    def create(cls, path: Path, manifest: dict) -> "RunWriter":
+        """Build the directory under a temporary name, then rename it into place: --out appears whole (manifest,
+        pre-allocated arrays) or not at all."""
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.mkdir(parents=True)
+            for split, info in manifest["splits"].items():
+                t, p = len(manifest["checkpoints"]), len(manifest["seeds"])
+                for kind, row, dtype in _ARRAYS:
+                    shape = (t, p, info["bytes_per_row"]) if row else (t, p)
+                    _new_array(tmp / f"{split}.{kind}.npy", shape, dtype, 0 if row else np.nan)
+            write_json(tmp / MANIFEST, manifest)
+            acquire_lock(tmp)
+            os.rename(tmp, path)  # onto a missing or empty directory
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UsageError(f"cannot create --out {path}: {e.strerror or e}") from None
+        return cls(path, manifest)
+
+    @classmethod
+    def reopen(cls, path: Path, manifest: dict) -> "RunWriter":
+        acquire_lock(path)
+        try:
+            return cls(path, manifest)
+        except BaseException:
+            release_lock(path)
+            raise
+
+    def write_rows(self, t: int, records: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """records: split -> (packed bits uint8 [P, R], loss [P], accuracy [P]), flushed to disk. They count only
+        once `commit` says so."""
+        for split, rows in records.items():
+            for (kind, _, _), row in zip(_ARRAYS, rows):
+                arr = self.arrays[split, kind]
+                arr[t] = row
                 arr.flush()
-        self.manifest["checkpoints_done"] = t + 1
+                self.manifest.setdefault("checksums", {}).setdefault(f"{split}.{kind}", {})[str(t)] = row_checksum(
+                    arr[t])
+
+    def adopt_rows(self, lo: int, hi: int) -> None:
+        """Checksum rows lo..hi-1 that reached the disk (and the saved state) before a kill kept the manifest
+        from counting them."""
+        for (split, kind), arr in self.arrays.items():
+            sums = self.manifest.setdefault("checksums", {}).setdefault(f"{split}.{kind}", {})
+            for t in range(lo, hi):
+                sums[str(t)] = row_checksum(arr[t])
+
+    def commit(self, checkpoints_done: int, **fields) -> None:
+        self.manifest["checkpoints_done"] = checkpoints_done
+        self.manifest.update(fields)
         write_json(self.path / MANIFEST, self.manifest)
 
     def save_state(self, state: dict) -> None:
-        import io
-
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write(self.path / STATE, buf.getvalue())
+
+    def save_array(self, name: str, arr: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        atomic_write(self.path / name, buf.getvalue())
 
     def close(self, status: str, **fields) -> None:
         self.manifest.update(status=status, **fields)
@@ -99,9 +145,30 @@ class RunWriter:
         release_lock(self.path)
 
 
-def _new_array(path: Path, shape, dtype, fill) -> np.memmap:
+_ARRAYS = (("bits", True, np.uint8), ("loss", False, np.float32), ("acc", False, np.float32))
+
+
+def row_checksum(row: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest()[:16]
+
+
+def _new_array(path: Path, shape, dtype, fill) -> None:
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     arr[...] = fill
+    arr.flush()
+    del arr
+    with open(path, "r+b") as f:  # real blocks now, so a later write into the map cannot hit a full disk
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        os.fsync(f.fileno())
+
+
+def _open_array(path: Path, shape, dtype) -> np.memmap:
+    try:
+        arr = np.load(path, mmap_mode="r+")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is missing or corrupt ({e})") from None
+    if arr.shape != tuple(shape) or arr.dtype != dtype:
+        raise UsageError(f"{path} holds {arr.dtype} {arr.shape}, but run.json says {np.dtype(dtype)} {shape}")
     return arr
 
 

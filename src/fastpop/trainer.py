@@ -1,6 +1,9 @@
-"""The training loop: steps, evaluation checkpoints, progress. `train(config) -> Run` is the library's front door.
+"""The training loop: steps, evaluation checkpoints, progress, checkpoint/resume. `train(config) -> Run` and
+`resume(path) -> Run` are the library's front doors.
 
-Everything a run needs is checked before anything is written, so bad input leaves no trace on disk.
+Everything a run needs is checked before anything is written, so bad input leaves no trace on disk. The whole
+training state is (parameters, momentum, step, which networks diverged): batch orders come from (seed, epoch)
+and the learning rate from the step, so a run resumed from a saved state continues bit for bit.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -25,8 +29,18 @@ from .errors import UsageError
 from .ops import get_backend, resolve_device
 from .population import Population, forward
 from .recorder import evaluate, record
-from .rundir import SPLITS, RunWriter, bytes_per_row, check_new_out
 from .run import Run
+from .rundir import SPLITS, STATE, RunWriter, bytes_per_row, check_new_out
+
+CPU_CHUNK_BYTES = 2 << 30  # --max-nets-per-chunk auto: activation memory per chunk on a CPU
+
+
+class Interrupted(Exception):
+    """Training stopped at a step boundary on request (SIGINT/SIGTERM); the state is saved and resumable."""
+
+    def __init__(self, path: Path, step: int, total: int):
+        super().__init__(f"interrupted at step {step} of {total}; resume with: fastpop run --resume {path}")
+        self.path, self.step = path, step
 
 
 @dataclass
@@ -37,7 +51,7 @@ class Progress:
     total_steps: int
     epoch: float
     net_images_per_s: float  # training steps only, evaluation excluded
-    mean_test_acc: float | None  # at the latest checkpoint
+    mean_test_acc: float | None  # at the latest checkpoint, over networks that have not diverged
 
 
 @dataclass
@@ -47,13 +61,20 @@ class Setup:
     backend: object
     data: Dataset
     arch: Arch
+    seeds: list[int]  # this run's networks (one shard's, with --shard)
     steps_per_epoch: int
     checkpoints: list[dict]
+    chunk: int  # networks per forward/backward chunk
     out: Path
 
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
 
-def prepare(config: Config) -> Setup:
-    """Resolve and check everything a run needs; raises UsageError before anything is written."""
+
+def prepare(config: Config, out: Path | None = None) -> Setup:
+    """Resolve and check everything a run needs; raises UsageError before anything is written. With `out`, the
+    run directory exists already (resume)."""
     device = resolve_device(config.device)
     backend = get_backend(config.backend, device)
     data = load_dataset(config.dataset, device)
@@ -61,11 +82,13 @@ def prepare(config: Config) -> Setup:
     n = len(data.train)
     if config.batch_size > n:
         raise UsageError(f"batch_size {config.batch_size} is larger than the train split ({n} examples)")
-    steps_per_epoch = n // config.batch_size
-    out = Path(config.out) if config.out else default_out(config)
-    check_new_out(out)
-    plan = checkpoint_plan(config.epochs, steps_per_epoch, config.record_every)
-    return Setup(config, device, backend, data, arch, steps_per_epoch, plan, out)
+    if out is None:
+        out = Path(config.out) if config.out else default_out(config)
+        check_new_out(out)
+    seeds = config.shard_seeds()
+    chunk = chunk_size(config.max_nets_per_chunk, arch, config.batch_size, len(seeds), device)
+    plan = checkpoint_plan(config.epochs, n // config.batch_size, config.record_every)
+    return Setup(config, device, backend, data, arch, seeds, n // config.batch_size, plan, chunk, out)
 
 
 def default_out(config: Config) -> Path:
@@ -82,75 +105,162 @@ def checkpoint_plan(epochs: int, steps_per_epoch: int, record_every: int) -> lis
     return [{"step": s, "epoch": s / steps_per_epoch} for s in sorted(steps)]
 
 
-def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: float, config: Config
-               ) -> torch.Tensor:
-    """One SGD step of every network on its own batch idx [P, B]; returns each network's batch loss [P]."""
+def chunk_size(setting: int | str, arch: Arch, batch_size: int, p: int, device: torch.device) -> int:
+    """Networks per chunk: the setting, or (auto) as many as fit the activation budget of the device."""
+    if setting != "auto":
+        return min(int(setting), p)
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 2
+    else:
+        budget = CPU_CHUNK_BYTES
+    per_net = 4 * batch_size * arch.train_floats_per_example()
+    return max(1, min(p, budget // per_net))
+
+
+def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: float, config: Config,
+               chunk: int | None = None, step: int = 0) -> torch.Tensor:
+    """One SGD step of every network on its own batch idx [P, B], `chunk` networks at a time; returns each
+    network's batch loss [P]. A network whose loss is not finite is marked diverged and frozen before the update,
+    so nothing of it reaches the others or its own weights."""
     pop.grads.zero_()
-    leaves = pop.leaves(0, pop.p)
-    logits = forward(pop.arch, backend, leaves, data.train.x, idx, data.mean, data.std)
-    loss = backend.cross_entropy(logits, data.train.y[idx])
-    loss.sum().backward()  # networks share no parameters, so each gets exactly its own mean loss's gradient
-    backend.sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay)
-    return loss.detach()
+    losses = []
+    for lo in range(0, pop.p, chunk or pop.p):
+        hi = min(pop.p, lo + (chunk or pop.p))
+        logits = forward(pop.arch, backend, pop.leaves(lo, hi), data.train.x, idx[lo:hi], data.mean, data.std)
+        loss = backend.cross_entropy(logits, data.train.y[idx[lo:hi]])
+        loss.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
+        losses.append(loss.detach())
+    loss = torch.cat(losses)
+    pop.mark_diverged(~torch.isfinite(loss), step)
+    backend.sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, pop.frozen)
+    return loss
 
 
-def train(config: Config, progress: Callable[[Progress], None] | None = None) -> Run:
-    """Train the population that `config` describes into a new run directory; returns it as a Run."""
+def train(config: Config, progress: Callable[[Progress], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> Run:
+    """Train the population that `config` describes into a new run directory; returns it as a Run.
+    `should_stop` is polled after every step: when it returns True the state is saved and Interrupted raised."""
     setup = prepare(config)
-    seeds = config.seed_list
-    pop = Population(setup.arch, config.init_seeds(), setup.device)
-    writer = RunWriter(setup.out, _manifest(setup, seeds), len(seeds),
-                       {s: len(setup.data.split(s)) for s in SPLITS})
+    setup.config.out = str(setup.out)
+    pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device)
+    writer = RunWriter.create(setup.out, _manifest(setup))
+    return _run(setup, pop, writer, 0, progress, should_stop)
+
+
+def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
+           should_stop: Callable[[], bool] | None = None) -> Run:
+    """Continue a run directory from its last saved state (from the start if it has none)."""
+    run = Run(path)
+    if run.status == "complete":
+        raise UsageError(f"{run.path} is already complete")
+    setup = prepare(run.config, out=run.path)
+    for split in SPLITS:
+        if run.manifest["splits"][split].get("labels_sha256") != _labels_sha(setup.data, split):
+            raise UsageError(f"the {split} data of {run.path} differ from the data found now; cannot resume")
+    pop = Population(setup.arch, _shard(run.config.init_seeds(), run.config), setup.device)
+    step, done = 0, 0
+    if (run.path / STATE).exists():
+        state = _load_state(run.path / STATE, pop, setup.total_steps)
+        step, done = state["step"], state["checkpoints_done"]
+    if done > len(run.manifest["checkpoints"]) or done > run.manifest["checkpoints_done"] + 1:
+        raise UsageError(f"{run.path / STATE} counts {done} checkpoints; run.json only "
+                         f"{run.manifest['checkpoints_done']}: the directory is inconsistent")
+    for split in SPLITS:  # shape checks before anything is written
+        run.bits(split), run.loss(split), run.accuracy(split)
+    writer = RunWriter.reopen(run.path, run.manifest)
+    writer.adopt_rows(run.manifest["checkpoints_done"], done)  # rows up to `done` were flushed before the state
+    writer.commit(done, status="running")
+    return _run(setup, pop, writer, step, progress, should_stop)
+
+
+def _run(setup: Setup, pop: Population, writer: RunWriter, start: int, progress, should_stop) -> Run:
     try:
-        timings = _loop(setup, pop, writer, progress)
-    except BaseException as e:
-        writer.close("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        timings = _loop(setup, pop, writer, start, progress, should_stop)
+    except Interrupted:
+        writer.close("interrupted")
+        raise
+    except BaseException:
+        writer.close("failed")
         raise
     writer.close("complete", timings=timings)
     return Run(setup.out)
 
 
-def _loop(setup: Setup, pop: Population, writer: RunWriter, progress) -> dict:
+def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress, should_stop) -> dict:
     config, data = setup.config, setup.data
-    spe, bsz = setup.steps_per_epoch, config.batch_size
-    total = config.epochs * spe
-    order_seeds = config.order_seeds()
+    spe, bsz, total = setup.steps_per_epoch, config.batch_size, setup.total_steps
+    order_seeds = _shard(config.order_seeds(), config)
     record_at = {c["step"]: t for t, c in enumerate(setup.checkpoints)}
     train_s = eval_s = 0.0
     mean_test_acc = None
-    start = time.perf_counter()
-    for step in range(total):
+    orders = None
+    t_start = time.perf_counter()
+    for step in range(start, total):
         epoch, i = divmod(step, spe)
-        if i == 0:
+        if orders is None or i == 0:
             orders = epoch_orders(order_seeds, epoch, len(data.train)).to(setup.device)
         t0 = time.perf_counter()
-        train_step(pop, setup.backend, data, orders[:, i * bsz:(i + 1) * bsz],
-                   config.lr_at(step, total, spe), config)
+        train_step(pop, setup.backend, data, orders[:, i * bsz:(i + 1) * bsz], config.lr_at(step, total, spe),
+                   config, setup.chunk, step + 1)
         _sync(setup.device)
         train_s += time.perf_counter() - t0
-        if step + 1 in record_at:
+        done = step + 1
+        if done in record_at:
             t0 = time.perf_counter()
-            mean_test_acc = _checkpoint(setup, pop, writer, record_at[step + 1], step + 1)
+            mean_test_acc = _checkpoint(setup, pop, writer, record_at[done], done)
             eval_s += time.perf_counter() - t0
+        elif config.save_every and done % config.save_every == 0:
+            _save_state(pop, writer, done, writer.manifest["checkpoints_done"])
         if progress:
-            rate = pop.p * bsz * (step + 1) / max(train_s, 1e-9)
-            progress(Progress(step + 1, total, (step + 1) / spe, rate, mean_test_acc))
-    return {"wall_s": time.perf_counter() - start, "train_s": train_s, "eval_s": eval_s,
-            "net_images_per_s": pop.p * bsz * total / max(train_s, 1e-9)}
+            rate = pop.p * bsz * (done - start) / max(train_s, 1e-9)
+            progress(Progress(done, total, done / spe, rate, mean_test_acc))
+        if should_stop and should_stop() and done < total:
+            if done not in record_at:
+                _save_state(pop, writer, done, writer.manifest["checkpoints_done"])
+            raise Interrupted(setup.out, done, total)
+    steps = total - start
+    return {"wall_s": time.perf_counter() - t_start, "train_s": train_s, "eval_s": eval_s,
+            "net_images_per_s": pop.p * bsz * steps / max(train_s, 1e-9), "steps_this_session": steps}
 
 
 def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: int) -> float:
-    """Evaluate every network on both splits, write checkpoint t, save the population state."""
-    params = pop.views(pop.params)
+    """Evaluate every network on both splits; then, in this order, flush the rows, save the state, and let the
+    manifest count checkpoint t: a kill between any two leaves a resumable directory."""
     records = {}
     for split in SPLITS:
-        correct, loss = evaluate(setup.arch, setup.backend, params, setup.data.split(split),
-                                 setup.data.mean, setup.data.std)
+        correct, loss = evaluate(setup.arch, setup.backend, pop, setup.data.split(split), setup.data.mean,
+                                 setup.data.std, setup.chunk)
         records[split] = record(correct, loss)
-    writer.save_state({"step": step, "checkpoints_done": t + 1, "params": pop.networks().cpu(),
-                       "momentum": pop.networks(pop.momentum).cpu()})
-    writer.write_checkpoint(t, records)
-    return float(np.mean(records["test"][2]))
+    writer.write_rows(t, records)
+    _save_state(pop, writer, step, t + 1)
+    diverged = pop.diverged_at.cpu().numpy()
+    writer.save_array("diverged.npy", diverged)
+    writer.commit(t + 1, diverged={str(setup.seeds[k]): int(diverged[k]) for k in np.flatnonzero(diverged >= 0)})
+    acc = records["test"][2][diverged < 0]
+    return float(acc.mean()) if len(acc) else float("nan")
+
+
+def _save_state(pop: Population, writer: RunWriter, step: int, checkpoints_done: int) -> None:
+    writer.save_state({"step": step, "checkpoints_done": checkpoints_done, "params": pop.networks().cpu(),
+                       "momentum": pop.networks(pop.momentum).cpu(), "diverged_at": pop.diverged_at.cpu()})
+
+
+def _load_state(path: Path, pop: Population, total_steps: int) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu")
+        pop.set_networks(state["params"])
+        pop.set_networks(state["momentum"], pop.momentum)
+        pop.set_diverged(state["diverged_at"])
+        if not 0 <= state["step"] <= total_steps:
+            raise ValueError(f"step {state['step']} outside 0..{total_steps}")
+        return state
+    except Exception as e:  # torch.load raises many kinds on a damaged file
+        raise UsageError(f"{path} is corrupt or does not fit this run ({type(e).__name__}: {e})") from None
+
+
+def _shard(values: list[int], config: Config) -> list[int]:
+    lo, hi = config.shard_range()
+    return values[lo:hi]
 
 
 def _sync(device: torch.device) -> None:
@@ -158,33 +268,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _manifest(setup: Setup, seeds: list[int]) -> dict:
-    import numba
-    import sklearn
+def _labels_sha(data: Dataset, split: str) -> str:
+    return hashlib.sha256(data.split(split).y.cpu().numpy().tobytes()).hexdigest()
 
+
+def _manifest(setup: Setup) -> dict:
     config, arch, data = setup.config, setup.arch, setup.data
     return {
         "format": 1,
         "status": "running",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
-        "seeds": seeds,
-        "init_seeds": config.init_seeds(),
-        "order_seeds": config.order_seeds(),
+        "seeds": setup.seeds,
+        "init_seeds": _shard(config.init_seeds(), config),
+        "order_seeds": _shard(config.order_seeds(), config),
+        "shard": config.shard,
         "arch": {"name": arch.name, "params_per_network": arch.params_per_network(),
                  "flops_per_example": arch.flops_per_example(),
                  "param_shapes": [[n, list(s)] for n, s in arch.param_shapes()]},
         "dataset": {"name": data.name, "classes": data.classes, "in_shape": list(data.in_shape)},
         "splits": {s: {"n": len(data.split(s)), "bytes_per_row": bytes_per_row(len(data.split(s))),
-                       "labels_sha256": hashlib.sha256(data.split(s).y.cpu().numpy().tobytes()).hexdigest()}
-                   for s in SPLITS},
+                       "labels_sha256": _labels_sha(data, s)} for s in SPLITS},
         "steps_per_epoch": setup.steps_per_epoch,
-        "total_steps": config.epochs * setup.steps_per_epoch,
+        "total_steps": setup.total_steps,
         "checkpoints": setup.checkpoints,
         "checkpoints_done": 0,
+        "diverged": {},
         "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
         "backend": setup.backend.NAME,
         "versions": {"fastpop": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__, "numba": numba.__version__, "scikit-learn": sklearn.__version__},
+                     "numpy": np.__version__, "numba": version("numba"), "scikit-learn": version("scikit-learn")},
         "host": {"machine": platform.machine(), "cpus": torch.get_num_threads()},
     }

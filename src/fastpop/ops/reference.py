@@ -110,10 +110,14 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sgd_step(params: torch.Tensor, grads: torch.Tensor, momentum_buf: torch.Tensor, lr: float, momentum: float,
-             weight_decay: float) -> None:
+             weight_decay: float, frozen: torch.Tensor | None = None) -> None:
     """torch.optim.SGD's update (dampening 0, no Nesterov) over the flat buffers of all networks, in place.
-    The op sequence mirrors torch's so the results match it bit for bit."""
+    The op sequence mirrors torch's so the results match it bit for bit. Entries where `frozen` (bool, flat) is
+    set get a zero gradient and momentum, so they do not move (a diverged network's NaNs stay its own)."""
     if weight_decay:
         grads.add_(params, alpha=weight_decay)
+    if frozen is not None:
+        grads.masked_fill_(frozen, 0)
+        momentum_buf.masked_fill_(frozen, 0)
     momentum_buf.mul_(momentum).add_(grads)
     params.add_(momentum_buf, alpha=-lr)
