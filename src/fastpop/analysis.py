@@ -23,6 +23,7 @@ KAPPA_MAX_NETS = 2000  # all-pairs kappa over at most this many networks (a fixe
 
 
 def analyze(run: Run, split: str = "test", checkpoint: int = -1, write: bool = True) -> dict:
+    """Compute every metric of one split (all of it before anything is written), then write them when `write`."""
     run.require_checkpoint()
     bits, n = run.bits(split), run.n(split)
     t_done, p = bits.shape[:2]
@@ -48,13 +49,19 @@ def analyze(run: Run, split: str = "test", checkpoint: int = -1, write: bool = T
     arrays = {"tpa": (counts / p).astype(np.float32), "accessibility": speed.sum(0) / (t_done * p),
               "forgetting": events.sum(0, dtype=np.int32), "never_learned": never.mean(0, dtype=np.float32),
               "kappa": kappa}
-    if write:
-        for name, arr in arrays.items():
-            if name != "kappa":
-                _save_npy(run.path / f"{split}.{name}.npy", arr)
-        atomic_write(run.path / f"{split}.metrics.json", (json.dumps(result, indent=1) + "\n").encode())
     result["arrays"] = arrays
+    if write:
+        write_analysis(run, result)
     return result
+
+
+def write_analysis(run: Run, result: dict) -> None:
+    split = result["split"]
+    for name, arr in result["arrays"].items():
+        if name != "kappa":
+            _save_npy(run.path / f"{split}.{name}.npy", arr)
+    summary = {k: v for k, v in result.items() if k != "arrays"}
+    atomic_write(run.path / f"{split}.metrics.json", (json.dumps(summary, indent=1) + "\n").encode())
 
 
 def _kappa_subset(p: int) -> np.ndarray | None:

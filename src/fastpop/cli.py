@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     "compare": _compare, "verify": _verify, "merge": _merge}
         return commands[args.command](args)
     except UsageError as e:
-        print(f"fastpop: error: {e}", file=sys.stderr)
+        print(f"fastpop: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("fastpop: interrupted", file=sys.stderr)

@@ -50,7 +50,7 @@ def print_summary(run: Run, console: Console | None = None) -> None:
         table.add_row(split, *(f"{v:.4f}" for v in (acc.mean(), acc.std(), acc.min(), acc.max())))
     console.print(table)
     t = run.manifest.get("timings", {})
-    if t:
+    if "wall_s" in t:
         console.print(f"wall {t['wall_s']:.1f} s (train {t['train_s']:.1f} s, evaluation {t['eval_s']:.1f} s), "
                       f"{t['net_images_per_s']:,.0f} net-images/s in training")
     console.print(f"run directory: {run.path}")

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .analysis import analyze
+from .analysis import analyze, write_analysis
 from .run import Run
+from .rundir import SPLITS
 
 
 def _plt():
@@ -31,7 +32,9 @@ def _save(fig, folder: Path, name: str) -> str:
 def write_report(run: Run, split: str = "test") -> Path:
     """RUN/report/: the figures and report.html. Returns the html path."""
     plt = _plt()
-    result = analyze(run, split)
+    result = analyze(run, split, write=False)  # everything is read and checked before anything is written
+    accuracy = {s: np.asarray(run.accuracy(s), np.float64) for s in SPLITS}
+    write_analysis(run, result)
     arrays = result["arrays"]
     folder = run.path / "report"
     folder.mkdir(exist_ok=True)
@@ -57,7 +60,7 @@ def write_report(run: Run, split: str = "test") -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     epochs = [c["epoch"] for c in run.checkpoints]
     for s, color in (("train", "tab:blue"), ("test", "tab:green")):
-        a = np.asarray(run.accuracy(s), np.float64)
+        a = accuracy[s]
         ax.fill_between(epochs, a.min(1), a.max(1), color=color, alpha=0.15)
         ax.fill_between(epochs, *np.percentile(a, [10, 90], axis=1), color=color, alpha=0.3)
         ax.plot(epochs, a.mean(1), color=color, label=f"{s} (mean; 10-90%; min-max)")

@@ -22,13 +22,12 @@ class Run:
             self.manifest = json.loads((self.path / MANIFEST).read_text())
         except FileNotFoundError:
             raise UsageError(f"{self.path} is not a run directory (no {MANIFEST})") from None
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise UsageError(f"cannot read {self.path / MANIFEST}: {e}") from None
-        try:
-            self.config = Config.from_dict(self.manifest["config"])
-            self.manifest["checkpoints"], self.manifest["checkpoints_done"], self.manifest["splits"]
-        except (KeyError, TypeError) as e:
-            raise UsageError(f"{self.path / MANIFEST} is incomplete (missing {e})") from None
+        problem = manifest_problem(self.manifest)
+        if problem:
+            raise UsageError(f"{self.path / MANIFEST} is damaged: {problem}")
+        self.config = Config.from_dict(self.manifest["config"])
 
     def require_checkpoint(self) -> None:
         if not self.checkpoints:
@@ -57,8 +56,8 @@ class Run:
             arr = np.load(path, mmap_mode="r")
         except FileNotFoundError:
             raise UsageError(f"{path} is missing") from None
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{path} is truncated or corrupt ({e})") from None
+        except Exception as e:  # np.load raises many kinds on a damaged header
+            raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from None
         want = (len(self.manifest["checkpoints"]), len(self.seeds), *row_shape)
         if arr.shape != want or arr.dtype != dtype:
             raise UsageError(f"{path} holds {arr.dtype} {arr.shape}, but run.json says {np.dtype(dtype)} {want}")
@@ -97,6 +96,45 @@ class Run:
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}, arch={self.config.arch}, P={len(self.seeds)}, "
                 f"checkpoints={len(self.checkpoints)}, status={self.status})")
+
+
+def manifest_problem(m) -> str | None:
+    """What is wrong with a manifest's structure, or None: every field a reader relies on, with its type."""
+    def is_int(v, lo=0):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    checks = {
+        "config": lambda v: isinstance(v, dict),
+        "seeds": lambda v: isinstance(v, list) and v and all(is_int(s) for s in v),
+        "checkpoints": lambda v: isinstance(v, list) and all(
+            isinstance(c, dict) and is_int(c.get("step"), 1) and isinstance(c.get("epoch"), (int, float))
+            for c in v),
+        "checkpoints_done": is_int,
+        "total_steps": is_int,
+        "status": lambda v: v in ("running", "complete", "interrupted", "failed"),
+        "splits": lambda v: isinstance(v, dict) and set(v) == set(SPLITS) and all(
+            isinstance(s, dict) and is_int(s.get("n"), 1) and s.get("bytes_per_row") == 8 * -(-s["n"] // 64)
+            for s in v.values()),
+        "arch": lambda v: isinstance(v, dict) and is_int(v.get("params_per_network"), 1),
+        "checksums": lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+        "diverged": lambda v: isinstance(v, dict),
+    }
+    optional = {"checksums", "diverged"}
+    for key, ok in checks.items():
+        if key not in m:
+            if key in optional:
+                continue
+            return f"no {key!r}"
+        if not ok(m[key]):
+            return f"bad {key!r}"
+    if m["checkpoints_done"] > len(m["checkpoints"]):
+        return "checkpoints_done exceeds the checkpoint plan"
+    for key in ("init_seeds", "order_seeds"):
+        if key in m and not (isinstance(m[key], list) and len(m[key]) == len(m["seeds"])):
+            return f"bad {key!r}"
+    return None
 
 
 def load_run(path: str | Path) -> Run:

@@ -255,7 +255,7 @@ def _load_state(path: Path, pop: Population, total_steps: int) -> dict:
             raise ValueError(f"step {state['step']} outside 0..{total_steps}")
         return state
     except Exception as e:  # torch.load raises many kinds on a damaged file
-        raise UsageError(f"{path} is corrupt or does not fit this run ({type(e).__name__}: {e})") from None
+        raise UsageError(f"{path} is corrupt or does not fit this run ({type(e).__name__})") from None
 
 
 def _shard(values: list[int], config: Config) -> list[int]:
