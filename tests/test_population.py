@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_dataset("digits", CPU)
+    return load_dataset(Config(), CPU)
 
 
 def _train_population(arch, data, config, steps):

@@ -50,7 +50,7 @@ def test_run_directory_is_readable_with_numpy_and_json(tiny):
 def test_final_record_equals_independent_evaluation(tiny):
     """Rebuild each network as a plain nn.Module from the saved weights and score it from scratch."""
     run = fastpop.train(tiny(seeds=[3, 8], epochs=2, batch_size=64))
-    data = load_dataset("digits", torch.device("cpu"))
+    data = load_dataset(fastpop.Config(), torch.device("cpu"))
     arch = build_arch("small-cnn", data.in_shape, data.classes)
     weights = run.weights()
     for k in range(2):

@@ -68,7 +68,7 @@ def _modules(arch, seeds):
 
 def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", batch_size: int = 32,
                   loop_max_nets: int = 1000) -> list[Row]:
-    data = load_dataset("digits", torch.device("cpu"))
+    data = load_dataset(Config(), torch.device("cpu"))
     arch = build_arch(arch_name, data.in_shape, data.classes)
     x_all = (data.train.x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
     ceiling = sgemm_ceiling()

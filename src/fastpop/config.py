@@ -20,7 +20,17 @@ STEP_MILESTONES = (0.5, 0.75)  # the step schedule multiplies lr by 0.1 at these
 @dataclass
 class Config:
     arch: str = "small-cnn"
-    dataset: str = "digits"
+    dataset: str = "digits"  # digits, mnist, fashion-mnist, cifar10, cifar100, gaussian or npz:PATH
+    data_dir: str | None = None  # where the data files are (default $FASTPOP_DATA or ./data)
+    classes: list[int] | None = None  # train (and, by default, test) only on these classes
+    test_dataset: str | None = None  # test on another data set's test split, or "noise"
+    test_classes: list[int] | None = None  # test only on these classes (may be unseen in training)
+    labels: str = "true"  # "random": train labels permuted once with a fixed seed
+    pixels: str = "natural"  # "shuffled": one fixed pixel permutation applied to every image
+    separation: float = 1.0  # class separation of the gaussian data set
+    superclass: int | None = None  # CIFAR-100: only this superclass (e.g. 16, small mammals)
+    record_predictions: bool = False  # store predicted test labels (on by itself for unseen test classes)
+    subset_fraction: float = 1.0  # each network trains on its own random subset of this fraction (C-score)
     seeds: int | list[int] = 100  # a count (seed_offset, seed_offset+1, ...) or an explicit list
     seed_offset: int = 0
     vary: str = "both"  # what differs between networks: init and batch order, or only one of them
@@ -43,12 +53,37 @@ class Config:
 
     def __post_init__(self):
         from .archs import ARCHS
-        from .data import DATASETS
+        from .data import DATASETS, TEST_ONLY, valid_name
 
         if self.arch not in ARCHS:
             raise UsageError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
-        if self.dataset not in DATASETS:
-            raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+        if not valid_name(self.dataset):
+            raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}, npz:PATH")
+        if self.test_dataset is not None and not valid_name(self.test_dataset, test=True):
+            raise UsageError(f"unknown test dataset {self.test_dataset!r}; valid: "
+                             f"{', '.join(DATASETS + TEST_ONLY)}, npz:PATH")
+        for name in ("classes", "test_classes"):
+            v = getattr(self, name)
+            if v is not None:
+                if not isinstance(v, (list, tuple)) or not v:
+                    raise UsageError(f"{name} must be a non-empty list of class labels")
+                for c in v:
+                    _check_int(name, c, 0, 255)
+                if len(set(v)) < len(v):
+                    raise UsageError(f"{name}: duplicated class")
+                setattr(self, name, sorted(v))
+        _check_choice("labels", self.labels, ("true", "random"))
+        _check_choice("pixels", self.pixels, ("natural", "shuffled"))
+        _check_float("separation", self.separation, 0.0, 1e6)
+        _check_float("subset_fraction", self.subset_fraction, 0.0, 1.0, low_open=True)
+        if self.superclass is not None:
+            _check_int("superclass", self.superclass, 0, 19)
+            if self.dataset != "cifar100":
+                raise UsageError("superclass needs dataset cifar100")
+        if not isinstance(self.record_predictions, bool):
+            raise UsageError("record_predictions must be true or false")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise UsageError("data_dir must be a path string")
         _check_int("seed_offset", self.seed_offset, 0, 2**62)
         _check_int("shared_seed", self.shared_seed, 0, 2**62)
         if isinstance(self.seeds, (list, tuple)):

@@ -20,7 +20,7 @@ import torch
 from .config import Config
 from .errors import UsageError
 from .run import Run
-from .rundir import SPLITS, STATE, RunWriter, check_new_out
+from .rundir import STATE, RunWriter, check_new_out, record_arrays
 
 # what may differ between shards of one population
 _SHARD_FIELDS = ("shard", "out", "device", "max_nets_per_chunk")
@@ -67,15 +67,18 @@ def merge(shard_paths: list[str | Path], out: str | Path) -> Run:
     try:
         t = len(first.checkpoints)
         for k in range(t):
-            rows = {s: (np.concatenate([r.bits(s)[k] for r in ordered]),
-                        np.concatenate([r.loss(s)[k] for r in ordered]),
-                        np.concatenate([r.accuracy(s)[k] for r in ordered])) for s in SPLITS}
+            rows = {}
+            for split, kind, *_ in record_arrays(manifest):
+                rows.setdefault(split, {})[kind] = np.concatenate([r.record_array(split, kind)[k] for r in ordered])
             writer.write_rows(k, rows)
         states = [torch.load(r.path / STATE, map_location="cpu") for r in ordered]
         writer.save_state({"step": states[0]["step"], "checkpoints_done": t,
                            **{key: torch.cat([s[key] for s in states]) for key in ("params", "momentum",
                                                                                      "diverged_at")}})
         writer.save_array("diverged.npy", np.concatenate([np.load(r.path / "diverged.npy") for r in ordered]))
+        if (first.path / "train.member.npy").exists():
+            writer.save_array("train.member.npy", np.concatenate([np.load(r.path / "train.member.npy")
+                                                                  for r in ordered]))
         writer.commit(t)
     except BaseException:
         writer.close("failed")

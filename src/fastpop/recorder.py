@@ -34,12 +34,15 @@ def eval_chunk(arch: Arch, p: int) -> int:
 
 @torch.no_grad()
 def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Tensor, std: torch.Tensor,
-             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Correctness bool [P, N] (argmax == label; ties go to the lowest class index, as torch.argmax) and each
-    network's mean cross-entropy [P] over the whole split, `chunk` networks at a time. A diverged network is
-    wrong on every example and its loss is NaN."""
+             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Correctness bool [P, N] (argmax == label; ties go to the lowest class index, as torch.argmax), each
+    network's mean cross-entropy [P] over the examples with a label in its classes (NaN when there are none), and
+    the predicted class index int64 [P, N]; `chunk` networks at a time. A diverged network is wrong on every
+    example, its loss is NaN and its predictions 0."""
     p, n = pop.p, len(split)
     correct = torch.empty(p, n, dtype=torch.bool, device=split.y.device)
+    pred = torch.empty(p, n, dtype=torch.int64, device=split.y.device)
+    labelled = split.y >= 0
     loss = torch.zeros(p, dtype=torch.float64, device=split.y.device)
     params = pop.views(pop.params)
     chunk = chunk or p
@@ -50,15 +53,24 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
             hi = min(n, lo + step)
             idx = torch.arange(lo, hi, device=split.y.device).expand(phi - plo, -1)  # all see the same examples
             logits = forward(arch, backend, [v[plo:phi] for v in params], split.x, idx, mean, std)
-            y = split.y[lo:hi]
-            correct[plo:phi, lo:hi] = logits.argmax(-1) == y
-            loss[plo:phi] += backend.cross_entropy(logits, y).double() * (hi - lo)
+            y, known = split.y[lo:hi], labelled[lo:hi]
+            pred[plo:phi, lo:hi] = logits.argmax(-1)
+            correct[plo:phi, lo:hi] = pred[plo:phi, lo:hi] == y  # y = -1 (unseen class) is never matched
+            if known.any():
+                loss[plo:phi] += backend.cross_entropy(logits[:, known], y[known]).double() * int(known.sum())
     dead = pop.diverged_at >= 0
     correct[dead] = False
+    pred[dead] = 0
+    loss = loss / labelled.sum() if labelled.any() else torch.full_like(loss, float("nan"))
     loss[dead] = float("nan")
-    return correct, (loss / n).float()
+    return correct, loss.float(), pred
 
 
-def record(correct: torch.Tensor, loss: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One split's checkpoint row: (packed bits, loss, accuracy) as numpy."""
-    return pack_bits(correct), loss.cpu().numpy(), correct.float().mean(1).cpu().numpy()
+def record(correct: torch.Tensor, loss: torch.Tensor, pred: torch.Tensor | None = None,
+           class_ids: list[int] | None = None) -> dict[str, np.ndarray]:
+    """One split's checkpoint row as numpy: packed bits, loss, accuracy, and, when asked, the predicted labels
+    as original class ids (uint8)."""
+    rows = {"bits": pack_bits(correct), "loss": loss.cpu().numpy(), "acc": correct.float().mean(1).cpu().numpy()}
+    if pred is not None:
+        rows["pred"] = torch.tensor(class_ids, dtype=torch.uint8, device=pred.device)[pred].cpu().numpy()
+    return rows

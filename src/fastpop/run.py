@@ -73,6 +73,26 @@ class Run:
         bits = self.bits(split)[t]
         return np.unpackbits(bits, axis=-1, count=self.n(split), bitorder="little").astype(bool)
 
+    def predictions(self, split: str = "test") -> np.ndarray | None:
+        """uint8 [T, P, N] predicted labels (original class ids), where the run recorded them, else None."""
+        if split != "test" or not self.manifest.get("predictions"):
+            return None
+        return self._array("test.pred.npy", (self.n("test"),), np.uint8)
+
+    def member(self) -> np.ndarray | None:
+        """bool [P, N_train]: which train examples each network trained on (--subset-fraction), else None."""
+        path = self.path / "train.member.npy"
+        if not path.exists():
+            return None
+        try:
+            packed = np.load(path)
+            return np.unpackbits(packed, axis=-1, count=self.n("train"), bitorder="little").astype(bool)
+        except Exception as e:
+            raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__})") from None
+
+    def record_array(self, split: str, kind: str) -> np.ndarray:
+        return {"bits": self.bits, "loss": self.loss, "acc": self.accuracy, "pred": self.predictions}[kind](split)
+
     def loss(self, split: str) -> np.ndarray:
         """float32 [T, P]: each network's mean cross-entropy on the split at each checkpoint."""
         _check_split(split)

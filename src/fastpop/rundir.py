@@ -69,12 +69,8 @@ class RunWriter:
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
-        t, p = len(manifest["checkpoints"]), len(manifest["seeds"])
-        self.arrays = {}
-        for split, info in manifest["splits"].items():
-            for kind, row, dtype in _ARRAYS:
-                shape = (t, p, info["bytes_per_row"]) if row else (t, p)
-                self.arrays[split, kind] = _open_array(path / f"{split}.{kind}.npy", shape, dtype)
+        self.arrays = {(split, kind): _open_array(path / f"{split}.{kind}.npy", shape, dtype)
+                       for split, kind, shape, dtype, _ in record_arrays(manifest)}
 
     @classmethod
     def create(cls, path: Path, manifest: dict) -> "RunWriter":
@@ -83,11 +79,8 @@ class RunWriter:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             tmp.mkdir(parents=True)
-            for split, info in manifest["splits"].items():
-                t, p = len(manifest["checkpoints"]), len(manifest["seeds"])
-                for kind, row, dtype in _ARRAYS:
-                    shape = (t, p, info["bytes_per_row"]) if row else (t, p)
-                    _new_array(tmp / f"{split}.{kind}.npy", shape, dtype, 0 if row else np.nan)
+            for split, kind, shape, dtype, fill in record_arrays(manifest):
+                _new_array(tmp / f"{split}.{kind}.npy", shape, dtype, fill)
             write_json(tmp / MANIFEST, manifest)
             acquire_lock(tmp)
             os.rename(tmp, path)  # onto a missing or empty directory
@@ -105,11 +98,11 @@ class RunWriter:
             release_lock(path)
             raise
 
-    def write_rows(self, t: int, records: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
-        """records: split -> (packed bits uint8 [P, R], loss [P], accuracy [P]), flushed to disk. They count only
-        once `commit` says so."""
+    def write_rows(self, t: int, records: dict[str, dict[str, np.ndarray]]) -> None:
+        """records: split -> {"bits": uint8 [P, R], "loss": [P], "acc": [P], and "pred": uint8 [P, N] where
+        predictions are recorded}, flushed to disk. They count only once `commit` says so."""
         for split, rows in records.items():
-            for (kind, _, _), row in zip(_ARRAYS, rows):
+            for kind, row in rows.items():
                 arr = self.arrays[split, kind]
                 arr[t] = row
                 arr.flush()
@@ -145,7 +138,16 @@ class RunWriter:
         release_lock(self.path)
 
 
-_ARRAYS = (("bits", True, np.uint8), ("loss", False, np.float32), ("acc", False, np.float32))
+def record_arrays(manifest: dict) -> list[tuple[str, str, tuple, type, float]]:
+    """(split, kind, shape, dtype, fill) of every record array a manifest implies."""
+    t, p = len(manifest["checkpoints"]), len(manifest["seeds"])
+    out = []
+    for split, info in manifest["splits"].items():
+        out += [(split, "bits", (t, p, info["bytes_per_row"]), np.uint8, 0),
+                (split, "loss", (t, p), np.float32, np.nan), (split, "acc", (t, p), np.float32, np.nan)]
+        if split == "test" and manifest.get("predictions"):
+            out.append((split, "pred", (t, p, info["n"]), np.uint8, 0))
+    return out
 
 
 def row_checksum(row: np.ndarray) -> str:

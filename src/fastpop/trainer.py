@@ -24,11 +24,11 @@ from . import __version__
 from .archs import Arch, build_arch
 from .config import Config
 from .data import Dataset, load_dataset
-from .data.orders import epoch_orders
+from .data.orders import epoch_orders, subsets
 from .errors import UsageError
 from .ops import get_backend, resolve_device
 from .population import Population, forward
-from .recorder import evaluate, record
+from .recorder import evaluate, pack_bits, record
 from .run import Run
 from .rundir import SPLITS, STATE, RunWriter, bytes_per_row, check_new_out
 
@@ -77,11 +77,11 @@ def prepare(config: Config, out: Path | None = None) -> Setup:
     run directory exists already (resume)."""
     device = resolve_device(config.device)
     backend = get_backend(config.backend, device)
-    data = load_dataset(config.dataset, device)
+    data = load_dataset(config, device)
     arch = build_arch(config.arch, data.in_shape, data.classes)
-    n = len(data.train)
+    n = round(config.subset_fraction * len(data.train))  # examples each network trains on
     if config.batch_size > n:
-        raise UsageError(f"batch_size {config.batch_size} is larger than the train split ({n} examples)")
+        raise UsageError(f"batch_size {config.batch_size} is larger than the {n} training examples of a network")
     if out is None:
         out = Path(config.out) if config.out else default_out(config)
         check_new_out(out)
@@ -144,6 +144,11 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
     setup.config.out = str(setup.out)
     pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device)
     writer = RunWriter.create(setup.out, _manifest(setup))
+    subset = member_subsets(setup)
+    if subset is not None:
+        member = torch.zeros(len(setup.seeds), len(setup.data.train), dtype=torch.bool)
+        member.scatter_(1, subset, True)
+        writer.save_array("train.member.npy", pack_bits(member))
     return _run(setup, pop, writer, 0, progress, should_stop)
 
 
@@ -190,6 +195,7 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
     config, data = setup.config, setup.data
     spe, bsz, total = setup.steps_per_epoch, config.batch_size, setup.total_steps
     order_seeds = _shard(config.order_seeds(), config)
+    subset = member_subsets(setup)
     record_at = {c["step"]: t for t, c in enumerate(setup.checkpoints)}
     train_s = eval_s = 0.0
     mean_test_acc = None
@@ -198,7 +204,7 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
     for step in range(start, total):
         epoch, i = divmod(step, spe)
         if orders is None or i == 0:
-            orders = epoch_orders(order_seeds, epoch, len(data.train)).to(setup.device)
+            orders = epoch_orders(order_seeds, epoch, len(data.train), subset).to(setup.device)
         t0 = time.perf_counter()
         train_step(pop, setup.backend, data, orders[:, i * bsz:(i + 1) * bsz], config.lr_at(step, total, spe),
                    config, setup.chunk, step + 1)
@@ -228,16 +234,24 @@ def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: 
     manifest count checkpoint t: a kill between any two leaves a resumable directory."""
     records = {}
     for split in SPLITS:
-        correct, loss = evaluate(setup.arch, setup.backend, pop, setup.data.split(split), setup.data.mean,
-                                 setup.data.std, setup.chunk)
-        records[split] = record(correct, loss)
+        correct, loss, pred = evaluate(setup.arch, setup.backend, pop, setup.data.split(split), setup.data.mean,
+                                       setup.data.std, setup.chunk)
+        keep = split == "test" and writer.manifest["predictions"]
+        records[split] = record(correct, loss, pred if keep else None, setup.data.class_ids)
     writer.write_rows(t, records)
     _save_state(pop, writer, step, t + 1)
     diverged = pop.diverged_at.cpu().numpy()
     writer.save_array("diverged.npy", diverged)
     writer.commit(t + 1, diverged={str(setup.seeds[k]): int(diverged[k]) for k in np.flatnonzero(diverged >= 0)})
-    acc = records["test"][2][diverged < 0]
+    acc = records["test"]["acc"][diverged < 0]
     return float(acc.mean()) if len(acc) else float("nan")
+
+
+def member_subsets(setup: Setup) -> torch.Tensor | None:
+    """Each network's training examples under --subset-fraction (from its own seed), else None."""
+    if setup.config.subset_fraction >= 1:
+        return None
+    return subsets(setup.seeds, len(setup.data.train), setup.config.subset_fraction)
 
 
 def _save_state(pop: Population, writer: RunWriter, step: int, checkpoints_done: int) -> None:
@@ -294,6 +308,8 @@ def _manifest(setup: Setup) -> dict:
         "checkpoints": setup.checkpoints,
         "checkpoints_done": 0,
         "diverged": {},
+        "predictions": bool(config.record_predictions or data.open_set),
+        "class_ids": data.class_ids,
         "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
         "backend": setup.backend.NAME,
         "versions": {"fastpop": __version__, "python": platform.python_version(), "torch": torch.__version__,

@@ -21,9 +21,10 @@ def verify(path) -> tuple[Run, list[str], list[str]]:
     sums = run.manifest.get("checksums", {})
     for split in SPLITS:
         n = run.n(split)
-        for kind, get in (("bits", run.bits), ("loss", run.loss), ("acc", run.accuracy)):
+        kinds = ["bits", "loss", "acc"] + (["pred"] if split == "test" and run.manifest.get("predictions") else [])
+        for kind in kinds:
             try:
-                arr = get(split)
+                arr = run.record_array(split, kind)
             except UsageError as e:
                 problems.append(str(e))
                 continue

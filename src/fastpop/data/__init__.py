@@ -1,22 +1,36 @@
 """Data sets resident on the training device, and per-network batch orders.
 
-Images stay in their stored dtype (uint8 for digits) on the device and are normalized when gathered, so a
-population can index one shared copy instead of materializing a [P, B, C, H, W] batch.
+Images stay in their stored dtype (uint8 for the image data sets) on the device and are normalized when gathered
+(per-channel mean and std of the train split), so a population indexes one shared copy instead of
+materializing a [P, B, C, H, W] batch.
+
+A data set is assembled from the config: the base set, an optional CIFAR-100 superclass, class filters for train
+and test, an optional other test set (`--test-dataset`, e.g. `noise`), random train labels, shuffled pixels. The
+network's outputs are the train classes in increasing order; a test label outside them is stored as -1 (never
+correct) and its predictions are recorded instead.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import UsageError
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "gaussian")  # and npz:PATH
+TEST_ONLY = ("noise",)
+LABEL_SEED, PIXEL_SEED = 0, 0  # the fixed permutations of --labels random and --pixels shuffled
+NOISE_N = 1000
 
 
 @dataclass
 class Split:
     x: torch.Tensor  # [N, C, H, W], stored dtype
-    y: torch.Tensor  # int64 [N]
+    y: torch.Tensor  # int64 [N]: index into the network's classes, -1 outside them
 
     def __len__(self) -> int:
         return len(self.y)
@@ -27,35 +41,112 @@ class Dataset:
     name: str
     train: Split
     test: Split
-    classes: int
+    class_ids: list[int]  # original label of each network output
     mean: torch.Tensor  # float32 [C], per channel over the train split
     std: torch.Tensor  # float32 [C]
 
     @property
+    def classes(self) -> int:
+        return len(self.class_ids)
+
+    @property
     def in_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])
+
+    @property
+    def open_set(self) -> bool:
+        """Some test labels lie outside the training classes: predictions, not correctness, tell them apart."""
+        return bool((self.test.y < 0).any())
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "test": self.test}[name]
 
     def to(self, device: torch.device) -> "Dataset":
         move = lambda s: Split(s.x.to(device), s.y.to(device))  # noqa: E731
-        return Dataset(self.name, move(self.train), move(self.test), self.classes,
-                       self.mean.to(device), self.std.to(device))
+        return Dataset(self.name, move(self.train), move(self.test), self.class_ids, self.mean.to(device),
+                       self.std.to(device))
+
+
+def valid_name(name: str, test: bool = False) -> bool:
+    return name in DATASETS or (test and name in TEST_ONLY) or (isinstance(name, str) and name.startswith("npz:"))
+
+
+def data_dir(setting: str | None) -> Path:
+    return Path(setting or os.environ.get("FASTPOP_DATA", "data")).expanduser()
+
+
+def load_base(name: str, folder: Path, separation: float = 1.0) -> dict:
+    """split -> (x numpy [N, C, H, W], y int64 [N], coarse labels or None)."""
+    from . import digits, files, synthetic
+
+    if name == "digits":
+        return digits.load_arrays()
+    if name in ("mnist", "fashion-mnist"):
+        return {s: (x, y, None) for s, (x, y) in files.load_idx_pair(name, folder).items()}
+    if name in ("cifar10", "cifar100"):
+        return files.load_cifar(name, folder)
+    if name == "gaussian":
+        return synthetic.gaussian(separation)
+    if name.startswith("npz:"):
+        return {s: (x, y, None) for s, (x, y) in files.load_npz(Path(name[4:]).expanduser()).items()}
+    raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, npz:PATH")
+
+
+def load_dataset(config, device: torch.device) -> Dataset:
+    """The data set a config describes, on `device`."""
+    from . import synthetic
+
+    folder = data_dir(config.data_dir)
+    base = load_base(config.dataset, folder, config.separation)
+    (xtr, ytr, ctr), (xte, yte, cte) = base["train"], base["test"]
+    if config.superclass is not None:
+        if ctr is None:
+            raise UsageError("--superclass needs --dataset cifar100")
+        xtr, ytr, xte, yte = xtr[ctr == config.superclass], ytr[ctr == config.superclass], \
+            xte[cte == config.superclass], yte[cte == config.superclass]
+    if config.test_dataset == "noise":
+        xte, yte = synthetic.noise(xtr, NOISE_N), np.full(NOISE_N, -1, np.int64)
+    elif config.test_dataset:
+        other = load_base(config.test_dataset, folder, config.separation)["test"]
+        xte, yte = other[0], other[1]
+        if xte.shape[1:] != xtr.shape[1:]:
+            raise UsageError(f"--test-dataset {config.test_dataset} has images {xte.shape[1:]}, the train set "
+                             f"{xtr.shape[1:]}")
+    if config.classes is not None:
+        xtr, ytr = _keep(xtr, ytr, config.classes, "--classes")
+    test_classes = config.test_classes if config.test_classes is not None else (
+        config.classes if not config.test_dataset else None)
+    if test_classes is not None:
+        xte, yte = _keep(xte, yte, test_classes, "--test-classes")
+    class_ids = sorted(int(c) for c in np.unique(ytr))
+    if len(class_ids) < 2:
+        raise UsageError(f"the train split has {len(class_ids)} class(es); at least 2 are needed")
+    if config.labels == "random":
+        ytr = ytr[np.random.default_rng(LABEL_SEED).permutation(len(ytr))]
+    if config.pixels == "shuffled":
+        perm = np.random.default_rng(PIXEL_SEED).permutation(xtr.shape[2] * xtr.shape[3])
+        xtr, xte = (x.reshape(*x.shape[:2], -1)[..., perm].reshape(x.shape) for x in (xtr, xte))
+    lookup = {c: i for i, c in enumerate(class_ids)}
+    ytr = np.array([lookup[int(c)] for c in ytr], np.int64)
+    yte = np.array([lookup.get(int(c), -1) for c in yte], np.int64)
+    if len(yte) == 0:
+        raise UsageError("the test split is empty after filtering")
+    x_train = torch.from_numpy(np.ascontiguousarray(xtr))
+    mean, std = channel_stats(x_train)
+    train = Split(x_train, torch.from_numpy(ytr))
+    test = Split(torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte))
+    return Dataset(config.dataset, train, test, class_ids, mean, std).to(device)
+
+
+def _keep(x, y, classes, flag):
+    present = set(np.unique(y).tolist())
+    unknown = sorted(set(classes) - present)
+    if unknown:
+        raise UsageError(f"{flag}: unknown class(es) {unknown}; the data have {sorted(present)}")
+    mask = np.isin(y, classes)
+    return x[mask], y[mask]
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.double().transpose(0, 1).reshape(x.shape[1], -1)
     return xf.mean(1).float(), xf.std(1).clamp_min(1e-6).float()
-
-
-def load_dataset(name: str, device: torch.device) -> Dataset:
-    from . import digits
-
-    loaders = {"digits": digits.load}
-    if name not in loaders:
-        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(loaders)}")
-    return loaders[name]().to(device)
-
-
-DATASETS = ("digits",)

@@ -5,9 +5,6 @@ round(20%) of the class in the test split. 1,438 train and 359 test images.
 """
 
 import numpy as np
-import torch
-
-from . import Dataset, Split, channel_stats
 
 TEST_FRACTION = 0.2
 
@@ -23,12 +20,11 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int = 0) -> tupl
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
-def load() -> Dataset:
+def load_arrays() -> dict:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # [1797, 1, 8, 8]
-    y = torch.from_numpy(bunch.target.astype(np.int64))
-    train, test = stratified_split(bunch.target, TEST_FRACTION)
-    mean, std = channel_stats(x[train])
-    return Dataset("digits", Split(x[train], y[train]), Split(x[test], y[test]), 10, mean, std)
+    x = bunch.images.astype(np.uint8)[:, None]  # [1797, 1, 8, 8]
+    y = bunch.target.astype(np.int64)
+    train, test = stratified_split(y, TEST_FRACTION)
+    return {"train": (x[train], y[train], None), "test": (x[test], y[test], None)}
