@@ -17,6 +17,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def parse_classes(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError(f"classes are comma-separated labels such as 0,1,2, got {text!r}") from None
+
+
 def parse_seeds(text: str) -> int | list[int]:
     """'1000' is a count; '3,7,11' (or '5,' for one seed) is an explicit list."""
     try:
@@ -29,7 +36,16 @@ def parse_seeds(text: str) -> int | list[int]:
 
 RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the same name
     "arch": (str, "architecture (see `fastpop archs`)"),
-    "dataset": (str, "data set"),
+    "dataset": (str, "digits, mnist, fashion-mnist, cifar10, cifar100, gaussian or npz:PATH"),
+    "data-dir": (str, "folder with the data files (default $FASTPOP_DATA or ./data)"),
+    "classes": (parse_classes, "train (and test) only on these classes, e.g. 0,1,2,3,4"),
+    "test-dataset": (str, "test on another data set's test split, or noise"),
+    "test-classes": (parse_classes, "test only on these classes; unseen ones record predictions"),
+    "labels": (str, "true, or random: train labels permuted once (fixed seed)"),
+    "pixels": (str, "natural, or shuffled: one fixed pixel permutation for all images"),
+    "separation": (float, "class separation of --dataset gaussian"),
+    "superclass": (int, "CIFAR-100 superclass to keep (16: small mammals)"),
+    "subset-fraction": (float, "each network trains on its own random subset of this fraction"),
     "seeds": (parse_seeds, "a count (1000) or a list (3,7,11)"),
     "seed-offset": (int, "first seed when --seeds is a count"),
     "vary": (str, "what differs between networks: both, init or order"),
@@ -59,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE.toml", help="config file; flags given here override it")
     for flag, (typ, text) in RUN_FLAGS.items():
         run.add_argument(f"--{flag}", type=typ, default=None, help=text)
+    run.add_argument("--record-predictions", action="store_const", const=True, default=None,
+                     help="store predicted test labels [T, P, N]")
     run.add_argument("--resume", metavar="RUN", help="continue an interrupted run directory (no other options)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -82,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", metavar="RUN")
     report.add_argument("--split", default="test", choices=("test", "train"))
 
+    experiment = sub.add_parser("experiment", help="reproduce a study end to end")
+    experiment.add_argument("name", choices=["paper"])
+    experiment.add_argument("--out", required=True, help="folder for the populations and the report")
+    experiment.add_argument("--dataset", default="digits")
+    experiment.add_argument("--nets", type=int, default=100, help="networks per population")
+    experiment.add_argument("--epochs", type=int, default=None)
+    experiment.add_argument("--data-dir", default=None)
+    experiment.add_argument("--quiet", action="store_true")
+
+    cscore = sub.add_parser("cscore", help="C-score per train example from runs with --subset-fraction")
+    cscore.add_argument("runs", metavar="RUN", nargs="+")
+    cscore.add_argument("--out", required=True, help="file for the float64 [N] C-scores (.npy)")
+
     compare = sub.add_parser("compare", help="learning order of two populations on the same examples")
     compare.add_argument("run_a", metavar="RUN_A")
     compare.add_argument("run_b", metavar="RUN_B")
@@ -102,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         commands = {"run": _run, "archs": _archs, "bench": _bench, "analyze": _analyze, "report": _report,
-                    "compare": _compare, "verify": _verify, "merge": _merge}
+                    "compare": _compare, "verify": _verify, "merge": _merge,
+                    "cscore": _cscore, "experiment": _experiment}
         return commands[args.command](args)
     except UsageError as e:
         print(f"fastpop: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
@@ -124,7 +156,7 @@ def _run(args) -> int:
     from .distributed import run_torchrun, torchrun_world
     from .trainer import Interrupted, resume, train
 
-    overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in RUN_FLAGS}
+    overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in [*RUN_FLAGS, "record-predictions"]}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.resume and (overrides or args.config):
         raise UsageError("--resume takes no other options: the run directory holds its config")
@@ -252,4 +284,38 @@ def _compare(args) -> int:
     print(f"  learned by the weaker and also by the stronger: {result['weak_learned_also_by_strong']:.4f}")
     print(f"  learned by the stronger and also by the weaker: {result['strong_learned_also_by_weak']:.4f}")
     print(f"wrote {out / 'compare.json'} and {out / figure}")
+    return 0
+
+
+def _cscore(args) -> int:
+    import numpy as np
+
+    from .analysis import combined_cscore
+    from .run import load_run
+
+    scores, fractions = combined_cscore([load_run(p) for p in args.runs])
+    np.save(args.out, scores)
+    print(f"C-score over subset fractions {fractions}: mean {np.nanmean(scores):.4f}, "
+          f"{int(np.isnan(scores).sum())} examples seen by every network; wrote {args.out}")
+    return 0
+
+
+def _experiment(args) -> int:
+    import json
+
+    from .console import ProgressBar
+    from .experiment import paper
+
+    if args.nets < 2:
+        raise UsageError("--nets must be at least 2")
+    with ProgressBar(enabled=not args.quiet, per_run=True) as bar:
+        path = paper(args.out, args.dataset, args.nets, args.epochs, args.data_dir, bar.update)
+    summary = json.loads((path.parent / "summary.json").read_text())
+    for name, row in summary["populations"].items():
+        print(f"{name:26s} acc {row['mean_accuracy']:.3f}  TPA=1 {row['mass1']:.3f} (null {row['mass1_null']:.2g})"
+              f"  rho {row['rho']:.3f}")
+    for name, row in summary["cross_architecture"].items():
+        print(f"{name:26s} Spearman {row['spearman_accessibility']:.3f}  containment "
+              f"{row['weak_learned_also_by_strong']:.3f} / {row['strong_learned_also_by_weak']:.3f}")
+    print(f"wrote {path}")
     return 0

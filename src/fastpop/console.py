@@ -12,8 +12,8 @@ from .trainer import Progress
 
 
 class ProgressBar:
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, per_run: bool = False):
+        self.enabled, self.per_run = enabled, per_run
         self.bar = RichProgress(
             TextColumn("epoch {task.fields[epoch]:.2f}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -35,6 +35,7 @@ class ProgressBar:
                   "acc": "-" if p.mean_test_acc is None else f"{p.mean_test_acc:.3f}"}
         if self.task is None:
             self.bar.start()
+        if self.task is None or (self.per_run and p.step <= 1):  # a new bar for each run of an experiment
             self.task = self.bar.add_task("train", total=p.total_steps, **fields)
         self.bar.update(self.task, completed=p.step, **fields)
 
@@ -74,6 +75,10 @@ def print_analysis(result: dict, console: Console | None = None) -> None:
     table.add_row("over-dispersion rho", f"{g['rho']:.4f}", "", "")
     table.add_row("Fleiss kappa", f"{g['fleiss_kappa']:.4f}", "", "")
     table.add_row(f"mean pairwise kappa ({k['networks']} nets)", f"{k['mean']:.4f}", "", "")
+    if "consensus" in result:
+        table.add_row("agreement with the plurality prediction", f"{result['consensus']['mean']:.4f}", "", "")
+    if result.get("cscore_mean") is not None:
+        table.add_row("mean C-score (held-out networks' accuracy)", f"{result['cscore_mean']:.4f}", "", "")
     if result["split_half"]:
         sh = result["split_half"]
         table.add_row("split-half Spearman (Spearman-Brown)", f"{sh['r']:.4f} ({sh['spearman_brown']:.4f})", "", "")

@@ -82,3 +82,20 @@ def containment(final_tpa_a: np.ndarray, final_tpa_b: np.ndarray, threshold: flo
     la, lb = final_tpa_a >= threshold, final_tpa_b >= threshold
     frac = lambda x, y: float((x & y).sum() / x.sum()) if x.any() else float("nan")  # noqa: E731
     return {"a_in_b": frac(la, lb), "b_in_a": frac(lb, la), "learned_a": int(la.sum()), "learned_b": int(lb.sum())}
+
+
+def cscore(correct_words: np.ndarray, member_words: np.ndarray, n: int) -> np.ndarray:
+    """float64 [N]: the accuracy, on each example, of the networks that did not train on it (NaN where every
+    network did). correct_words, member_words: uint64 [P, W], the final checkpoint's bits and the membership."""
+    from .kernels import _tpa_counts_kernel
+
+    valid = np.zeros(member_words.shape[1], np.uint64)
+    full, rest = divmod(n, 64)
+    valid[:full] = np.uint64(0xFFFFFFFFFFFFFFFF)
+    if rest:
+        valid[full] = np.uint64((1 << rest) - 1)
+    held_out = ~member_words & valid
+    right = _tpa_counts_kernel((correct_words & held_out)[None], n)[0]
+    total = _tpa_counts_kernel(held_out[None], n)[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, right / np.maximum(total, 1), np.nan)

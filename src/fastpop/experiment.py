@@ -1,0 +1,148 @@
+"""`fastpop experiment paper`: the study of "All Neural Networks are Created Equal" in one command.
+
+Populations (all the same size, digits by default): mlp, small-cnn and wide-cnn; small-cnn on randomly permuted
+train labels (the breakdown case); small-cnn trained on the first half of the classes and tested on the other half
+(out-of-sample: only predictions can agree). One report compares them: TP-agreement against the nulls per
+population, cross-architecture Spearman and containment, the breakdown case, the out-of-sample consensus.
+Re-running the command reuses finished populations and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from .analysis import analyze, compare
+from .config import Config
+from .errors import UsageError
+from .run import Run
+from .trainer import resume, train
+
+ARCHS = ("mlp", "small-cnn", "wide-cnn")
+HALVES = {"digits": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]), "cifar10": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]),
+          "mnist": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]), "fashion-mnist": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])}
+
+
+def populations(dataset: str, nets: int, epochs: int | None, data_dir: str | None) -> dict[str, dict]:
+    if dataset not in HALVES:
+        raise UsageError(f"experiment paper runs on {', '.join(HALVES)}, not {dataset!r}")
+    base = dict(dataset=dataset, seeds=nets, data_dir=data_dir, **({"epochs": epochs} if epochs else {}))
+    seen, unseen = HALVES[dataset]
+    pops = {arch: dict(base, arch=arch) for arch in ARCHS}
+    pops["random-labels"] = dict(base, arch="small-cnn", labels="random")
+    pops["out-of-sample"] = dict(base, arch="small-cnn", classes=seen, test_classes=unseen)
+    return pops
+
+
+def paper(out: str | Path, dataset: str = "digits", nets: int = 100, epochs: int | None = None,
+          data_dir: str | None = None, progress=None) -> Path:
+    """Train (or reuse) every population under `out`, then write out/report.html and out/summary.json."""
+    out = Path(out)
+    pops = populations(dataset, nets, epochs, data_dir)
+    configs = {name: Config(**kw, out=str(out / name)) for name, kw in pops.items()}  # validate all first
+    t0 = time.perf_counter()
+    runs = {}
+    for name, config in configs.items():
+        path = out / name
+        if (path / "run.json").exists():
+            run = Run(path)
+            runs[name] = run if run.status == "complete" else resume(path, progress)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            runs[name] = train(config, progress)
+    summary = summarize(runs)
+    summary["wall_s_this_session"] = time.perf_counter() - t0
+    summary["command"] = f"fastpop experiment paper --out {out} --dataset {dataset} --nets {nets}" + (
+        f" --epochs {epochs}" if epochs else "")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    figures = draw(runs, summary, out)
+    path = out / "report.html"
+    path.write_text(_html(summary, figures))
+    return path
+
+
+def summarize(runs: dict[str, Run]) -> dict:
+    rows = {}
+    for name, run in runs.items():
+        if name == "out-of-sample":
+            continue
+        for split in ("test", "train") if name == "random-labels" else ("test",):
+            r = analyze(run, split, write=False)
+            g = r["agreement"]
+            rows[f"{name} ({split})"] = {
+                "networks": r["P"], "examples": r["N"], "mean_accuracy": r["accuracy"]["mean"],
+                "mass1": g["mass1"], "mass1_null": g["mass1_poisson_binomial"], "mass0": g["mass0"],
+                "mass0_null": g["mass0_poisson_binomial"], "tv_null": g["tv_poisson_binomial"], "rho": g["rho"],
+                "fleiss_kappa": g["fleiss_kappa"], "mean_pairwise_kappa": r["kappa"]["mean"],
+                "split_half_spearman": r["split_half"]["spearman_brown"] if r["split_half"] else None}
+    pairs = {}
+    for a, b in (("mlp", "small-cnn"), ("small-cnn", "wide-cnn"), ("mlp", "wide-cnn")):
+        c = compare(runs[a], runs[b])
+        pairs[f"{a} vs {b}"] = {"spearman_accessibility": c["spearman_accessibility"], "weaker": Path(c["weaker"]).name,
+                                "weak_learned_also_by_strong": c["weak_learned_also_by_strong"],
+                                "strong_learned_also_by_weak": c["strong_learned_also_by_weak"]}
+    oos = analyze(runs["out-of-sample"], "test", write=False)
+    return {"populations": rows, "cross_architecture": pairs,
+            "out_of_sample": {"networks": oos["P"], "examples": oos["N"], **oos.get("consensus", {})}}
+
+
+def draw(runs: dict[str, Run], summary: dict, out: Path) -> list[tuple[str, str]]:
+    from .report import _plt, _save
+
+    plt = _plt()
+    names = [n for n in runs if n != "out-of-sample"]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        run = runs[name]
+        p = len(run.seeds)
+        counts = M.tpa_counts(run.bits("test")[-1:], run.n("test"))[0]
+        acc = M.accuracy(run.bits("test")[-1:], run.n("test"))[0]
+        k = np.arange(p + 1) / p
+        ax.bar(k, np.bincount(counts, minlength=p + 1) / len(counts), width=1 / p, label="observed")
+        ax.plot(k, M.poisson_binomial_pmf(acc), "--", color="tab:red", label="independent-error null")
+        ax.set(title=name, xlabel="TP-agreement (test)", yscale="log", ylim=(1e-4, 1))
+    axes[0][0].set_ylabel("fraction of examples")
+    axes[0][0].legend(fontsize=7)
+    figures = [("TP-agreement at the end of training, against the Poisson-binomial null",
+                _save(fig, out, "tpa_by_population"))]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    for ax, (a, b) in zip(axes, (("mlp", "small-cnn"), ("small-cnn", "wide-cnn"), ("mlp", "wide-cnn"))):
+        ax.scatter(M.accessibility(runs[a]), M.accessibility(runs[b]), s=4, alpha=0.5)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        rho = summary["cross_architecture"][f"{a} vs {b}"]["spearman_accessibility"]
+        ax.set(xlabel=f"accessibility, {a}", ylabel=f"accessibility, {b}", title=f"Spearman {rho:.3f}")
+    figures.append(("Learning order across architectures (test examples)", _save(fig, out, "order_across_archs")))
+    labels = runs["out-of-sample"].predictions()
+    if labels is not None:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.hist(M.consensus_agreement(np.ascontiguousarray(labels[-1:]))[0], bins=20, range=(0, 1))
+        ax.set(xlabel="fraction of networks agreeing with the plurality label", ylabel="unseen-class test images")
+        figures.append(("Out-of-sample: agreement of predictions on classes never trained on",
+                        _save(fig, out, "out_of_sample_consensus")))
+    return figures
+
+
+def _html(summary: dict, figures: list[tuple[str, str]]) -> str:
+    def table(rows: dict) -> str:
+        cols = list(next(iter(rows.values())))
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["", *cols])
+        body = "".join("<tr><td>" + html.escape(name) + "</td>" + "".join(
+            f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>" for v in r.values())
+                       + "</tr>" for name, r in rows.items())
+        return f"<table border=1 cellspacing=0><tr>{head}</tr>{body}</table>"
+
+    oos = summary["out_of_sample"]
+    imgs = "".join(f"<h2>{html.escape(t)}</h2><img src='{src}'>" for t, src in figures)
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>fastpop: the paper's study</title>"
+            "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}td,th{padding:2px 8px}"
+            "img{max-width:100%}</style></head><body><h1>All neural networks are created equal: fastpop</h1>"
+            f"<p><code>{html.escape(summary['command'])}</code></p>"
+            f"<h2>Agreement per population (final checkpoint)</h2>{table(summary['populations'])}"
+            f"<h2>Across architectures</h2>{table(summary['cross_architecture'])}"
+            f"<p>Out-of-sample: {oos['networks']} networks on {oos['examples']} images of unseen classes; mean "
+            f"agreement with the plurality prediction {oos.get('mean', float('nan')):.3f}.</p>{imgs}</body></html>\n")
