@@ -4,7 +4,7 @@ with the same init and batch order trained by torch.optim.SGD."""
 import pytest
 import torch
 
-from fastpop import ops
+from fastpop.ops import reference
 from fastpop.archs import build_arch
 from fastpop.config import Config
 from fastpop.data import load_dataset
@@ -26,7 +26,7 @@ def _train_population(arch, data, config, steps):
     losses = []
     for s in range(steps):
         idx = orders[:, s * config.batch_size:(s + 1) * config.batch_size]
-        losses.append(train_step(pop, ops.reference, data, idx, config.lr_at(s, steps, steps), config))
+        losses.append(train_step(pop, reference, data, idx, config.lr_at(s, steps, steps), config))
     return pop, torch.stack(losses)
 
 
@@ -88,8 +88,8 @@ def test_gradients_do_not_mix(digits):
     config = Config(seeds=3, batch_size=8, momentum=0.0, weight_decay=0.0)
     pop = Population(arch, [1, 2, 3], CPU)
     idx = epoch_orders([1, 2, 3], 0, len(digits.train))[:, :8]
-    train_step(pop, ops.reference, digits, idx, 0.0, config)
+    train_step(pop, reference, digits, idx, 0.0, config)
     together = pop.networks(pop.grads)
     single = Population(arch, [2], CPU)
-    train_step(single, ops.reference, digits, idx[1:2], 0.0, config)
+    train_step(single, reference, digits, idx[1:2], 0.0, config)
     torch.testing.assert_close(together[1], single.networks(single.grads)[0], rtol=1e-5, atol=1e-7)

@@ -62,7 +62,7 @@ RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the sa
     "max-nets-per-chunk": (lambda v: v if v == "auto" else int(v), "networks per forward/backward pass, or auto"),
     "shard": (str, "i/n: train only the i-th of n blocks of the seeds (join with fastpop merge)"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
-    "backend": (str, "auto or torch"),
+    "backend": (str, "auto (triton on CUDA, torch on the CPU), torch or triton"),
     "out": (str, "new run directory (default runs/ARCH-DATASET-PN-TIME)"),
 }
 

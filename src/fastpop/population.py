@@ -89,16 +89,49 @@ class Population:
         return out
 
 
-def forward(arch: Arch, backend, params: list[torch.Tensor], images: torch.Tensor, idx: torch.Tensor,
-            mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Logits [P, B, K] of the networks whose per-layer parameters [P, ...] are `params`; idx int64 [P, B] picks
-    each network's batch from `images` [N, C, H, W]."""
+def _features(arch: Arch, backend, params, images, idx, mean, std):
+    """Run the conv blocks; returns (activations, the parameters left for the dense layers)."""
     it = iter(params)
     h = backend.gather_images(images, idx, mean, std, flat=not arch.convs)
     for conv in arch.convs:
         h = backend.conv_block(h, next(it), next(it), conv.pool)
+    return h, list(it)
+
+
+def _dense_stack(arch: Arch, backend, h, params):
     if arch.convs:
         h = backend.global_avg_pool(h)
-    for layer in arch.dense:
-        h = backend.dense(h, next(it), next(it), layer.relu)
+    for layer, (w, b) in zip(arch.dense, zip(params[::2], params[1::2])):
+        h = backend.dense(h, w, b, layer.relu)
     return h
+
+
+def _fused_head(arch: Arch, rest: list) -> bool:
+    """A CNN whose only dense layer is the classifier gets the backend's fused GAP + linear + loss head."""
+    return bool(arch.convs) and len(rest) == 2
+
+
+def forward(arch: Arch, backend, params: list[torch.Tensor], images: torch.Tensor, idx: torch.Tensor,
+            mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Logits [P, B, K] of the networks whose per-layer parameters [P, ...] are `params`; idx int64 [P, B] picks
+    each network's batch from `images` [N, C, H, W]."""
+    h, rest = _features(arch, backend, params, images, idx, mean, std)
+    return _dense_stack(arch, backend, h, rest)
+
+
+def loss(arch: Arch, backend, params, images, idx, y, mean, std) -> torch.Tensor:
+    """Each network's mean cross-entropy [P] on its batch idx [P, B] with labels y [P, B]."""
+    h, rest = _features(arch, backend, params, images, idx, mean, std)
+    if _fused_head(arch, rest):
+        return backend.head_loss(h, rest[0], rest[1], y)
+    return backend.cross_entropy(_dense_stack(arch, backend, h, rest), y)
+
+
+@torch.no_grad()
+def score(arch: Arch, backend, params, images, idx, y, mean, std, bits, bit_offset):
+    """Evaluation of a batch: correctness bits into `bits` [P, R] from bit `bit_offset`; returns (summed loss
+    over labelled examples [P], predictions [P, B])."""
+    h, rest = _features(arch, backend, params, images, idx, mean, std)
+    if _fused_head(arch, rest):
+        return backend.head_score(h, rest[0], rest[1], y, bits, bit_offset)
+    return backend.score_logits(_dense_stack(arch, backend, h, rest), y, bits, bit_offset)

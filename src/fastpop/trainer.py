@@ -27,7 +27,7 @@ from .data import Dataset, load_dataset
 from .data.orders import epoch_orders, subsets
 from .errors import UsageError
 from .ops import get_backend, resolve_device
-from .population import Population, forward
+from .population import Population, loss as population_loss
 from .recorder import evaluate, pack_bits, record
 from .run import Run
 from .rundir import SPLITS, STATE, RunWriter, bytes_per_row, check_new_out
@@ -126,8 +126,8 @@ def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: f
     losses = []
     for lo in range(0, pop.p, chunk or pop.p):
         hi = min(pop.p, lo + (chunk or pop.p))
-        logits = forward(pop.arch, backend, pop.leaves(lo, hi), data.train.x, idx[lo:hi], data.mean, data.std)
-        loss = backend.cross_entropy(logits, data.train.y[idx[lo:hi]])
+        loss = population_loss(pop.arch, backend, pop.leaves(lo, hi), data.train.x, idx[lo:hi],
+                               data.train.y[idx[lo:hi]], data.mean, data.std)
         loss.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
         losses.append(loss.detach())
     loss = torch.cat(losses)
@@ -234,10 +234,11 @@ def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: 
     manifest count checkpoint t: a kill between any two leaves a resumable directory."""
     records = {}
     for split in SPLITS:
-        correct, loss, pred = evaluate(setup.arch, setup.backend, pop, setup.data.split(split), setup.data.mean,
-                                       setup.data.std, setup.chunk)
+        data = setup.data.split(split)
+        bits, loss, pred = evaluate(setup.arch, setup.backend, pop, data, setup.data.mean, setup.data.std,
+                                    setup.chunk)
         keep = split == "test" and writer.manifest["predictions"]
-        records[split] = record(correct, loss, pred if keep else None, setup.data.class_ids)
+        records[split] = record(bits, loss, len(data), pred if keep else None, setup.data.class_ids)
     writer.write_rows(t, records)
     _save_state(pop, writer, step, t + 1)
     diverged = pop.diverged_at.cpu().numpy()

@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from types import ModuleType
 
 import torch
 
 from ..errors import UsageError
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def get_backend(name: str, device: torch.device) -> ModuleType:
+    """auto: Triton on CUDA (when triton is installed), torch on the CPU. triton on the CPU needs
+    TRITON_INTERPRET=1 (set before fastpop is imported): correct, and very slow."""
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
-    from . import reference
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _has_triton() else "torch"
+    if name == "torch":
+        from . import reference
 
-    return reference
+        return reference
+    if not _has_triton():
+        raise UsageError("backend triton needs the triton package: pip install triton")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("backend triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret its kernels "
+                         "on the CPU, slowly)")
+    from . import triton as triton_backend
+
+    return triton_backend
+
+
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_device(name: str) -> torch.device:

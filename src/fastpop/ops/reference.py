@@ -108,6 +108,35 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(p * bsz, k), y.reshape(-1), reduction="none").view(p, bsz).mean(1)
 
 
+def head_loss(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Global average pool + linear + each network's mean cross-entropy [P]. h [P, B, H, W, C]; y [P, B]."""
+    return cross_entropy(dense(global_avg_pool(h), w, b, False), y)
+
+
+@torch.no_grad()
+def head_score(h, w, b, y, bits, bit_offset):
+    """Evaluation of the same head: see score_logits."""
+    return score_logits(dense(global_avg_pool(h), w, b, False), y, bits, bit_offset)
+
+
+@torch.no_grad()
+def score_logits(logits: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, bit_offset: int):
+    """Evaluation: writes argmax == y (ties to the lowest class) as bits [P, R] (uint8, little bit order) from
+    bit `bit_offset` (a multiple of 8); returns (summed cross-entropy over examples with y >= 0 [P],
+    predictions int64 [P, B]). y = -1 marks a class the network was not trained on: always wrong, no loss."""
+    p, bsz, k = logits.shape
+    pred = logits.argmax(-1)
+    right = (pred == y).to(torch.int32)
+    pad = -bsz % 8
+    if pad:
+        right = torch.cat([right, right.new_zeros(p, pad)], 1)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=logits.device)
+    packed = (right.view(p, -1, 8) * weights).sum(-1).to(torch.uint8)
+    bits[:, bit_offset // 8:bit_offset // 8 + packed.shape[1]] = packed
+    ce = F.cross_entropy(logits.reshape(p * bsz, k), y.reshape(-1).clamp_min(0), reduction="none").view(p, bsz)
+    return torch.where(y >= 0, ce, 0.0).sum(1), pred
+
+
 @torch.no_grad()
 def sgd_step(params: torch.Tensor, grads: torch.Tensor, momentum_buf: torch.Tensor, lr: float, momentum: float,
              weight_decay: float, frozen: torch.Tensor | None = None) -> None:

@@ -1,0 +1,245 @@
+"""Population 3x3 convolution (padding 1) with bias, ReLU and an optional 2x2 max-pool fused, forward and backward.
+
+Layout: activations [P, B, H, W, C] contiguous, channels last within each network, so the C inputs of one pixel
+are one contiguous run (coalesced loads along K of the implicit GEMM). Networks are grid axis 1: one launch
+serves all P. The first layer reads its images straight from the resident data set [N, C, H, W] through the
+batch indices [P, B] and normalizes them on the fly (GATHER), so no [P, B, C, H, W] batch is ever built.
+
+Pooling keeps, per pooled output, which of the 4 window positions won (int8, first maximum wins as in
+nn.MaxPool2d); backward rebuilds the gradient at the pre-activation from it and the pooled value (ReLU mask),
+inside the loads of the input-gradient and weight-gradient kernels. Weight gradients are per-program partial sums
+over slices of the B*H*W output pixels, reduced afterwards in a fixed order: no atomics, reproducible bit for bit.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b, hi, wi, ci, ok, B, H, W, CIN, GATHER: tl.constexpr):
+    """x at (network p, example b, pixel hi/wi, channel ci) as fp32 [M, K]; 0 where not ok (zero padding)."""
+    if GATHER:
+        n = tl.load(idx_ptr + p * B + b, mask=b < B, other=0)  # int64 example index
+        addr = x_ptr + n[:, None] * (CIN * H * W) + ci * (H * W) + (hi * W + wi)
+        raw = tl.load(addr, mask=ok, other=0).to(tl.float32)
+        mean = tl.load(mean_ptr + ci, mask=ok, other=0.0)
+        std = tl.load(std_ptr + ci, mask=ok, other=1.0)
+        return tl.where(ok, (raw - mean) / std, 0.0)
+    addr = x_ptr + (((p * B + b) * H + hi) * W + wi) * CIN + ci
+    return tl.load(addr, mask=ok, other=0.0)
+
+
+@triton.jit
+def _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, H, W, HO, WO, COUT, POOL: tl.constexpr):
+    """Gradient at the pre-activation of conv output (b, h, w, co), fp32 [M, N]: the ReLU mask and, with POOL,
+    the route back through the 2x2 max (only the window position that won gets the pooled gradient)."""
+    if POOL:
+        ho = h // 2
+        wo = w // 2
+        ok = ok & (ho < HO) & (wo < WO)
+        off = (((p * B + b) * HO + ho) * WO + wo) * COUT + co
+        won = tl.load(arg_ptr + off, mask=ok, other=-1).to(tl.int32) == (h % 2) * 2 + (w % 2)
+        alive = tl.load(out_ptr + off, mask=ok, other=0.0) > 0
+        g = tl.load(dout_ptr + off, mask=ok, other=0.0)
+        return tl.where(won & alive & ok, g, 0.0)
+    off = (((p * B + b) * H + h) * W + w) * COUT + co
+    alive = tl.load(out_ptr + off, mask=ok, other=0.0) > 0
+    return tl.where(alive & ok, tl.load(dout_ptr + off, mask=ok, other=0.0), 0.0)
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, H, W] with GATHER
+                     idx_ptr,  # int64 [P, B] batch indices (GATHER)
+                     mean_ptr, std_ptr,  # fp32 [CIN] normalization (GATHER)
+                     w_ptr,  # fp32 [P, COUT, CIN, 3, 3]
+                     b_ptr,  # fp32 [P, COUT]
+                     out_ptr,  # fp32 [P, B, HO, WO, COUT]; HO, WO = H//2, W//2 with POOL, else H, W
+                     arg_ptr,  # int8 [P, B, HO, WO, COUT] winning window position (POOL)
+                     B, H, W, HO, WO, CIN, COUT,
+                     GATHER: tl.constexpr, POOL: tl.constexpr, WINDOW: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    p = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B * HO * WO
+    b = rows // (HO * WO)
+    ho = (rows % (HO * WO)) // WO
+    wo = rows % WO
+    co = tl.arange(0, BLOCK_N)
+    co_ok = co < COUT
+    bias = tl.load(b_ptr + p * COUT + co, mask=co_ok, other=0.0)
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    best_at = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    for sub in tl.static_range(WINDOW):  # the 4 positions of the pool window, or the pixel itself
+        if POOL:
+            h0 = ho * 2 + sub // 2
+            w0 = wo * 2 + sub % 2
+        else:
+            h0 = ho
+            w0 = wo
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for tap in tl.static_range(9):
+            hi = h0 + tap // 3 - 1
+            wi = w0 + tap % 3 - 1
+            pix_ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            for k0 in range(0, CIN, BLOCK_K):
+                ci = k0 + tl.arange(0, BLOCK_K)
+                ok = pix_ok[:, None] & (ci < CIN)[None, :]
+                xv = _load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], hi[:, None], wi[:, None],
+                                 ci[None, :], ok, B, H, W, CIN, GATHER)
+                wv = tl.load(w_ptr + ((p * COUT + co[None, :]) * CIN + ci[:, None]) * 9 + tap,
+                             mask=(ci < CIN)[:, None] & co_ok[None, :], other=0.0)
+                acc += tl.dot(xv, wv, input_precision="ieee")
+        val = tl.maximum(acc + bias[None, :], 0.0)
+        won = val > best  # strict: the first maximum in window order wins, as nn.MaxPool2d
+        best = tl.where(won, val, best)
+        best_at = tl.where(won, sub, best_at)
+    off = (((p * B + b) * HO + ho) * WO + wo)[:, None] * COUT + co[None, :]
+    ok = row_ok[:, None] & co_ok[None, :]
+    tl.store(out_ptr + off, best, mask=ok)
+    if POOL:
+        tl.store(arg_ptr + off, best_at.to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of the block's output
+                           out_ptr,  # fp32 [P, B, HO, WO, COUT] the block's output (ReLU mask)
+                           arg_ptr,  # int8 [P, B, HO, WO, COUT] (POOL)
+                           w_ptr,  # fp32 [P, COUT, CIN, 3, 3]
+                           dx_ptr,  # fp32 [P, B, H, W, CIN] gradient of the block's input
+                           B, H, W, HO, WO, CIN, COUT,
+                           POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    p = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels
+    row_ok = rows < B * H * W
+    b = rows // (H * W)
+    h = (rows % (H * W)) // W
+    w = rows % W
+    ci = tl.arange(0, BLOCK_N)
+    ci_ok = ci < CIN
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for tap in tl.static_range(9):
+        hq = h - (tap // 3 - 1)  # the output pixel that saw this input through this tap
+        wq = w - (tap % 3 - 1)
+        pix_ok = row_ok & (hq >= 0) & (hq < H) & (wq >= 0) & (wq < W)
+        for k0 in range(0, COUT, BLOCK_K):
+            co = k0 + tl.arange(0, BLOCK_K)
+            ok = pix_ok[:, None] & (co < COUT)[None, :]
+            d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], hq[:, None], wq[:, None], co[None, :], ok,
+                           B, H, W, HO, WO, COUT, POOL)
+            wv = tl.load(w_ptr + ((p * COUT + co[:, None]) * CIN + ci[None, :]) * 9 + tap,
+                         mask=(co < COUT)[:, None] & ci_ok[None, :], other=0.0)
+            acc += tl.dot(d, wv, input_precision="ieee")
+    off = (((p * B + b) * H + h) * W + w)[:, None] * CIN + ci[None, :]
+    tl.store(dx_ptr + off, acc, mask=row_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the block's input, as in _conv_fwd_kernel
+                            dout_ptr, out_ptr, arg_ptr,  # as in _conv_bwd_input_kernel
+                            dw_ptr,  # fp32 [P, SPLITS, 9, CIN, COUT] partial weight gradients
+                            db_ptr,  # fp32 [P, SPLITS, COUT] partial bias gradients
+                            B, H, W, HO, WO, CIN, COUT, ROWS_PER_SPLIT, SPLITS,
+                            GATHER: tl.constexpr, POOL: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    p = tl.program_id(1).to(tl.int64)
+    lo = split * ROWS_PER_SPLIT
+    hi_rows = tl.minimum(lo + ROWS_PER_SPLIT, B * H * W)
+    co = tl.arange(0, BLOCK_N)
+    co_ok = co < COUT
+    base = (p * SPLITS + split)
+    db = tl.zeros((BLOCK_N,), tl.float32)
+    for m0 in range(lo, hi_rows, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi_rows
+        b = rows // (H * W)
+        h = (rows % (H * W)) // W
+        w = rows % W
+        d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
+                       row_ok[:, None] & co_ok[None, :], B, H, W, HO, WO, COUT, POOL)
+        db += tl.sum(d, axis=0)
+    tl.store(db_ptr + base * COUT + co, db, mask=co_ok)
+    for tap in tl.static_range(9):
+        for k0 in range(0, CIN, BLOCK_K):
+            ci = k0 + tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+            for m0 in range(lo, hi_rows, BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < hi_rows
+                b = rows // (H * W)
+                h = (rows % (H * W)) // W
+                w = rows % W
+                d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
+                               row_ok[:, None] & co_ok[None, :], B, H, W, HO, WO, COUT, POOL)
+                hi = h + tap // 3 - 1
+                wi = w + tap % 3 - 1
+                pix_ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                xv = _load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], hi[:, None], wi[:, None],
+                                 ci[None, :], pix_ok[:, None] & (ci < CIN)[None, :], B, H, W, CIN, GATHER)
+                acc += tl.dot(tl.trans(xv), d, input_precision="ieee")
+            off = ((base * 9 + tap) * CIN + ci[:, None]) * COUT + co[None, :]
+            tl.store(dw_ptr + off, acc, mask=(ci < CIN)[:, None] & co_ok[None, :])
+
+
+def _blocks(k: int, n: int, rows: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_N). tl.dot wants every side >= 16 on a GPU. The interpreter pays per program, so
+    it gets few, large row blocks (ANCHORS: 64-row blocks 28 s, 1024-row blocks 1.6 s on one conv)."""
+    block_m = min(1024, triton.next_power_of_2(rows)) if interpret else 64
+    return max(16, block_m), max(16, min(32, triton.next_power_of_2(k))), max(16, triton.next_power_of_2(n))
+
+
+def conv_fwd(x, idx, mean, std, w, b, pool, gather, interpret):
+    """Launch the forward. x: activations [P, B, H, W, CIN], or the data set [N, CIN, H, W] with gather (then
+    idx [P, B], mean, std [CIN]). Returns (out [P, B, HO, WO, COUT], winning positions int8 or None)."""
+    import torch
+
+    p, cout, cin = w.shape[:3]
+    if gather:
+        bsz, (h, wd) = idx.shape[1], x.shape[2:]
+    else:
+        bsz, h, wd = x.shape[1:4]
+    ho, wo = (h // 2, wd // 2) if pool else (h, wd)
+    out = torch.empty(p, bsz, ho, wo, cout, device=w.device, dtype=torch.float32)
+    arg = torch.empty(out.shape, device=w.device, dtype=torch.int8) if pool else out
+    bm, bk, bn = _blocks(cin, cout, bsz * ho * wo, interpret)
+    dummy = w
+    grid = (triton.cdiv(bsz * ho * wo, bm), p)
+    _conv_fwd_kernel[grid](x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, w, b,
+                           out, arg, bsz, h, wd, ho, wo, cin, cout, GATHER=gather, POOL=pool,
+                           WINDOW=4 if pool else 1, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
+    return out, (arg if pool else None)
+
+
+def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interpret, splits=None):
+    """Launch the backward: (dx [P, B, H, W, CIN] or None, dw [P, COUT, CIN, 3, 3], db [P, COUT])."""
+    import torch
+
+    p, cout, cin = w.shape[:3]
+    if gather:
+        bsz, (h, wd) = idx.shape[1], x.shape[2:]
+    else:
+        bsz, h, wd = x.shape[1:4]
+    ho, wo = out.shape[2:4]
+    arg = arg if pool else out
+    dummy = w
+    dx = None
+    if need_dx:
+        dx = torch.empty(p, bsz, h, wd, cin, device=w.device, dtype=torch.float32)
+        bm, bk, bn = _blocks(cout, cin, bsz * h * wd, interpret)
+        _conv_bwd_input_kernel[(triton.cdiv(bsz * h * wd, bm), p)](
+            dout, out, arg, w, dx, bsz, h, wd, ho, wo, cin, cout, POOL=pool, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
+    rows = bsz * h * wd
+    bm, bk, bn = _blocks(cin, cout, rows, interpret)
+    if splits is None:  # enough programs to fill a GPU; one per network under the interpreter
+        splits = 1 if interpret else max(1, min(triton.cdiv(rows, bm), triton.cdiv(1024, p)))
+    per_split = triton.cdiv(triton.cdiv(rows, splits), bm) * bm
+    splits = triton.cdiv(rows, per_split)
+    dw_part = torch.empty(p, splits, 9, cin, cout, device=w.device, dtype=torch.float32)
+    db_part = torch.empty(p, splits, cout, device=w.device, dtype=torch.float32)
+    _conv_bwd_weight_kernel[(splits, p)](
+        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, dout, out, arg,
+        dw_part, db_part, bsz, h, wd, ho, wo, cin, cout, per_split, splits, GATHER=gather, POOL=pool,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
+    dw = dw_part.sum(1).view(p, 3, 3, cin, cout).permute(0, 4, 3, 1, 2).contiguous()  # fixed-order reduction
+    return dx, dw, db_part.sum(1)
