@@ -20,7 +20,7 @@ def _load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b, hi, wi, ci, ok, B, H, W
     """x at (network p, example b, pixel hi/wi, channel ci) as fp32 [M, K]; 0 where not ok (zero padding)."""
     if GATHER:
         n = tl.load(idx_ptr + p * B + b, mask=b < B, other=0)  # int64 example index
-        addr = x_ptr + n[:, None] * (CIN * H * W) + ci * (H * W) + (hi * W + wi)
+        addr = x_ptr + n * (CIN * H * W) + ci * (H * W) + (hi * W + wi)
         raw = tl.load(addr, mask=ok, other=0).to(tl.float32)
         mean = tl.load(mean_ptr + ci, mask=ok, other=0.0)
         std = tl.load(std_ptr + ci, mask=ok, other=1.0)

@@ -92,7 +92,8 @@ def _head_bwd_kernel(g_ptr, logits_ptr, y_ptr,  # saved by the forward: [P, B, C
         b_ok = bb < B
         y = tl.load(y_ptr + p * B + bb, mask=b_ok, other=-1)
         logits = tl.load(logits_ptr + (p * B + bb[:, None]) * K + k[None, :], mask=b_ok[:, None] & k_ok[None, :],
-                         other=float("-inf"))
+                         other=0.0)
+        logits = tl.where(k_ok[None, :], logits, float("-inf"))  # padded classes; padded rows stay finite
         top = tl.max(logits, axis=1)
         e = tl.exp(logits - top[:, None])
         soft = e / tl.sum(e, axis=1)[:, None]

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE.toml", help="config file; flags given here override it")
     for flag, (typ, text) in RUN_FLAGS.items():
         run.add_argument(f"--{flag}", type=typ, default=None, help=text)
+    run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
+                     help="run the training step eagerly on CUDA instead of replaying a captured graph")
     run.add_argument("--record-predictions", action="store_const", const=True, default=None,
                      help="store predicted test labels [T, P, N]")
     run.add_argument("--resume", metavar="RUN", help="continue an interrupted run directory (no other options)")
@@ -156,7 +158,7 @@ def _run(args) -> int:
     from .distributed import run_torchrun, torchrun_world
     from .trainer import Interrupted, resume, train
 
-    overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in [*RUN_FLAGS, "record-predictions"]}
+    overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in [*RUN_FLAGS, "record-predictions", "cuda-graphs"]}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.resume and (overrides or args.config):
         raise UsageError("--resume takes no other options: the run directory holds its config")

@@ -47,6 +47,7 @@ class Config:
     max_nets_per_chunk: int | str = "auto"  # networks per forward/backward pass; auto: fit a memory budget
     shard: str | None = None  # "i/n": train only the i-th of n contiguous blocks of the seeds (merge joins them)
     device: str = "auto"
+    cuda_graphs: bool = True  # capture the training step as a CUDA graph (CUDA with the triton backend)
     backend: str = "auto"
     out: str | None = None
     extra: dict = field(default_factory=dict, repr=False)  # reserved; must stay empty
@@ -80,6 +81,8 @@ class Config:
             _check_int("superclass", self.superclass, 0, 19)
             if self.dataset != "cifar100":
                 raise UsageError("superclass needs dataset cifar100")
+        if not isinstance(self.cuda_graphs, bool):
+            raise UsageError("cuda_graphs must be true or false")
         if not isinstance(self.record_predictions, bool):
             raise UsageError("record_predictions must be true or false")
         if self.data_dir is not None and not isinstance(self.data_dir, str):

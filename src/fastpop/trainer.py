@@ -200,14 +200,14 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
     train_s = eval_s = 0.0
     mean_test_acc = None
     orders = None
+    step_fn = _step_function(setup, pop, (pop.p, bsz))
     t_start = time.perf_counter()
     for step in range(start, total):
         epoch, i = divmod(step, spe)
         if orders is None or i == 0:
             orders = epoch_orders(order_seeds, epoch, len(data.train), subset).to(setup.device)
         t0 = time.perf_counter()
-        train_step(pop, setup.backend, data, orders[:, i * bsz:(i + 1) * bsz], config.lr_at(step, total, spe),
-                   config, setup.chunk, step + 1)
+        step_fn(orders[:, i * bsz:(i + 1) * bsz], config.lr_at(step, total, spe), step + 1)
         _sync(setup.device)
         train_s += time.perf_counter() - t0
         done = step + 1
@@ -227,6 +227,16 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
     steps = total - start
     return {"wall_s": time.perf_counter() - t_start, "train_s": train_s, "eval_s": eval_s,
             "net_images_per_s": pop.p * bsz * steps / max(train_s, 1e-9), "steps_this_session": steps}
+
+
+def _step_function(setup: Setup, pop: Population, batch_shape):
+    """(idx, lr, step) -> losses: a replayed CUDA graph on CUDA with the triton backend, else eager."""
+    if setup.device.type == "cuda" and setup.backend.NAME == "triton" and setup.config.cuda_graphs:
+        from .graphs import GraphedStep
+
+        return GraphedStep(pop, setup.backend, setup.data, setup.config, setup.chunk, batch_shape)
+    return lambda idx, lr, step: train_step(pop, setup.backend, setup.data, idx, lr, setup.config, setup.chunk,
+                                            step)
 
 
 def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: int) -> float:

@@ -1,0 +1,176 @@
+"""One prepared GPU check (bench/gpu_check.sh runs it): kernels against the torch reference at real shapes, then a
+full training step timed for every provider, with ceilings measured in the same run.
+
+    python bench/gpu_check.py            # on a CUDA GPU: checks P = 1000 (digits and 3x32x32), then timings
+    python bench/gpu_check.py --small    # tiny shapes, checks only: runs on the CPU under TRITON_INTERPRET=1 (CI)
+
+Providers: fastpop-triton (CUDA graph and eager), fastpop-torch (the reference: im2col + batched GEMM),
+torch.func vmap (cuDNN grouped convolution), a loop over nn.Modules (P = 100 only). Targets (issue 7): >= 10x
+vmap and >= 5M net-images/s for small-cnn on 3x32x32 at P = 1000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from fastpop.archs import build_arch
+from fastpop.benchmark import _loop_step, _vmap_step
+from fastpop.config import Config
+from fastpop.data import Dataset, Split, channel_stats
+from fastpop.data.orders import epoch_orders
+from fastpop.ops import reference, triton as triton_ops
+from fastpop.population import Population, loss as population_loss
+from fastpop.trainer import train_step
+
+
+def synthetic(shape, n, classes, device) -> Dataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    mean, std = channel_stats(x)
+    return Dataset("synthetic", Split(x, y), Split(x[:256], y[:256]), list(range(classes)), mean, std).to(device)
+
+
+def check(data: Dataset, p: int, bsz: int, device) -> None:
+    """Loss and every gradient of one population step, triton against reference, and the eval bits."""
+    arch = build_arch("small-cnn", data.in_shape, data.classes)
+    pop = Population(arch, list(range(p)), device)
+    idx = epoch_orders(list(range(p)), 0, len(data.train))[:, :bsz].to(device)
+    grads = {}
+    for name, backend in (("torch", reference), ("triton", triton_ops)):
+        pop.grads.zero_()
+        loss = population_loss(arch, backend, pop.leaves(0, p), data.train.x, idx, data.train.y[idx], data.mean,
+                               data.std)
+        loss.sum().backward()
+        grads[name] = (loss.detach().clone(), pop.grads.clone())
+    (lr_, gr), (lt, gt) = grads["torch"], grads["triton"]
+    torch.testing.assert_close(lt, lr_, rtol=1e-4, atol=1e-5, msg=f"loss, P={p} {data.in_shape}")
+    for (name, shape), want, got in zip(arch.param_shapes(), pop.views(gr), pop.views(gt)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=f"gradient of {name}")
+    from fastpop.recorder import evaluate
+
+    bits = {name: evaluate(arch, backend, pop, data.test, data.mean, data.std)[0]
+            for name, backend in (("torch", reference), ("triton", triton_ops))}
+    agree = (bits["torch"] == bits["triton"]).float().mean().item()
+    assert agree > 0.999, f"eval bits agree on {agree:.5f} of bytes"
+    print(f"ok: P={p} B={bsz} input {data.in_shape}: loss, {len(arch.param_shapes())} gradients, eval bits")
+
+
+def check_graph(data: Dataset, p: int, bsz: int, device) -> None:
+    """Five steps replayed from a CUDA graph equal five eager steps."""
+    from fastpop.graphs import GraphedStep
+
+    arch = build_arch("small-cnn", data.in_shape, data.classes)
+    config = Config(seeds=p, batch_size=bsz)
+    pops = [Population(arch, list(range(p)), device) for _ in range(2)]
+    graphed = GraphedStep(pops[1], triton_ops, data, config, p, (p, bsz))
+    orders = epoch_orders(list(range(p)), 0, len(data.train)).to(device)
+    for s in range(5):
+        idx = orders[:, s * bsz:(s + 1) * bsz]
+        eager = train_step(pops[0], triton_ops, data, idx, 0.05, config, p, s + 1)
+        replay = graphed(idx, 0.05, s + 1)
+        torch.testing.assert_close(replay, eager, msg=f"graph loss at step {s}")
+    torch.testing.assert_close(pops[1].params, pops[0].params, msg="graph parameters after 5 steps")
+    print(f"ok: CUDA graph == eager over 5 steps, P={p}")
+
+
+def ceilings(device) -> dict:
+    n = 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = {}
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        out["tf32" if tf32 else "fp32"] = 2 * n**3 / _time(lambda: a @ b) / 1e12
+    torch.backends.cuda.matmul.allow_tf32 = False
+    big = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(big)
+    out["copy_TBps"] = 2 * big.numel() / _time(lambda: dst.copy_(big)) / 1e12
+    return out
+
+
+def _time(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps / 1e3
+
+
+def timings(data: Dataset, p: int, bsz: int, device, ceil: dict) -> None:
+    from fastpop.graphs import GraphedStep
+
+    arch = build_arch("small-cnn", data.in_shape, data.classes)
+    config = Config(seeds=p, batch_size=bsz)
+    seeds = list(range(p))
+    idx = epoch_orders(seeds, 0, len(data.train))[:, :bsz].to(device)
+    x_all = ((data.train.x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1))
+    providers = {}
+    pop_g = Population(arch, seeds, device)
+    graphed = GraphedStep(pop_g, triton_ops, data, config, p, (p, bsz))
+    providers["fastpop-triton (graph)"] = lambda: graphed(idx, 0.05, 1)
+    pop_t = Population(arch, seeds, device)
+    providers["fastpop-triton (eager)"] = lambda: train_step(pop_t, triton_ops, data, idx, 0.05, config, p, 1)
+    pop_r = Population(arch, seeds, device)
+    providers["fastpop-torch"] = lambda: train_step(pop_r, reference, data, idx, 0.05, config, p, 1)
+    vmap_step = _vmap_step(arch, seeds, x_all, data.train.y)
+    providers["torch.func vmap"] = lambda: vmap_step(idx)
+    if p <= 100:
+        modules_step = _loop_step(arch, seeds, x_all, data.train.y)
+        providers["module loop"] = lambda: modules_step(idx)
+    flops = 3 * arch.flops_per_example() * p * bsz
+    rates = {}
+    for name, fn in providers.items():
+        try:
+            dt = _time(fn, reps=10)
+        except Exception as e:  # report and go on: one provider's failure must not hide the others
+            print(f"{name}: failed ({type(e).__name__}: {e})")
+            continue
+        rates[name] = p * bsz / dt
+        print(f"{name:24s} P={p:5d} {data.in_shape}: {rates[name]:14,.0f} net-images/s  "
+              f"{flops / dt / 1e12:6.2f} TFLOP/s ({100 * flops / dt / 1e12 / ceil['fp32']:.1f}% of fp32 matmul)")
+    if "fastpop-triton (graph)" in rates:
+        for name, r in rates.items():
+            print(f"  fastpop-triton (graph) / {name}: {rates['fastpop-triton (graph)'] / r:.2f}x")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="tiny shapes, correctness only (CPU interpreter)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import triton
+
+    print(f"torch {torch.__version__}, triton {triton.__version__}, device "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}")
+    if args.small:
+        for shape in ((1, 8, 8), (3, 9, 9)):
+            check(synthetic(shape, 64, 10, device), 3, 8, device)
+        return 0
+    if device.type != "cuda":
+        print("no CUDA device: run with --small for the interpreter checks")
+        return 2
+    digits, cifar = synthetic((1, 8, 8), 2048, 10, device), synthetic((3, 32, 32), 4096, 10, device)
+    for data in (digits, cifar):
+        check(data, 1000, 32, device)
+    check_graph(cifar, 64, 32, device)
+    ceil = ceilings(device)
+    print(f"ceilings: fp32 matmul {ceil['fp32']:.1f} TFLOP/s, tf32 {ceil['tf32']:.1f} TFLOP/s, "
+          f"device copy {ceil['copy_TBps']:.2f} TB/s")
+    for data in (cifar, digits):
+        for p in (100, 1000):
+            timings(data, p, 32, device, ceil)
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Triton kernels against the torch reference, under TRITON_INTERPRET=1 on the CPU (tests/conftest.py) or on a
+GPU. Tiny, odd shapes; outputs filled with NaN before each launch so an unwritten element fails; one random
+grad_output per comparison; fp32 tolerance."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastpop.kernels import conv as K, head as H, optim as O
+from fastpop.ops import reference as R
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get(
+    "TRITON_INTERPRET") != "1", reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRET = not torch.cuda.is_available()
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def poison(fn):
+    """Make every torch.empty in the kernel launchers NaN-filled (int dtypes: filled with a sentinel)."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 77)
+
+    torch.empty = empty
+    try:
+        return fn()
+    finally:
+        torch.empty = real
+
+
+def reference_block(x, w, b, pool):
+    """The torch reference of one block, and its gradients under grad_output g."""
+    return R.conv_block(x, w, b, pool)
+
+
+@pytest.mark.parametrize("p, bsz, cin, cout, hw, pool, gather", [
+    (1, 3, 5, 7, 7, True, False), (3, 3, 5, 6, 7, False, False), (3, 2, 1, 5, 7, True, True),
+    (1, 3, 3, 4, 6, False, True), (2, 5, 2, 3, 5, True, False)])
+def test_conv_block_forward_and_every_gradient(p, bsz, cin, cout, hw, pool, gather):
+    gen = torch.Generator().manual_seed(p * 100 + cin)
+    w = torch.randn(p, cout, cin, 3, 3, generator=gen).to(DEV)
+    b = torch.randn(p, cout, generator=gen).to(DEV) * 0.1
+    if gather:
+        data = torch.randint(0, 17, (11, cin, hw, hw), generator=gen, dtype=torch.uint8).to(DEV)
+        idx = torch.randint(0, 11, (p, bsz), generator=gen).to(DEV)
+        mean, std = torch.rand(cin, generator=gen).to(DEV) * 8, torch.rand(cin, generator=gen).to(DEV) + 2
+        x = R.gather_images(data, idx, mean, std, flat=False)
+    else:
+        x = torch.randn(p, bsz, hw, hw, cin, generator=gen).to(DEV)
+        data, idx, mean, std = x, None, None, None
+    # reference
+    xr, wr, br = x.clone().requires_grad_(not gather), w.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = R.conv_block(xr, wr, br, pool)
+    g = torch.randn(ref.shape, generator=gen).to(DEV)
+    ref.backward(g)
+    # kernels
+    out, arg = poison(lambda: K.conv_fwd(data, idx, mean, std, w, b, pool, gather, INTERPRET))
+    torch.testing.assert_close(out, ref.detach(), **TOL, msg="forward output")
+    dx, dw, db = poison(lambda: K.conv_bwd(data, idx, mean, std, w, out, arg, g, pool, gather, not gather,
+                                           INTERPRET, splits=2))
+    torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient")
+    torch.testing.assert_close(db, br.grad, **TOL, msg="bias gradient")
+    if not gather:
+        torch.testing.assert_close(dx, xr.grad, **TOL, msg="input gradient")
+
+
+def test_pool_and_relu_ties_route_like_the_reference():
+    """Equal values in a pool window (and zeros after ReLU) send the gradient where nn.MaxPool2d sends it."""
+    p, bsz, c = 2, 2, 16
+    x = torch.zeros(p, bsz, 4, 4, c, device=DEV)
+    w = torch.zeros(p, c, c, 3, 3, device=DEV)
+    w[:, :, :, 1, 1] = torch.eye(c, device=DEV)  # identity conv: output = relu(x + b)
+    b = torch.zeros(p, c, device=DEV)
+    x[..., :8] = 1.0  # whole windows of ties; channels 8+ are all zero (ReLU ties at 0)
+    xr, wr, br = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = R.conv_block(xr, wr, br, True)
+    g = torch.randn(ref.shape, device=DEV)
+    ref.backward(g)
+    out, arg = K.conv_fwd(x, None, None, None, w, b, True, False, INTERPRET)
+    dx, dw, db = K.conv_bwd(x, None, None, None, w, out, arg, g, True, False, True, INTERPRET)
+    torch.testing.assert_close(out, ref.detach(), msg="pooled output")
+    torch.testing.assert_close(dx, xr.grad, **TOL, msg="input gradient with ties")
+    torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient with ties")
+
+
+@pytest.mark.parametrize("p, bsz, c, hw, k", [(1, 3, 5, 3, 7), (3, 13, 6, 2, 10)])
+def test_head_loss_gradients_and_bits(p, bsz, c, hw, k):
+    gen = torch.Generator().manual_seed(bsz)
+    h = torch.randn(p, bsz, hw, hw, c, generator=gen).to(DEV)
+    w = torch.randn(p, k, c, generator=gen).to(DEV)
+    b = torch.randn(p, k, generator=gen).to(DEV)
+    y = torch.randint(0, k, (p, bsz), generator=gen).to(DEV)
+    hr, wr, br = h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    logits = R.dense(R.global_avg_pool(hr), wr, br, False)
+    ref = torch.stack([F.cross_entropy(logits[i], y[i]) for i in range(p)])
+    dloss = torch.randn(p, generator=gen).to(DEV)
+    ref.backward(dloss)
+    loss, g, saved = poison(lambda: H.head_fwd(h, w, b, y, INTERPRET))
+    torch.testing.assert_close(loss, ref.detach(), **TOL, msg="loss")
+    dh, dw, db = poison(lambda: H.head_bwd(g, saved, y, w, dloss, h.shape, INTERPRET))
+    torch.testing.assert_close(dh, hr.grad, **TOL, msg="feature gradient")
+    torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient")
+    torch.testing.assert_close(db, br.grad, **TOL, msg="bias gradient")
+    # evaluation: bits written at a word offset of a wider row, against np.packbits
+    y_eval = y.clone()
+    y_eval[:, 0] = -1  # a class the network never saw: wrong, and out of the loss
+    bits = torch.full((p, 16), 0xAB, dtype=torch.uint8, device=DEV)
+    summed, pred = poison(lambda: H.head_fwd(h, w, b, y_eval, INTERPRET, bits=bits, bit_offset=64))
+    right = (logits.argmax(-1) == y_eval).cpu().numpy()
+    want = np.packbits(right, axis=-1, bitorder="little")
+    np.testing.assert_array_equal(bits[:, 8:8 + want.shape[1]].cpu().numpy(), want)
+    assert (bits[:, :8] == 0xAB).all(), "bytes before the offset are untouched"
+    torch.testing.assert_close(pred, logits.argmax(-1))
+    ce = F.cross_entropy(logits.reshape(-1, k), y_eval.reshape(-1).clamp_min(0), reduction="none").view(p, bsz)
+    torch.testing.assert_close(summed, torch.where(y_eval >= 0, ce, 0.0).sum(1).detach(), **TOL)
+
+
+@pytest.mark.parametrize("frozen_net", [None, 1])
+def test_sgd_step_matches_torch_optim(frozen_net):
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(n, generator=gen).to(DEV) for n in (7, 7, 7)]  # three "networks" of 7 numbers
+    grads = [torch.randn(7, generator=gen).to(DEV) for _ in range(3)]
+    flat, gflat, mom = torch.cat(params), torch.cat(grads), torch.zeros(21, device=DEV)
+    ref = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    frozen = None
+    if frozen_net is not None:
+        frozen = torch.zeros(21, dtype=torch.bool, device=DEV)
+        frozen[7 * frozen_net:7 * frozen_net + 7] = True
+    for _ in range(3):
+        for r, g in zip(ref, grads):
+            r.grad = g.clone()
+        opt.step()
+        O.sgd(flat, gflat.clone(), mom, 0.1, 0.9, 1e-2, frozen, INTERPRET)
+    want = torch.cat([r.detach() for r in ref])
+    if frozen_net is not None:
+        want[7 * frozen_net:7 * frozen_net + 7] = params[frozen_net]
+    torch.testing.assert_close(flat, want, **TOL, msg="parameters after 3 steps")
+
+
+def test_three_step_population_triton_vs_torch(tmp_path):
+    """A whole population trained 3 steps through the kernels and through the reference: loss at every step,
+    then the recorded bits."""
+    import fastpop
+    from fastpop import trainer
+
+    losses = {}
+    for backend in ("torch", "triton"):
+        seen = []
+        real = trainer.train_step
+
+        def spy(*args, **kwargs):
+            out = real(*args, **kwargs)
+            seen.append(out.clone())
+            return out
+
+        trainer.train_step = spy
+        try:
+            run = fastpop.train(fastpop.Config(arch="small-cnn", seeds=[3, 8], epochs=1, batch_size=448,
+                                               backend=backend, out=str(tmp_path / backend)))
+        finally:
+            trainer.train_step = real
+        losses[backend] = (torch.stack(seen), run)
+    (lt, rt), (lk, rk) = losses["torch"], losses["triton"]
+    assert lt.shape == (3, 2)
+    torch.testing.assert_close(lk, lt, rtol=1e-4, atol=1e-5, msg="loss at every step")
+    agree = (rt.correct("test") == rk.correct("test")).mean()
+    assert agree > 0.99, f"recorded bits agree on {agree:.4f} of test examples"
+    assert rk.manifest["backend"] == "triton"
+
+
+def test_gpu_check_script_cpu_part():
+    """bench/gpu_check.sh --small: the prepared GPU check's correctness part, at tiny shapes."""
+    import subprocess
+
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--small"], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OUT": str(__import__("tempfile").mkdtemp())})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("ok: P=3") == 2
