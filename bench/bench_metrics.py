@@ -14,7 +14,7 @@ import numpy as np
 from fastpop import metrics as M
 
 
-def best(f, reps=3):
+def best(f, reps=5):
     f()  # compile / warm
     times = []
     for _ in range(reps):

@@ -181,3 +181,26 @@ def test_gpu_check_script_cpu_part():
                           env={**__import__("os").environ, "OUT": str(__import__("tempfile").mkdtemp())})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("ok: P=3") == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (not part of the CPU proof)")
+def test_cuda_graph_step_equals_eager():
+    from fastpop.archs import build_arch
+    from fastpop.config import Config
+    from fastpop.data import load_dataset
+    from fastpop.data.orders import epoch_orders
+    from fastpop.graphs import GraphedStep
+    from fastpop.ops import triton as T
+    from fastpop.population import Population
+    from fastpop.trainer import train_step
+
+    data = load_dataset(Config(), DEV)
+    arch = build_arch("small-cnn", data.in_shape, data.classes)
+    config = Config(seeds=8, batch_size=32)
+    eager, graphed = (Population(arch, list(range(8)), DEV) for _ in range(2))
+    step = GraphedStep(graphed, T, data, config, 8, (8, 32))
+    orders = epoch_orders(list(range(8)), 0, len(data.train)).to(DEV)
+    for s in range(4):
+        idx = orders[:, s * 32:(s + 1) * 32]
+        torch.testing.assert_close(step(idx, 0.05, s + 1), train_step(eager, T, data, idx, 0.05, config, 8, s + 1))
+    torch.testing.assert_close(graphed.params, eager.params)

@@ -111,14 +111,6 @@ def _fused_head(arch: Arch, rest: list) -> bool:
     return bool(arch.convs) and len(rest) == 2
 
 
-def forward(arch: Arch, backend, params: list[torch.Tensor], images: torch.Tensor, idx: torch.Tensor,
-            mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Logits [P, B, K] of the networks whose per-layer parameters [P, ...] are `params`; idx int64 [P, B] picks
-    each network's batch from `images` [N, C, H, W]."""
-    h, rest = _features(arch, backend, params, images, idx, mean, std)
-    return _dense_stack(arch, backend, h, rest)
-
-
 def loss(arch: Arch, backend, params, images, idx, y, mean, std) -> torch.Tensor:
     """Each network's mean cross-entropy [P] on its batch idx [P, B] with labels y [P, B]."""
     h, rest = _features(arch, backend, params, images, idx, mean, std)

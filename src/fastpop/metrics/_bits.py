@@ -38,17 +38,40 @@ def swar_add(acc, row):
             acc[k, w] += (row[w] >> shift) & LANES
 
 
+_M32 = np.uint64(0x00000000FFFFFFFF)
+_M16 = np.uint64(0x0000FFFF0000FFFF)
+_M8 = np.uint64(0x00FF00FF00FF00FF)
+
+
+@njit(inline="always")
+def _swap(r, i, j, shift, mask):
+    t = ((r[i] >> shift) ^ r[j]) & mask
+    r[j] ^= t
+    r[i] ^= t << shift
+
+
 @njit(inline="always")
 def swar_flush(acc, out, n):
-    """Add the byte counters into out[N] (int32) and zero them. Viewed as bytes, acc8[k, m] counts example
-    8m + k (little-endian words), so the flush is a transpose-add of an [8, 8W] byte matrix."""
-    acc8 = acc.view(np.uint8)
-    full = n // 8
-    for m in range(full):
+    """Add the byte counters into out[N] (int32) and zero them. acc[k, w] byte j counts example 64w + 8j + k;
+    an 8x8 byte transpose (three rounds of masked swaps) turns the 8 words of w into words whose bytes count
+    consecutive examples, so the widening add into out is one contiguous, vectorizable pass."""
+    w_ = acc.shape[1]
+    ordered = np.empty(w_ * 8, np.uint64)
+    r = np.empty(8, np.uint64)
+    for w in range(w_):
         for k in range(8):
-            out[8 * m + k] += acc8[k, m]
-    for k in range(n - 8 * full):
-        out[8 * full + k] += acc8[k, full]
+            r[k] = acc[k, w]
+        for i in range(4):
+            _swap(r, i, i + 4, np.uint64(32), _M32)
+        for i in (0, 1, 4, 5):
+            _swap(r, i, i + 2, np.uint64(16), _M16)
+        for i in (0, 2, 4, 6):
+            _swap(r, i, i + 1, np.uint64(8), _M8)
+        for j in range(8):
+            ordered[w * 8 + j] = r[j]
+    counts = ordered.view(np.uint8)
+    for i in range(n):
+        out[i] += counts[i]
     acc[:] = 0
 
 

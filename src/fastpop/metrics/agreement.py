@@ -7,7 +7,7 @@ import numpy as np
 from scipy.stats import binom
 
 from ..errors import UsageError
-from .kernels import _both_correct_kernel, _poisson_binomial_kernel, _tpa_counts_kernel
+from .kernels import _both_correct_kernel, _poisson_binomial_kernel, _right_counts_kernel, _tpa_counts_kernel
 from .record import words_of
 
 
@@ -20,7 +20,7 @@ def tpa_counts(src, n: int | None = None, split: str = "test") -> np.ndarray:
 def accuracy(src, n: int | None = None, split: str = "test") -> np.ndarray:
     """float64 [T, P]: each network's accuracy at each checkpoint (a popcount of its row)."""
     words, n = words_of(src, n, split)
-    return np.bitwise_count(words).sum(-1) / n
+    return _right_counts_kernel(words) / n
 
 
 def binomial_pmf(p: int, mean_accuracy: float) -> np.ndarray:

@@ -7,34 +7,41 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ..errors import UsageError
-from .kernels import _forgetting_kernel, _learned_at_kernel, _speed_counts_kernel
+from .kernels import _forgetting_kernel, _learned_at_kernel, _speed_counts_kernel, counts_out
 from .record import words_of
 
 
 def speed_counts(src, n: int | None = None, split: str = "test") -> np.ndarray:
-    """int32 [P, N]: at how many checkpoints network p is right on example n. Speed s = counts / T."""
+    """[P, N] (uint16; int32 from T = 65,536 on): at how many checkpoints network p is right on example n.
+    Speed s = counts / T."""
     words, n = words_of(src, n, split)
-    return _speed_counts_kernel(words, n)
+    return _speed_counts_kernel(words, counts_out(words.shape[1], n, words.shape[0]))
 
 
 def accessibility(src, n: int | None = None, split: str = "test") -> np.ndarray:
     """float64 [N]: mean over checkpoints and networks of correctness: how early and widely an example is learned."""
     words, n = words_of(src, n, split)
     t, p = words.shape[:2]
-    return _speed_counts_kernel(words, n).sum(0) / (t * p)
+    return speed_counts(words.view(np.uint8), n).sum(0, dtype=np.int64) / (t * p)
 
 
 def learned_at(src, n: int | None = None, split: str = "test") -> np.ndarray:
-    """int32 [P, N]: first checkpoint from which network p stays right on example n; T when it never does."""
+    """[P, N] (uint16; int32 from T = 65,536 on): first checkpoint from which network p stays right on example n;
+    T when it never does."""
     words, n = words_of(src, n, split)
-    return _learned_at_kernel(words, n)
+    return _learned_at_kernel(words, counts_out(words.shape[1], n, words.shape[0]))
 
 
 def forgetting(src, n: int | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """(int32 [P, N] forgetting events, bool [P, N] never learned). An event is right at checkpoint t-1 and wrong
-    at t; an example a network never gets right has zero events and is flagged in the second array instead."""
+    """([P, N] forgetting events (uint16; int32 from T = 65,536 on), bool [P, N] never learned). An event is right
+    at checkpoint t-1 and wrong at t; an example a network never gets right has zero events and is flagged in the
+    second array instead."""
     words, n = words_of(src, n, split)
-    return _forgetting_kernel(words, n)
+    events = counts_out(words.shape[1], n, words.shape[0])
+    never = np.empty(events.shape, np.bool_)
+    never.fill(False)
+    _forgetting_kernel(words, events, never)
+    return events, never
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
