@@ -88,8 +88,10 @@ def _forgetting_kernel(words, events, never):
             if t % FLUSH == FLUSH - 1:
                 swar_flush(acc, events[p], n)
         swar_flush(acc, events[p], n)
-        for j in range(n):
-            never[p, j] = ((seen[j // 64] >> np.uint64(j % 64)) & _ONE) == 0
+        for w in range(w_):
+            base, word = w * 64, seen[w]
+            for b in range(min(64, n - base)):
+                never[p, base + b] = ((word >> np.uint64(b)) & _ONE) == 0
     return events, never
 
 
