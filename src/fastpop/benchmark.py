@@ -8,6 +8,7 @@ achieved FLOP/s (3x the forward FLOPs) as a fraction of an sgemm ceiling measure
 from __future__ import annotations
 
 import copy
+import resource
 import time
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from .data import load_dataset
 from .data.orders import epoch_orders
 from .ops import reference
 from .population import Population, init_network
-from .trainer import train_step
+from .trainer import chunk_size, train_step
 
 WARMUP = 2
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
@@ -33,6 +34,7 @@ class Row:
     net_images_per_s: float
     gflops: float
     ceiling_gflops: float
+    peak_rss_gib: float  # the process's peak resident memory after this provider ran (a running maximum)
 
 
 def sgemm_ceiling(n: int = 2048, reps: int = 10) -> float:
@@ -78,21 +80,24 @@ def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", bat
         orders = epoch_orders(seeds, 0, len(data.train))
         n_batches = min(WARMUP + steps, len(data.train) // batch_size)
         batches = [orders[:, i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
-        providers = {"fastpop-torch": _fastpop_step(arch, data, seeds, batch_size),
-                     "torch.func vmap": _vmap_step(arch, seeds, x_all, data.train.y)}
+        providers = {"fastpop-torch": lambda: _fastpop_step(arch, data, seeds, batch_size),
+                     "torch.func vmap": lambda: _vmap_step(arch, seeds, x_all, data.train.y)}
         if p <= loop_max_nets:
-            providers["module loop"] = _loop_step(arch, seeds, x_all, data.train.y)
-        for name, step in providers.items():
-            dt = _time(step, batches)
+            providers["module loop"] = lambda: _loop_step(arch, seeds, x_all, data.train.y)
+        for name, make in providers.items():
+            dt = _time(make(), batches)
             rate = p * batch_size / dt
-            rows.append(Row(name, p, rate, 3 * arch.flops_per_example() * rate / 1e9, ceiling))
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            rows.append(Row(name, p, rate, 3 * arch.flops_per_example() * rate / 1e9, ceiling, rss))
     return rows
 
 
 def _fastpop_step(arch, data, seeds, batch_size):
+    """The trainer's own step, with its default (auto) network chunks."""
     config = Config(seeds=len(seeds), batch_size=batch_size, lr=LR, momentum=MOMENTUM, weight_decay=WD)
     pop = Population(arch, seeds, torch.device("cpu"))
-    return lambda idx: train_step(pop, reference, data, idx, LR, config)
+    chunk = chunk_size(config.max_nets_per_chunk, arch, batch_size, len(seeds), torch.device("cpu"))
+    return lambda idx: train_step(pop, reference, data, idx, LR, config, chunk)
 
 
 def _vmap_step(arch, seeds, x_all, y_all):
@@ -140,10 +145,11 @@ def print_table(rows: list[Row], batch_size: int) -> None:
 
     table = Table(title=f"training step, digits, B={batch_size}; sgemm ceiling {rows[0].ceiling_gflops:.0f} GFLOP/s"
                   if rows else "no rows")
-    for col in ("provider", "P", "net-images/s", "GFLOP/s", "% ceiling", "fastpop speed-up"):
+    for col in ("provider", "P", "net-images/s", "GFLOP/s", "% ceiling", "fastpop speed-up", "peak RSS GiB"):
         table.add_column(col, justify="left" if col == "provider" else "right")
     ours = {r.p: r.net_images_per_s for r in rows if r.provider == "fastpop-torch"}
     for r in rows:
         table.add_row(r.provider, str(r.p), f"{r.net_images_per_s:,.0f}", f"{r.gflops:.1f}",
-                      f"{100 * r.gflops / r.ceiling_gflops:.1f}", f"{ours[r.p] / r.net_images_per_s:.2f}x")
+                      f"{100 * r.gflops / r.ceiling_gflops:.1f}", f"{ours[r.p] / r.net_images_per_s:.2f}x",
+                      f"{r.peak_rss_gib:.2f}")
     Console().print(table)
