@@ -216,3 +216,20 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint(tmp_path, reference_ru
     assert main(["verify", str(out)]) == 0
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     assert_same_run(reference_run, fastpop.load_run(out))
+
+
+def test_out_of_memory_suggests_smaller_chunks_and_resumes(tmp_path, reference_run, monkeypatch, capsys):
+    real = trainer.population_loss
+
+    def hungry(arch, backend, params, *args):
+        if params[0].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(arch, backend, params, *args)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer, "population_loss", hungry)
+    assert main(["run", *RUN_ARGS, "--max-nets-per-chunk", "4", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory" in err and f"--resume {out} --max-nets-per-chunk 1" in err and err.count("\n") == 1
+    assert main(["run", "--resume", str(out), "--max-nets-per-chunk", "2", "--quiet"]) == 0
+    assert_same_run(reference_run, fastpop.load_run(out))

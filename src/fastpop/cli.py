@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import ResourceError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastpop: interrupted", file=sys.stderr)
         return 130
+    except ResourceError as e:
+        print(f"fastpop: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # the machine, not the input: a full disk, a vanished directory
         print(f"fastpop: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; "
               "a run directory keeps its last complete checkpoint (fastpop run --resume RUN)", file=sys.stderr)
@@ -160,8 +163,9 @@ def _run(args) -> int:
 
     overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in [*RUN_FLAGS, "record-predictions", "cuda-graphs"]}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.resume and (overrides or args.config):
-        raise UsageError("--resume takes no other options: the run directory holds its config")
+    if args.resume and (set(overrides) - {"max_nets_per_chunk"} or args.config):
+        raise UsageError("--resume takes no other options but --max-nets-per-chunk: the run directory holds its "
+                         "config")
     config = None
     if not args.resume:
         if "seed_offset" in overrides and isinstance(overrides.get("seeds"), list):
@@ -175,7 +179,7 @@ def _run(args) -> int:
             if torchrun_world():
                 run = run_torchrun(config, Path(args.resume) if args.resume else None, bar.update, lambda: bool(stop))
             elif args.resume:
-                run = resume(args.resume, bar.update, lambda: bool(stop))
+                run = resume(args.resume, bar.update, lambda: bool(stop), overrides.get("max_nets_per_chunk"))
             else:
                 run = train(config, bar.update, lambda: bool(stop))
     except Interrupted as e:

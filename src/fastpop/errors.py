@@ -3,3 +3,7 @@
 
 class UsageError(ValueError):
     """Bad input from the user: a config value, a path, a data file, a run directory."""
+
+
+class ResourceError(RuntimeError):
+    """The machine ran out of something (memory) mid-run; the CLI prints one line and exits 1."""

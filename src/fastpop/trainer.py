@@ -25,7 +25,7 @@ from .archs import Arch, build_arch
 from .config import Config
 from .data import Dataset, load_dataset
 from .data.orders import epoch_orders, subsets
-from .errors import UsageError
+from .errors import ResourceError, UsageError
 from .ops import get_backend, resolve_device
 from .population import Population, loss as population_loss
 from .recorder import evaluate, pack_bits, record
@@ -156,11 +156,14 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
 
 
 def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
-           should_stop: Callable[[], bool] | None = None) -> Run:
-    """Continue a run directory from its last saved state (from the start if it has none)."""
+           should_stop: Callable[[], bool] | None = None, max_nets_per_chunk: int | str | None = None) -> Run:
+    """Continue a run directory from its last saved state (from the start if it has none). The chunk size may
+    change: chunks never change results."""
     run = Run(path)
     if run.status == "complete":
         raise UsageError(f"{run.path} is already complete")
+    if max_nets_per_chunk is not None:
+        run.config = Config.from_dict(dict(run.config.to_dict(), max_nets_per_chunk=max_nets_per_chunk))
     setup = prepare(run.config, out=run.path)
     for split in SPLITS:
         if run.manifest["splits"][split].get("labels_sha256") != _labels_sha(setup.data, split):
@@ -187,11 +190,24 @@ def _run(setup: Setup, pop: Population, writer: RunWriter, start: int, progress,
     except Interrupted:
         writer.close("interrupted")
         raise
-    except BaseException:
-        writer.close("failed")
+    except BaseException as e:
+        try:
+            writer.close("failed")
+        except OSError:  # the disk that failed may fail again: keep the original error
+            pass
+        if _out_of_memory(e):
+            smaller = max(1, setup.chunk // 4)
+            raise ResourceError(f"out of memory training {setup.chunk} networks at a time; the last checkpoint "
+                                f"is saved: fastpop run --resume {setup.out} --max-nets-per-chunk {smaller}") from e
         raise
     writer.close("complete", timings=timings)
     return Run(setup.out)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))
 
 
 def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress, should_stop) -> dict:
