@@ -48,6 +48,17 @@ def _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, H, W, HO, WO, 
 
 
 @triton.jit
+def _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, H, W, HO, WO, COUT, POOL: tl.constexpr):
+    """_load_dpre for a block of conv-output pixels numbered rows = (b * H + h) * W + w; also returns b, h, w."""
+    b = rows // (H * W)
+    h = (rows % (H * W)) // W
+    w = rows % W
+    d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
+                   row_ok[:, None] & co_ok[None, :], B, H, W, HO, WO, COUT, POOL)
+    return d, b, h, w
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, H, W] with GATHER
                      idx_ptr,  # int64 [P, B] batch indices (GATHER)
                      mean_ptr, std_ptr,  # fp32 [CIN] normalization (GATHER)
@@ -152,12 +163,8 @@ def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the block's in
     db = tl.zeros((BLOCK_N,), tl.float32)
     for m0 in range(lo, hi_rows, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < hi_rows
-        b = rows // (H * W)
-        h = (rows % (H * W)) // W
-        w = rows % W
-        d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
-                       row_ok[:, None] & co_ok[None, :], B, H, W, HO, WO, COUT, POOL)
+        d, b, h, w = _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, rows < hi_rows, co, co_ok, B, H, W, HO, WO,
+                                COUT, POOL)
         db += tl.sum(d, axis=0)
     tl.store(db_ptr + base * COUT + co, db, mask=co_ok)
     for tap in tl.static_range(9):
@@ -167,11 +174,8 @@ def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the block's in
             for m0 in range(lo, hi_rows, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < hi_rows
-                b = rows // (H * W)
-                h = (rows % (H * W)) // W
-                w = rows % W
-                d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
-                               row_ok[:, None] & co_ok[None, :], B, H, W, HO, WO, COUT, POOL)
+                d, b, h, w = _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, H, W, HO, WO,
+                                        COUT, POOL)
                 hi = h + tap // 3 - 1
                 wi = w + tap % 3 - 1
                 pix_ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)

@@ -102,3 +102,24 @@ def test_damaged_run_directories(tmp_path_factory, capsys, base_run, damage, nam
     _expect_clean(code, capsys.readouterr().err)
     if code == 2:
         assert _snapshot(run) == before, "a refused command must not modify the run directory"
+
+
+ARRAY = st.one_of(
+    st.tuples(st.sampled_from([np.uint8, np.float32, np.float64, np.int16, np.bool_, np.int64]),
+              st.lists(st.integers(0, 9), min_size=0, max_size=4)).map(
+        lambda t: np.ones(t[1], dtype=t[0]) * 3),
+    st.just(np.array(["a", "b"])), st.just(np.full((4, 6, 6), np.nan, np.float32)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arrays=st.dictionaries(st.sampled_from(["x_train", "y_train", "x_test", "y_test", "extra"]), ARRAY,
+                              max_size=5))
+def test_npz_files(tmp_path_factory, capsys, arrays):
+    folder = tmp_path_factory.mktemp("npz")
+    np.savez(folder / "d.npz", **arrays)
+    out = folder / "run"
+    code = main(["run", "--dataset", f"npz:{folder / 'd.npz'}", "--seeds", "1", "--epochs", "1", "--batch-size", "1",
+                 "--out", str(out), "--quiet"])
+    _expect_clean(code, capsys.readouterr().err)
+    if code == 2:
+        assert not out.exists()

@@ -152,4 +152,4 @@ def print_table(rows: list[Row], batch_size: int) -> None:
         table.add_row(r.provider, str(r.p), f"{r.net_images_per_s:,.0f}", f"{r.gflops:.1f}",
                       f"{100 * r.gflops / r.ceiling_gflops:.1f}", f"{ours[r.p] / r.net_images_per_s:.2f}x",
                       f"{r.peak_rss_gib:.2f}")
-    Console().print(table)
+    Console(width=120).print(table)
