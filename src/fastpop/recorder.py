@@ -11,8 +11,11 @@ from .data import Split
 from .population import Population, score
 from .rundir import bytes_per_row
 
-# Activation floats per evaluation chunk (16 MiB of the largest layer). Same CPU, P = 1000 in chunks of 100
-# networks, the digits train split: 2^24 floats 134k net-images/s, 2^22 285k, 2^20 289k.
+# Evaluation runs EVAL_EXAMPLES examples at a time (fixed, so that each network's loss is summed over the same
+# partition of the split whatever P is: bit-identical alone or in company) for as many networks as keep the
+# largest activation near EVAL_FLOATS. Same CPU, small-cnn, P = 1000, digits train split: 64 examples x 100
+# networks 221k net-images/s, 256 x 50 243k, 256 x 25 220k, 512 x 100 149k; one chunk of 2^24 floats 115k.
+EVAL_EXAMPLES = 256
 EVAL_FLOATS = 1 << 22
 
 _BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
@@ -29,12 +32,6 @@ def pack_bits(correct: torch.Tensor) -> np.ndarray:
     return packed.to(torch.uint8).cpu().numpy()
 
 
-def eval_chunk(arch: Arch, p: int) -> int:
-    """Examples per evaluation chunk: a multiple of 64 (chunks start on whole words of the bit rows), sized so
-    that the largest activation of `p` networks stays near EVAL_FLOATS."""
-    return max(64, EVAL_FLOATS // (p * arch.activations_per_example()) // 64 * 64)
-
-
 @torch.no_grad()
 def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Tensor, std: torch.Tensor,
              chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,12 +45,11 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
     pred = torch.empty(p, n, dtype=torch.int64, device=device)
     loss = torch.zeros(p, dtype=torch.float64, device=device)
     params = pop.views(pop.params)
-    chunk = chunk or p
+    chunk = min(chunk or p, max(1, EVAL_FLOATS // (EVAL_EXAMPLES * arch.activations_per_example())))
     for plo in range(0, p, chunk):
         phi = min(p, plo + chunk)
-        step = eval_chunk(arch, phi - plo)
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
+        for lo in range(0, n, EVAL_EXAMPLES):
+            hi = min(n, lo + EVAL_EXAMPLES)
             idx = torch.arange(lo, hi, device=device).expand(phi - plo, -1).contiguous()  # the same examples
             summed, pred[plo:phi, lo:hi] = score(arch, backend, [v[plo:phi] for v in params], split.x, idx,
                                                  split.y[idx], mean, std, bits[plo:phi], lo)
