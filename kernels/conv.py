@@ -48,11 +48,15 @@ def _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, H, W, HO, WO, 
 
 
 @triton.jit
+def _pixel(rows, H, W):
+    """(b, h, w) of pixels numbered rows = (b * H + h) * W + w."""
+    return rows // (H * W), (rows % (H * W)) // W, rows % W
+
+
+@triton.jit
 def _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, H, W, HO, WO, COUT, POOL: tl.constexpr):
     """_load_dpre for a block of conv-output pixels numbered rows = (b * H + h) * W + w; also returns b, h, w."""
-    b = rows // (H * W)
-    h = (rows % (H * W)) // W
-    w = rows % W
+    b, h, w = _pixel(rows, H, W)
     d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
                    row_ok[:, None] & co_ok[None, :], B, H, W, HO, WO, COUT, POOL)
     return d, b, h, w
@@ -72,9 +76,7 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B * HO * WO
-    b = rows // (HO * WO)
-    ho = (rows % (HO * WO)) // WO
-    wo = rows % WO
+    b, ho, wo = _pixel(rows, HO, WO)
     co = tl.arange(0, BLOCK_N)
     co_ok = co < COUT
     bias = tl.load(b_ptr + p * COUT + co, mask=co_ok, other=0.0)
@@ -123,9 +125,7 @@ def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of th
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels
     row_ok = rows < B * H * W
-    b = rows // (H * W)
-    h = (rows % (H * W)) // W
-    w = rows % W
+    b, h, w = _pixel(rows, H, W)
     ci = tl.arange(0, BLOCK_N)
     ci_ok = ci < CIN
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
