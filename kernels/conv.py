@@ -18,15 +18,15 @@ import triton.language as tl
 @triton.jit
 def _load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b, hi, wi, ci, ok, B, H, W, CIN, GATHER: tl.constexpr):
     """x at (network p, example b, pixel hi/wi, channel ci) as fp32 [M, K]; 0 where not ok (zero padding)."""
-    if GATHER:
+    if GATHER:  # one return for both branches: the compiler types every return, constexpr or not
         n = tl.load(idx_ptr + p * B + b, mask=b < B, other=0)  # int64 example index
-        addr = x_ptr + n * (CIN * H * W) + ci * (H * W) + (hi * W + wi)
-        raw = tl.load(addr, mask=ok, other=0).to(tl.float32)
+        raw = tl.load(x_ptr + n * (CIN * H * W) + ci * (H * W) + (hi * W + wi), mask=ok, other=0).to(tl.float32)
         mean = tl.load(mean_ptr + ci, mask=ok, other=0.0)
         std = tl.load(std_ptr + ci, mask=ok, other=1.0)
-        return tl.where(ok, (raw - mean) / std, 0.0)
-    addr = x_ptr + (((p * B + b) * H + hi) * W + wi) * CIN + ci
-    return tl.load(addr, mask=ok, other=0.0)
+        val = tl.where(ok, (raw - mean) / std, 0.0)
+    else:
+        val = tl.load(x_ptr + (((p * B + b) * H + hi) * W + wi) * CIN + ci, mask=ok, other=0.0).to(tl.float32)
+    return val
 
 
 @triton.jit
@@ -40,11 +40,12 @@ def _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, H, W, HO, WO, 
         off = (((p * B + b) * HO + ho) * WO + wo) * COUT + co
         won = tl.load(arg_ptr + off, mask=ok, other=-1).to(tl.int32) == (h % 2) * 2 + (w % 2)
         alive = tl.load(out_ptr + off, mask=ok, other=0.0) > 0
-        g = tl.load(dout_ptr + off, mask=ok, other=0.0)
-        return tl.where(won & alive & ok, g, 0.0)
-    off = (((p * B + b) * H + h) * W + w) * COUT + co
-    alive = tl.load(out_ptr + off, mask=ok, other=0.0) > 0
-    return tl.where(alive & ok, tl.load(dout_ptr + off, mask=ok, other=0.0), 0.0)
+        g = tl.where(won & alive & ok, tl.load(dout_ptr + off, mask=ok, other=0.0), 0.0)
+    else:
+        off = (((p * B + b) * H + h) * W + w) * COUT + co
+        alive = tl.load(out_ptr + off, mask=ok, other=0.0) > 0
+        g = tl.where(alive & ok, tl.load(dout_ptr + off, mask=ok, other=0.0), 0.0)
+    return g
 
 
 @triton.jit
