@@ -21,3 +21,16 @@ def tiny(tmp_path):
         return fastpop.Config(**base)
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """Tests write only under their temporary folders: a run directory in the checkout fails the session (the
+    flag fuzz test once wrote `--out=<value>` folders here, and they were committed)."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    before = set(os.listdir(root))
+    yield
+    made = sorted(set(os.listdir(root)) - before - {".pytest_cache", ".hypothesis", ".benchmarks"})
+    assert not made, f"tests wrote into the checkout: {made}"
