@@ -32,11 +32,6 @@ def poison(fn):
         torch.empty = real
 
 
-def reference_block(x, w, b, pool):
-    """The torch reference of one block, and its gradients under grad_output g."""
-    return R.conv_block(x, w, b, pool)
-
-
 @pytest.mark.parametrize("p, bsz, cin, cout, hw, pool, gather", [
     (1, 3, 5, 7, 7, True, False), (3, 3, 5, 6, 7, False, False), (3, 2, 1, 5, 7, True, True),
     (1, 3, 3, 4, 6, False, True), (2, 5, 2, 3, 5, True, False)])

@@ -8,6 +8,7 @@ import torch
 
 from .archs import Arch
 from .data import Split
+from .ops.reference import pack_into
 from .population import Population, score
 from .rundir import bytes_per_row
 
@@ -18,18 +19,12 @@ from .rundir import bytes_per_row
 EVAL_EXAMPLES = 256
 EVAL_FLOATS = 1 << 22
 
-_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
-
-
 def pack_bits(correct: torch.Tensor) -> np.ndarray:
     """bool [P, N] -> uint8 [P, R], R = 8 * ceil(N / 64), little bit order, padding bits zero:
     the same bytes as np.packbits(c, axis=-1, bitorder="little") padded with zero bytes to R."""
-    p, n = correct.shape
-    r = bytes_per_row(n)
-    padded = torch.zeros(p, r * 8, dtype=torch.int32, device=correct.device)
-    padded[:, :n] = correct
-    packed = (padded.view(p, r, 8) * _BIT_WEIGHTS.to(correct.device)).sum(-1)
-    return packed.to(torch.uint8).cpu().numpy()
+    bits = torch.zeros(correct.shape[0], bytes_per_row(correct.shape[1]), dtype=torch.uint8, device=correct.device)
+    pack_into(bits, correct, 0)
+    return bits.cpu().numpy()
 
 
 @torch.no_grad()

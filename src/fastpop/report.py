@@ -40,7 +40,7 @@ def write_report(run: Run, split: str = "test") -> Path:
     folder.mkdir(exist_ok=True)
     p, n, t_done = result["P"], result["N"], result["T"]
     counts = np.rint(arrays["tpa"] * p).astype(np.int64)
-    acc = M.accuracy(run, split=split)
+    acc = accuracy[split]
     figures = []
 
     picks = sorted({0, t_done // 2, t_done - 1})

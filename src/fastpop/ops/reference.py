@@ -119,6 +119,17 @@ def head_score(h, w, b, y, bits, bit_offset):
     return score_logits(dense(global_avg_pool(h), w, b, False), y, bits, bit_offset)
 
 
+def pack_into(bits: torch.Tensor, right: torch.Tensor, bit_offset: int) -> None:
+    """Write bool [P, B] into bits uint8 [P, R] from bit `bit_offset` (a multiple of 8): bit i of byte j is
+    example 8j + i (little bit order, as np.packbits(bitorder="little")); a last partial byte is zero-padded."""
+    p, bsz = right.shape
+    padded = torch.zeros(p, -(-bsz // 8) * 8, dtype=torch.int32, device=right.device)
+    padded[:, :bsz] = right
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=right.device)
+    packed = (padded.view(p, -1, 8) * weights).sum(-1).to(torch.uint8)
+    bits[:, bit_offset // 8:bit_offset // 8 + packed.shape[1]] = packed
+
+
 @torch.no_grad()
 def score_logits(logits: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, bit_offset: int):
     """Evaluation: writes argmax == y (ties to the lowest class) as bits [P, R] (uint8, little bit order) from
@@ -126,13 +137,7 @@ def score_logits(logits: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, bit_
     predictions int64 [P, B]). y = -1 marks a class the network was not trained on: always wrong, no loss."""
     p, bsz, k = logits.shape
     pred = logits.argmax(-1)
-    right = (pred == y).to(torch.int32)
-    pad = -bsz % 8
-    if pad:
-        right = torch.cat([right, right.new_zeros(p, pad)], 1)
-    weights = 1 << torch.arange(8, dtype=torch.int32, device=logits.device)
-    packed = (right.view(p, -1, 8) * weights).sum(-1).to(torch.uint8)
-    bits[:, bit_offset // 8:bit_offset // 8 + packed.shape[1]] = packed
+    pack_into(bits, pred == y, bit_offset)
     ce = F.cross_entropy(logits.reshape(p * bsz, k), y.reshape(-1).clamp_min(0), reduction="none").view(p, bsz)
     return torch.where(y >= 0, ce, 0.0).sum(1), pred
 
