@@ -25,8 +25,8 @@ def test_analyze_writes_metrics_and_arrays(runs, capsys):
     out = capsys.readouterr().out
     assert "mass at TPA = 1" in out and "Fleiss kappa" in out and "split-half" in out
     meta = json.loads((run.path / "train.metrics.json").read_text())
-    t, n = len(run.checkpoints), run.n("train")
-    assert len(meta["per_checkpoint"]) == t and meta["P"] == 6
+    t = len(run.checkpoints)
+    assert len(meta["per_checkpoint"]) == t and meta["P"] == 6 and meta["N"] == run.n("train")
     tpa = np.load(run.path / "train.tpa.npy")
     c = np.stack([run.correct("train", i) for i in range(t)])  # [T, P, N], from numpy alone
     np.testing.assert_allclose(tpa, c.mean(1), rtol=1e-6)

@@ -8,17 +8,15 @@ Outputs in RUN/ (per split): {split}.metrics.json (per-checkpoint scalars and or
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from . import metrics as M
 from .errors import UsageError
 from .run import Run
-from .rundir import atomic_write
+from .rundir import atomic_write, write_npy
 
 KAPPA_MAX_NETS = 2000  # all-pairs kappa over at most this many networks (a fixed random subset above it)
 
@@ -70,7 +68,7 @@ def write_analysis(run: Run, result: dict) -> None:
     split = result["split"]
     for name, arr in result["arrays"].items():
         if name != "kappa":
-            _save_npy(run.path / f"{split}.{name}.npy", arr)
+            write_npy(run.path / f"{split}.{name}.npy", arr)
     summary = {k: v for k, v in result.items() if k != "arrays"}
     atomic_write(run.path / f"{split}.metrics.json", (json.dumps(summary, indent=1) + "\n").encode())
 
@@ -113,12 +111,6 @@ def _kappa_subset(p: int) -> np.ndarray | None:
 def _spread(values: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
             "max": float(values.max())}
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    atomic_write(path, buf.getvalue())
 
 
 def compare(run_a: Run, run_b: Run, split: str = "test", threshold: float = 0.5) -> dict:

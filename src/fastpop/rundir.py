@@ -51,6 +51,12 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
+def write_npy(path: Path, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write(path, buf.getvalue())
+
+
 def check_new_out(path: Path) -> None:
     """Refuse an --out that exists and is not empty, or that cannot be created; touches nothing."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -106,16 +112,18 @@ class RunWriter:
                 arr = self.arrays[split, kind]
                 arr[t] = row
                 arr.flush()
-                self.manifest.setdefault("checksums", {}).setdefault(f"{split}.{kind}", {})[str(t)] = row_checksum(
-                    arr[t])
+                self._checksum(split, kind, t)
 
     def adopt_rows(self, lo: int, hi: int) -> None:
         """Checksum rows lo..hi-1 that reached the disk (and the saved state) before a kill kept the manifest
         from counting them."""
-        for (split, kind), arr in self.arrays.items():
-            sums = self.manifest.setdefault("checksums", {}).setdefault(f"{split}.{kind}", {})
+        for split, kind in self.arrays:
             for t in range(lo, hi):
-                sums[str(t)] = row_checksum(arr[t])
+                self._checksum(split, kind, t)
+
+    def _checksum(self, split: str, kind: str, t: int) -> None:
+        sums = self.manifest.setdefault("checksums", {}).setdefault(f"{split}.{kind}", {})
+        sums[str(t)] = row_checksum(self.arrays[split, kind][t])
 
     def commit(self, checkpoints_done: int, **fields) -> None:
         self.manifest["checkpoints_done"] = checkpoints_done
@@ -128,9 +136,7 @@ class RunWriter:
         atomic_write(self.path / STATE, buf.getvalue())
 
     def save_array(self, name: str, arr: np.ndarray) -> None:
-        buf = io.BytesIO()
-        np.save(buf, arr)
-        atomic_write(self.path / name, buf.getvalue())
+        write_npy(self.path / name, arr)
 
     def close(self, status: str, **fields) -> None:
         self.manifest.update(status=status, **fields)
@@ -179,13 +185,19 @@ def acquire_lock(path: Path) -> None:
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        pid = _read_pid(lock)
-        if pid is not None and _alive(pid):
+        pid = live_writer(path)
+        if pid is not None:
             raise UsageError(f"{path} is in use by process {pid}") from None
         lock.unlink(missing_ok=True)  # stale: its writer died
         return acquire_lock(path)
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
+
+
+def live_writer(path: Path) -> int | None:
+    """The pid of the live process that holds the directory's lock, or None (no lock, or a stale one)."""
+    pid = _read_pid(path / LOCK)
+    return pid if pid is not None and _alive(pid) else None
 
 
 def release_lock(path: Path) -> None:

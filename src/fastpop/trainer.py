@@ -30,7 +30,7 @@ from .ops import get_backend, resolve_device
 from .population import Population, loss as population_loss
 from .recorder import evaluate, pack_bits, record
 from .run import Run
-from .rundir import SPLITS, STATE, RunWriter, bytes_per_row, check_new_out
+from .rundir import FORMAT, SPLITS, STATE, RunWriter, bytes_per_row, check_new_out
 
 # --max-nets-per-chunk auto on a CPU: activation bytes per chunk. Measured on the 2-core AVX-512 CPU, small-cnn on
 # digits, P = 1000, B = 32 (1.5 MB per network): one chunk of all 1000 networks 72.5k net-images/s, chunks of 250
@@ -319,7 +319,7 @@ def _labels_sha(data: Dataset, split: str) -> str:
 def _manifest(setup: Setup) -> dict:
     config, arch, data = setup.config, setup.arch, setup.data
     return {
-        "format": 1,
+        "format": FORMAT,
         "status": "running",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),

@@ -7,7 +7,7 @@ import torch
 
 from .errors import UsageError
 from .run import Run
-from .rundir import LOCK, SPLITS, STATE, _read_pid, _alive, row_checksum
+from .rundir import SPLITS, STATE, live_writer, row_checksum
 
 
 def verify(path) -> tuple[Run, list[str], list[str]]:
@@ -56,8 +56,7 @@ def verify(path) -> tuple[Run, list[str], list[str]]:
             problems.append(f"state.pt cannot be read ({type(e).__name__})")
     elif done:
         problems.append("state.pt is missing")
-    pid = _read_pid(run.path / LOCK) if (run.path / LOCK).exists() else None
-    if run.status == "running" and (pid is None or not _alive(pid)):
+    if run.status == "running" and live_writer(run.path) is None:
         notes.append(f"its writer died: resume with fastpop run --resume {run.path}")
     if run.diverged:
         notes.append(f"{len(run.diverged)} network(s) diverged: seeds {sorted(run.diverged)[:10]}")
