@@ -208,7 +208,7 @@ def test_cscore_command_combines_fractions(tmp_path, capsys):
     scores = np.load(out)
     from fastpop.analysis import run_cscore
 
-    each = [run_cscore(fastpop.load_run(r), fastpop.load_run(r).member()) for r in runs]
+    each = [run_cscore(fastpop.load_run(r)) for r in runs]
     with np.errstate(invalid="ignore"):
         np.testing.assert_allclose(scores, np.nanmean(np.stack(each), 0))
     plain = tmp_path / "plain"

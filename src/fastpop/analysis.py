@@ -48,9 +48,8 @@ def analyze(run: Run, split: str = "test", checkpoint: int = -1, write: bool = T
     arrays = {"tpa": (counts / p).astype(np.float32), "accessibility": speed.sum(0) / (t_done * p),
               "forgetting": events.sum(0, dtype=np.int32), "never_learned": never.mean(0, dtype=np.float32),
               "kappa": kappa}
-    member = run.member() if split == "train" else None
-    if member is not None:
-        arrays["cscore"] = run_cscore(run, member)
+    if split == "train" and run.member_bits() is not None:
+        arrays["cscore"] = run_cscore(run)
         result["cscore_mean"] = float(np.nanmean(arrays["cscore"])) if np.isfinite(arrays["cscore"]).any() else None
     labels = run.predictions(split)
     if labels is not None:
@@ -73,13 +72,13 @@ def write_analysis(run: Run, result: dict) -> None:
     atomic_write(run.path / f"{split}.metrics.json", (json.dumps(summary, indent=1) + "\n").encode())
 
 
-def run_cscore(run: Run, member: np.ndarray) -> np.ndarray:
+def run_cscore(run: Run) -> np.ndarray:
     """C-score estimate of each train example from one run: held-out networks' accuracy at the last checkpoint."""
-    n = run.n("train")
-    words = np.ascontiguousarray(run.bits("train")[-1]).view(np.uint64)
-    packed = np.zeros((len(member), 8 * -(-n // 64)), np.uint8)
-    packed[:, : -(-n // 8)] = np.packbits(member, axis=-1, bitorder="little")
-    return M.cscore(words, packed.view(np.uint64), n)
+    member = run.member_bits()
+    if member is None:
+        raise UsageError(f"{run.path} was trained without --subset-fraction: it has no membership record")
+    correct = np.ascontiguousarray(run.bits("train")[-1])
+    return M.cscore(correct.view(np.uint64), member.view(np.uint64), run.n("train"))
 
 
 def combined_cscore(runs: list[Run]) -> tuple[np.ndarray, list[float]]:
@@ -89,13 +88,10 @@ def combined_cscore(runs: list[Run]) -> tuple[np.ndarray, list[float]]:
     scores, fractions = [], []
     for run in runs:
         run.require_checkpoint()
-        member = run.member()
-        if member is None:
-            raise UsageError(f"{run.path} was trained without --subset-fraction: it has no membership record")
         if (run.manifest["dataset"], run.manifest["splits"]["train"].get("labels_sha256")) != (
                 first.manifest["dataset"], first.manifest["splits"]["train"].get("labels_sha256")):
             raise UsageError(f"{run.path} and {first.path} were not trained on the same data")
-        scores.append(run_cscore(run, member))
+        scores.append(run_cscore(run))
         fractions.append(run.config.subset_fraction)
     with warnings.catch_warnings():  # an all-NaN column (never held out) is meant to give NaN
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -76,9 +76,8 @@ def merge(shard_paths: list[str | Path], out: str | Path) -> Run:
                            **{key: torch.cat([s[key] for s in states]) for key in ("params", "momentum",
                                                                                      "diverged_at")}})
         writer.save_array("diverged.npy", np.concatenate([np.load(r.path / "diverged.npy") for r in ordered]))
-        if (first.path / "train.member.npy").exists():
-            writer.save_array("train.member.npy", np.concatenate([np.load(r.path / "train.member.npy")
-                                                                  for r in ordered]))
+        if first.member_bits() is not None:
+            writer.save_array("train.member.npy", np.concatenate([r.member_bits() for r in ordered]))
         writer.commit(t)
     except BaseException:
         writer.close("failed")

@@ -79,16 +79,27 @@ class Run:
             return None
         return self._array("test.pred.npy", (self.n("test"),), np.uint8)
 
-    def member(self) -> np.ndarray | None:
-        """bool [P, N_train]: which train examples each network trained on (--subset-fraction), else None."""
+    def member_bits(self) -> np.ndarray | None:
+        """uint8 [P, R]: which train examples each network trained on (--subset-fraction), packed in the record's
+        layout; None without a membership record."""
         path = self.path / "train.member.npy"
         if not path.exists():
             return None
+        want = (len(self.seeds), self.manifest["splits"]["train"]["bytes_per_row"])
         try:
             packed = np.load(path)
-            return np.unpackbits(packed, axis=-1, count=self.n("train"), bitorder="little").astype(bool)
         except Exception as e:
             raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__})") from None
+        if packed.shape != want or packed.dtype != np.uint8:
+            raise UsageError(f"{path} holds {packed.dtype} {packed.shape}, expected uint8 {want}")
+        return packed
+
+    def member(self) -> np.ndarray | None:
+        """bool [P, N_train]: member_bits unpacked."""
+        packed = self.member_bits()
+        if packed is None:
+            return None
+        return np.unpackbits(packed, axis=-1, count=self.n("train"), bitorder="little").astype(bool)
 
     def record_array(self, split: str, kind: str) -> np.ndarray:
         return {"bits": self.bits, "loss": self.loss, "acc": self.accuracy, "pred": self.predictions}[kind](split)

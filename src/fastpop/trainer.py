@@ -69,6 +69,7 @@ class Setup:
     checkpoints: list[dict]
     chunk: int  # networks per forward/backward chunk
     out: Path
+    subset: torch.Tensor | None  # int64 [P, round(f N)] each network's examples under --subset-fraction
 
     @property
     def total_steps(self) -> int:
@@ -91,7 +92,9 @@ def prepare(config: Config, out: Path | None = None) -> Setup:
     seeds = config.shard_seeds()
     chunk = chunk_size(config.max_nets_per_chunk, arch, config.batch_size, len(seeds), device)
     plan = checkpoint_plan(config.epochs, n // config.batch_size, config.record_every)
-    return Setup(config, device, backend, data, arch, seeds, n // config.batch_size, plan, chunk, out)
+    # drawn from each network's own seed; both the membership record and the batch orders use it
+    subset = subsets(seeds, len(data.train), config.subset_fraction) if config.subset_fraction < 1 else None
+    return Setup(config, device, backend, data, arch, seeds, n // config.batch_size, plan, chunk, out, subset)
 
 
 def default_out(config: Config) -> Path:
@@ -147,10 +150,9 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
     setup.config.out = str(setup.out)
     pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device)
     writer = RunWriter.create(setup.out, _manifest(setup))
-    subset = member_subsets(setup)
-    if subset is not None:
+    if setup.subset is not None:
         member = torch.zeros(len(setup.seeds), len(setup.data.train), dtype=torch.bool)
-        member.scatter_(1, subset, True)
+        member.scatter_(1, setup.subset, True)
         writer.save_array("train.member.npy", pack_bits(member))
     return _run(setup, pop, writer, 0, progress, should_stop)
 
@@ -214,7 +216,6 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
     config, data = setup.config, setup.data
     spe, bsz, total = setup.steps_per_epoch, config.batch_size, setup.total_steps
     order_seeds = _shard(config.order_seeds(), config)
-    subset = member_subsets(setup)
     record_at = {c["step"]: t for t, c in enumerate(setup.checkpoints)}
     train_s = eval_s = 0.0
     mean_test_acc = None
@@ -224,7 +225,7 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
     for step in range(start, total):
         epoch, i = divmod(step, spe)
         if orders is None or i == 0:
-            orders = epoch_orders(order_seeds, epoch, len(data.train), subset).to(setup.device)
+            orders = epoch_orders(order_seeds, epoch, len(data.train), setup.subset).to(setup.device)
         t0 = time.perf_counter()
         step_fn(orders[:, i * bsz:(i + 1) * bsz], config.lr_at(step, total, spe), step + 1)
         _sync(setup.device)
@@ -275,13 +276,6 @@ def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: 
     writer.commit(t + 1, diverged={str(setup.seeds[k]): int(diverged[k]) for k in np.flatnonzero(diverged >= 0)})
     acc = records["test"]["acc"][diverged < 0]
     return float(acc.mean()) if len(acc) else float("nan")
-
-
-def member_subsets(setup: Setup) -> torch.Tensor | None:
-    """Each network's training examples under --subset-fraction (from its own seed), else None."""
-    if setup.config.subset_fraction >= 1:
-        return None
-    return subsets(setup.seeds, len(setup.data.train), setup.config.subset_fraction)
 
 
 def _save_state(pop: Population, writer: RunWriter, step: int, checkpoints_done: int) -> None:
