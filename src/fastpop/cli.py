@@ -161,15 +161,13 @@ def _run(args) -> int:
     from .distributed import run_torchrun, torchrun_world
     from .trainer import Interrupted, resume, train
 
-    overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in [*RUN_FLAGS, "record-predictions", "cuda-graphs"]}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    names = [k.replace("-", "_") for k in [*RUN_FLAGS, "record-predictions", "cuda-graphs"]]
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.resume and (set(overrides) - {"max_nets_per_chunk"} or args.config):
         raise UsageError("--resume takes no other options but --max-nets-per-chunk: the run directory holds its "
                          "config")
     config = None
     if not args.resume:
-        if "seed_offset" in overrides and isinstance(overrides.get("seeds"), list):
-            raise UsageError("--seed-offset applies to a seed count, not to an explicit --seeds list")
         config = Config.from_toml(args.config, **overrides) if args.config else Config(**overrides)
 
     stop = []  # SIGINT/SIGTERM ask the trainer to stop at the next step boundary and save

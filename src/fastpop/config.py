@@ -98,6 +98,8 @@ class Config:
             dup = sorted(s for s, n in Counter(self.seeds).items() if n > 1)
             if dup:
                 raise UsageError(f"seeds: duplicated seed(s) {', '.join(map(str, dup[:5]))}")
+            if self.seed_offset:
+                raise UsageError("seed_offset applies to a seed count, not to an explicit list of seeds")
         else:
             _check_int("seeds", self.seeds, 1, 10_000_000)
         _check_choice("vary", self.vary, VARY)
