@@ -118,8 +118,7 @@ def run_torchrun(config: Config | None, resume_path: Path | None, progress, shou
     dist.init_process_group("gloo", timeout=timedelta(days=7))  # only barriers go through it
     try:
         if resume_path is None:
-            if rank == 0:
-                check_new_out(out)
+            check_new_out(out)  # every rank: all refuse together instead of leaving peers at the barrier
             device = config.device
             if device == "auto" and torch.cuda.is_available():
                 device = f"cuda:{local}"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .population import Population, loss as population_loss
+from .population import Population
+from .trainer import accumulate_gradients
 
 
 class GraphedStep:
@@ -19,8 +20,6 @@ class GraphedStep:
         self.idx = torch.zeros(batch_shape, dtype=torch.int64, device=dev)
         self.lr = torch.zeros(1, device=dev)
         self.step = torch.zeros((), dtype=torch.int64, device=dev)
-        # which network each flat parameter entry belongs to (layer-major layout)
-        self.owner = torch.cat([torch.arange(pop.p, device=dev).repeat_interleave(n) for n in pop.sizes])
         self.frozen = torch.zeros(pop.p * pop.d, dtype=torch.bool, device=dev)
         saved = [t.clone() for t in (pop.params, pop.momentum, pop.diverged_at)]
         side = torch.cuda.Stream()
@@ -36,20 +35,11 @@ class GraphedStep:
             self.loss = self._body()
 
     def _body(self) -> torch.Tensor:
-        pop, data = self.pop, self.data
-        pop.grads.zero_()
-        losses = []
-        for lo in range(0, pop.p, self.chunk):
-            hi = min(pop.p, lo + self.chunk)
-            idx = self.idx[lo:hi]
-            loss = population_loss(pop.arch, self.backend, pop.leaves(lo, hi), data.train.x, idx,
-                                   data.train.y[idx], data.mean, data.std)
-            loss.sum().backward()
-            losses.append(loss.detach())
-        loss = torch.cat(losses)
+        pop = self.pop
+        loss = accumulate_gradients(pop, self.backend, self.data, self.idx, self.chunk)
         new = ~torch.isfinite(loss) & (pop.diverged_at < 0)
         pop.diverged_at.copy_(torch.where(new, self.step, pop.diverged_at))
-        self.frozen.copy_((pop.diverged_at >= 0)[self.owner])
+        self.frozen.copy_(pop.entry_mask(pop.diverged_at >= 0))
         self.backend.sgd_step(pop.params, pop.grads, pop.momentum, self.lr, self.config.momentum,
                               self.config.weight_decay, self.frozen)
         return loss

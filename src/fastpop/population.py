@@ -55,7 +55,11 @@ class Population:
     def set_diverged(self, diverged_at: torch.Tensor) -> None:
         self.diverged_at = diverged_at.to(self.params.device, torch.int64)
         dead = self.diverged_at >= 0
-        self.frozen = torch.cat([dead.repeat_interleave(n) for n in self.sizes]) if dead.any() else None
+        self.frozen = self.entry_mask(dead) if dead.any() else None
+
+    def entry_mask(self, per_network: torch.Tensor) -> torch.Tensor:
+        """bool [P] -> bool [P * D] in the flat layout: every parameter entry of the marked networks."""
+        return torch.cat([per_network.repeat_interleave(n) for n in self.sizes])
 
     def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer views [P, *shape] into a flat buffer of this population's layout."""

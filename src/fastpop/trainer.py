@@ -123,11 +123,10 @@ def chunk_size(setting: int | str, arch: Arch, batch_size: int, p: int, device: 
     return max(1, min(p, budget // per_net))
 
 
-def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: float, config: Config,
-               chunk: int | None = None, step: int = 0) -> torch.Tensor:
-    """One SGD step of every network on its own batch idx [P, B], `chunk` networks at a time; returns each
-    network's batch loss [P]. A network whose loss is not finite is marked diverged and frozen before the update,
-    so nothing of it reaches the others or its own weights."""
+def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Tensor, chunk: int | None
+                         ) -> torch.Tensor:
+    """Forward and backward of every network on its batch idx [P, B], `chunk` networks at a time, into
+    pop.grads (zeroed first); returns each network's batch loss [P]."""
     pop.grads.zero_()
     losses = []
     for lo in range(0, pop.p, chunk or pop.p):
@@ -136,7 +135,15 @@ def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: f
                                data.train.y[idx[lo:hi]], data.mean, data.std)
         loss.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
         losses.append(loss.detach())
-    loss = torch.cat(losses)
+    return torch.cat(losses)
+
+
+def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: float, config: Config,
+               chunk: int | None = None, step: int = 0) -> torch.Tensor:
+    """One SGD step of every network on its own batch idx [P, B], `chunk` networks at a time; returns each
+    network's batch loss [P]. A network whose loss is not finite is marked diverged and frozen before the update,
+    so nothing of it reaches the others or its own weights."""
+    loss = accumulate_gradients(pop, backend, data, idx, chunk)
     pop.mark_diverged(~torch.isfinite(loss), step)
     backend.sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, pop.frozen)
     return loss
