@@ -18,6 +18,22 @@ VALUES = st.one_of(WEIRD, st.text(max_size=12), st.integers(-10**6, 10**6).map(s
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+    """Input handling only: everything up to the new run directory runs for real (config, data, arch, --out
+    checks, RunWriter.create); the population and its training loop are skipped, since a fuzzed value can be
+    valid and large (--epochs=123456, --seeds=999999) and would train for hours."""
+    from fastpop import trainer
+
+    monkeypatch.setattr(trainer, "Population", lambda *args, **kwargs: None)
+    def finish(setup, pop, writer, *rest):
+        writer.commit(len(setup.checkpoints))  # as a finished run (its rows stay NaN and zero)
+        writer.close("complete")
+        return trainer.Run(setup.out)
+
+    monkeypatch.setattr(trainer, "_run", finish)
+
+
 def _expect_clean(code, err):
     assert code in (0, 2), (code, err)
     assert "Traceback" not in err
@@ -27,7 +43,7 @@ def _expect_clean(code, err):
 
 @FUZZ
 @given(flag=st.sampled_from(sorted(set(RUN_FLAGS) - {"out"})), value=VALUES)  # --out stays in a temporary folder
-def test_run_flags(tmp_path_factory, capsys, flag, value):
+def test_run_flags(tmp_path_factory, capsys, no_training, flag, value):
     out = tmp_path_factory.mktemp("fuzz") / "run"
     code = main(["run", "--seeds", "1", "--epochs", "1", "--batch-size", "1024", "--out", str(out), "--quiet",
                  f"--{flag}={value}"])
@@ -42,7 +58,7 @@ def test_run_flags(tmp_path_factory, capsys, flag, value):
                                                        "schedule", "colour", "shard", "max_nets_per_chunk"]),
                                       VALUES, max_size=4).map(
                           lambda d: "\n".join(f"{k} = {json.dumps(v)}" for k, v in d.items()))))
-def test_toml_files(tmp_path_factory, capsys, text):
+def test_toml_files(tmp_path_factory, capsys, no_training, text):
     folder = tmp_path_factory.mktemp("toml")
     cfg = folder / "c.toml"
     cfg.write_text(text + "\nepochs = 1\n" if "epochs" not in text else text)
@@ -114,7 +130,7 @@ ARRAY = st.one_of(
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(arrays=st.dictionaries(st.sampled_from(["x_train", "y_train", "x_test", "y_test", "extra"]), ARRAY,
                               max_size=5))
-def test_npz_files(tmp_path_factory, capsys, arrays):
+def test_npz_files(tmp_path_factory, capsys, no_training, arrays):
     folder = tmp_path_factory.mktemp("npz")
     np.savez(folder / "d.npz", **arrays)
     out = folder / "run"
