@@ -15,7 +15,8 @@ class ProgressBar:
     def __init__(self, enabled: bool = True, per_run: bool = False):
         self.enabled, self.per_run = enabled, per_run
         self.bar = RichProgress(
-            TextColumn("epoch {task.fields[epoch]:.2f}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("epoch {task.fields[epoch]:.2f}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             TextColumn("{task.fields[rate]} net-img/s"), TextColumn("test acc {task.fields[acc]}"),
             console=Console(stderr=True), disable=not enabled)

@@ -7,9 +7,9 @@ returns numpy arrays or plain dicts. Nothing here imports torch.
 from .agreement import (accuracy, agreement_summary, binomial_pmf, error_consistency, fleiss_kappa,
                         kappa_summary, poisson_binomial_pmf, tpa_counts)
 from .consensus import consensus_agreement
-from .order import (accessibility, containment, cscore, forgetting, learned_at, pairwise_spearman, spearman, speed_counts,
-                    split_half)
+from .order import (accessibility, containment, cscore, forgetting, learned_at, pairwise_spearman, spearman,
+                    speed_counts, split_half)
 
-__all__ = ["accessibility", "accuracy", "agreement_summary", "binomial_pmf", "consensus_agreement", "containment", "cscore",
-           "error_consistency", "fleiss_kappa", "forgetting", "kappa_summary", "learned_at", "pairwise_spearman",
-           "poisson_binomial_pmf", "spearman", "speed_counts", "split_half", "tpa_counts"]
+__all__ = ["accessibility", "accuracy", "agreement_summary", "binomial_pmf", "consensus_agreement", "containment",
+           "cscore", "error_consistency", "fleiss_kappa", "forgetting", "kappa_summary", "learned_at",
+           "pairwise_spearman", "poisson_binomial_pmf", "spearman", "speed_counts", "split_half", "tpa_counts"]
