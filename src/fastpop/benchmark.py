@@ -1,13 +1,17 @@
-"""Training throughput, side by side in one run: fastpop's population step against the two usual ways to train
-many small networks in PyTorch, a torch.func ensemble (stack_module_state + functional_call + vmap + grad) and a
-plain loop over nn.Modules. Every provider does the same work per step: gather each network's batch, forward,
-backward, SGD with momentum and weight decay. Figures are net-images/s (networks x examples per second) and
-achieved FLOP/s (3x the forward FLOPs) as a fraction of an sgemm ceiling measured in the same run.
+"""Training throughput, side by side in one run: fastpop's population step (its CPU default, the numba backend,
+and the op-by-op torch reference) against the usual ways to train many small networks in PyTorch: a torch.func
+ensemble (stack_module_state + functional_call + vmap + grad), all networks as one grouped convolution
+(F.conv2d with groups = P), and a plain loop over nn.Modules. Every provider does the same work per step: gather
+each network's batch, forward, backward, SGD with momentum and weight decay. Figures are net-images/s (networks x
+examples per second) and achieved FLOP/s (3x the forward FLOPs) as a fraction of an sgemm ceiling measured in
+the same run. Evaluation (the recorder's pass: every network on the same examples, bits and losses) is timed for
+fastpop's backends.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -19,8 +23,9 @@ from .archs import build_arch
 from .config import Config
 from .data import load_dataset
 from .data.orders import epoch_orders
-from .ops import reference
+from .ops import numba_cpu, reference
 from .population import Population, init_network
+from .recorder import evaluate
 from .trainer import chunk_size, train_step
 
 WARMUP = 2
@@ -80,8 +85,11 @@ def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", bat
         orders = epoch_orders(seeds, 0, len(data.train))
         n_batches = min(WARMUP + steps, len(data.train) // batch_size)
         batches = [orders[:, i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
-        providers = {"fastpop-torch": lambda: _fastpop_step(arch, data, seeds, batch_size),
-                     "torch.func vmap": lambda: _vmap_step(arch, seeds, x_all, data.train.y)}
+        providers = {f"fastpop-{b.NAME}": lambda b=b: _fastpop_step(arch, data, seeds, batch_size, b)
+                     for b in (numba_cpu, reference)}
+        providers["torch.func vmap"] = lambda: _vmap_step(arch, seeds, x_all, data.train.y)
+        if arch.convs:
+            providers["grouped conv"] = lambda: _grouped_step(arch, seeds, x_all, data.train.y)
         if p <= loop_max_nets:
             providers["module loop"] = lambda: _loop_step(arch, seeds, x_all, data.train.y)
         for name, make in providers.items():
@@ -89,15 +97,31 @@ def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", bat
             rate = p * batch_size / dt
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             rows.append(Row(name, p, rate, 3 * arch.flops_per_example() * rate / 1e9, ceiling, rss))
+        for backend in (numba_cpu, reference):
+            rate = _eval_rate(arch, data, seeds, backend)
+            rows.append(Row(f"fastpop-{backend.NAME} eval", p, rate, arch.flops_per_example() * rate / 1e9, ceiling,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
     return rows
 
 
-def _fastpop_step(arch, data, seeds, batch_size):
+def _eval_rate(arch, data, seeds, backend) -> float:
+    """net-images/s of the recorder's evaluation of the test split, best of two."""
+    pop = Population(arch, seeds, torch.device("cpu"))
+    chunk = chunk_size("auto", arch, 32, len(seeds), torch.device("cpu"), backend)
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        evaluate(arch, backend, pop, data.test, data.mean, data.std, chunk)
+        best = min(best, time.perf_counter() - t)
+    return len(seeds) * len(data.test) / best
+
+
+def _fastpop_step(arch, data, seeds, batch_size, backend):
     """The trainer's own step, with its default (auto) network chunks."""
     config = Config(seeds=len(seeds), batch_size=batch_size, lr=LR, momentum=MOMENTUM, weight_decay=WD)
     pop = Population(arch, seeds, torch.device("cpu"))
-    chunk = chunk_size(config.max_nets_per_chunk, arch, batch_size, len(seeds), torch.device("cpu"))
-    return lambda idx: train_step(pop, reference, data, idx, LR, config, chunk)
+    chunk = chunk_size(config.max_nets_per_chunk, arch, batch_size, len(seeds), torch.device("cpu"), backend)
+    return lambda idx: train_step(pop, backend, data, idx, LR, config, chunk)
 
 
 def _vmap_step(arch, seeds, x_all, y_all):
@@ -126,6 +150,37 @@ def _vmap_step(arch, seeds, x_all, y_all):
     return step
 
 
+def _grouped_step(arch, seeds, x_all, y_all):
+    """All networks as one model: each conv one F.conv2d with groups = P over the networks' channels stacked,
+    [B, P * C, H, W]; the classifier one batched GEMM; torch.optim.SGD over the stacked parameters."""
+    p = len(seeds)
+    flat = torch.stack([init_network(arch, s) for s in seeds])  # [P, D]
+    params, start = [], 0
+    for _, shape in arch.param_shapes():
+        n = math.prod(shape)
+        params.append(flat[:, start:start + n].reshape(p, *shape).clone().requires_grad_())
+        start += n
+    opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+
+    def step(idx):
+        bsz = idx.shape[1]
+        h = x_all[idx].transpose(0, 1).flatten(1, 2)  # [B, P * C, H, W]
+        for i, conv in enumerate(arch.convs):
+            w, b = params[2 * i], params[2 * i + 1]
+            h = F.relu(F.conv2d(h, w.flatten(0, 1), b.flatten(), padding=1, groups=p))
+            if conv.pool:
+                h = F.max_pool2d(h, 2)
+        g = h.mean((2, 3)).view(bsz, p, -1).transpose(0, 1)  # [P, B, C]
+        w, b = params[-2], params[-1]
+        logits = torch.baddbmm(b.unsqueeze(1), g, w.transpose(1, 2))
+        loss = F.cross_entropy(logits.flatten(0, 1), y_all[idx].flatten(), reduction="sum") / bsz
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def _loop_step(arch, seeds, x_all, y_all):
     modules = _modules(arch, seeds)
     opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD) for m in modules]
@@ -147,9 +202,10 @@ def print_table(rows: list[Row], batch_size: int) -> None:
                   if rows else "no rows")
     for col in ("provider", "P", "net-images/s", "GFLOP/s", "% ceiling", "fastpop speed-up", "peak RSS GiB"):
         table.add_column(col, justify="left" if col == "provider" else "right")
-    ours = {r.p: r.net_images_per_s for r in rows if r.provider == "fastpop-torch"}
+    ours = {(r.p, r.provider.endswith("eval")): r.net_images_per_s for r in rows
+            if r.provider.startswith("fastpop-numba")}
     for r in rows:
         table.add_row(r.provider, str(r.p), f"{r.net_images_per_s:,.0f}", f"{r.gflops:.1f}",
-                      f"{100 * r.gflops / r.ceiling_gflops:.1f}", f"{ours[r.p] / r.net_images_per_s:.2f}x",
+                      f"{100 * r.gflops / r.ceiling_gflops:.1f}", f"{ours[r.p, r.provider.endswith('eval')] / r.net_images_per_s:.2f}x",
                       f"{r.peak_rss_gib:.2f}")
     Console(width=120).print(table)

@@ -40,7 +40,9 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
     pred = torch.empty(p, n, dtype=torch.int64, device=device)
     loss = torch.zeros(p, dtype=torch.float64, device=device)
     params = pop.views(pop.params)
-    chunk = min(chunk or p, max(1, EVAL_FLOATS // (EVAL_EXAMPLES * arch.activations_per_example())))
+    # floats held per network and example: the largest activation, or only the logits with whole-network kernels
+    per_net = arch.classes if backend.runs_whole(arch) else arch.activations_per_example()
+    chunk = min(chunk or p, max(1, EVAL_FLOATS // (EVAL_EXAMPLES * per_net)))
     for plo in range(0, p, chunk):
         phi = min(p, plo + chunk)
         for lo in range(0, n, EVAL_EXAMPLES):

@@ -90,7 +90,7 @@ def prepare(config: Config, out: Path | None = None) -> Setup:
         out = Path(config.out) if config.out else default_out(config)
         check_new_out(out)
     seeds = config.shard_seeds()
-    chunk = chunk_size(config.max_nets_per_chunk, arch, config.batch_size, len(seeds), device)
+    chunk = chunk_size(config.max_nets_per_chunk, arch, config.batch_size, len(seeds), device, backend)
     plan = checkpoint_plan(config.epochs, n // config.batch_size, config.record_every)
     # drawn from each network's own seed; both the membership record and the batch orders use it
     subset = subsets(seeds, len(data.train), config.subset_fraction) if config.subset_fraction < 1 else None
@@ -111,10 +111,13 @@ def checkpoint_plan(epochs: int, steps_per_epoch: int, record_every: int) -> lis
     return [{"step": s, "epoch": s / steps_per_epoch} for s in sorted(steps)]
 
 
-def chunk_size(setting: int | str, arch: Arch, batch_size: int, p: int, device: torch.device) -> int:
-    """Networks per chunk: the setting, or (auto) as many as fit the activation budget of the device."""
+def chunk_size(setting: int | str, arch: Arch, batch_size: int, p: int, device: torch.device, backend) -> int:
+    """Networks per chunk: the setting, or (auto) as many as fit the activation budget of the device; all of
+    them for whole-network kernels, which hold one network's activations per thread whatever the chunk."""
     if setting != "auto":
         return min(int(setting), p)
+    if backend.runs_whole(arch):
+        return p
     if device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // 2
     else:
@@ -126,13 +129,20 @@ def chunk_size(setting: int | str, arch: Arch, batch_size: int, p: int, device: 
 def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Tensor, chunk: int | None
                          ) -> torch.Tensor:
     """Forward and backward of every network on its batch idx [P, B], `chunk` networks at a time, into
-    pop.grads (zeroed first); returns each network's batch loss [P]."""
-    pop.grads.zero_()
+    pop.grads; returns each network's batch loss [P]. Op by op through autograd (gradients zeroed first, then
+    accumulated), or with whole-network kernels that write each network's gradient."""
+    whole = backend.runs_whole(pop.arch)
+    if not whole:
+        pop.grads.zero_()
     losses = []
     for lo in range(0, pop.p, chunk or pop.p):
         hi = min(pop.p, lo + (chunk or pop.p))
-        loss = population_loss(pop.arch, backend, pop.leaves(lo, hi), data.train.x, idx[lo:hi],
-                               data.train.y[idx[lo:hi]], data.mean, data.std)
+        y = data.train.y[idx[lo:hi]]
+        if whole:
+            losses.append(backend.network_grads(pop, lo, data.train.x, idx[lo:hi], y, data.mean, data.std))
+            continue
+        loss = population_loss(pop.arch, backend, pop.leaves(lo, hi), data.train.x, idx[lo:hi], y, data.mean,
+                               data.std)
         loss.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
         losses.append(loss.detach())
     return torch.cat(losses)

@@ -10,20 +10,27 @@ import torch
 
 from ..errors import UsageError
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "numba", "torch", "triton")
 
 
 def get_backend(name: str, device: torch.device) -> ModuleType:
-    """auto: Triton on CUDA (when triton is installed), torch on the CPU. triton on the CPU needs
-    TRITON_INTERPRET=1 (set before fastpop is imported): correct, and very slow."""
+    """auto: Triton on CUDA (when triton is installed, else torch), numba on the CPU. torch (the reference ops)
+    runs anywhere. triton on the CPU needs TRITON_INTERPRET=1 (set before fastpop is imported): correct, and very
+    slow."""
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _has_triton() else "torch"
+        name = "numba" if device.type == "cpu" else "triton" if _has_triton() else "torch"
     if name == "torch":
         from . import reference
 
         return reference
+    if name == "numba":
+        if device.type != "cpu":
+            raise UsageError(f"backend numba runs on the CPU, not on {device}; use --device cpu or another backend")
+        from . import numba_cpu
+
+        return numba_cpu
     if not _has_triton():
         raise UsageError("backend triton needs the triton package: pip install triton")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -20,6 +20,12 @@ import torch.nn.functional as F
 NAME = "torch"
 
 
+def runs_whole(arch) -> bool:
+    """Whether the backend runs `arch` with whole-network kernels (network_grads, network_logits) instead of op
+    by op: never here."""
+    return False
+
+
 def gather_images(x: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flat: bool
                   ) -> torch.Tensor:
     """Normalized batches. x [N, C, H, W] stored dtype; idx int64 [P, B], row k is network k's batch.

@@ -16,7 +16,7 @@ import torch
 from fastpop.kernels import conv as _conv, head as _head, optim as _optim
 
 from . import reference
-from .reference import cross_entropy, dense, global_avg_pool, score_logits  # noqa: F401  (the torch path)
+from .reference import cross_entropy, dense, global_avg_pool, runs_whole, score_logits  # noqa: F401 (torch path)
 
 NAME = "triton"
 

@@ -1,0 +1,375 @@
+"""numba kernels for the CPU: a whole CNN (3x3 convs with padding 1, ReLU, optional 2x2 max-pool; global average
+pool; one linear layer; cross-entropy) per network, forward and backward, networks spread over the cores.
+
+One network's activations for a batch (~140 KB for small-cnn at B = 32) stay in its core's L2 from the first
+layer to the last gradient, where the op-by-op torch path streams them through memory between ops. Inside a
+network the layout is [C, H, W, B], batch innermost: the inner loops run along rows of B contiguous floats or
+more, vectorizable even on 2x2 images, and taps that fall in the zero padding are skipped, not multiplied.
+
+Every network is computed by the same sequential code on its own slice, so its result does not depend on which
+other networks run, on P or on the thread. Multiply-adds may be fused (fastmath "contract"); only dot products
+and sums may be reassociated ("reassoc": vectorized, in an order that depends on the length alone). NaNs
+propagate: a diverged network's loss is NaN. Inner loops index slices, not offsets into one array: with offsets
+in the index LLVM left them scalar (4.4x slower).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+_FMA = {"contract"}
+_DOT = {"contract", "reassoc"}
+
+# Columns of the per-layer table (int64 [L, 10]). Offsets count floats: WOFF/BOFF in the network's parameter row,
+# IN/OUT/NEXT in its scratch, where activations and their gradients lie at the same offsets of two arrays: IN the
+# conv's input [Cin, H, W, B], OUT its ReLU output [Cout, H, W, B], NEXT the next layer's input (the pooled output,
+# or OUT). The head table: dense weight and bias offsets, the offset of the pooled features g [C, B], classes.
+CIN, COUT, H, W, POOL, WOFF, BOFF, IN, OUT, NEXT = range(10)
+HEAD_W, HEAD_B, HEAD_G, HEAD_K = range(4)
+
+
+@njit(fastmath=_DOT, cache=True)
+def _dot(u, v):
+    s = np.float32(0)
+    for k in range(u.shape[0]):
+        s += u[k] * v[k]
+    return s
+
+
+@njit(fastmath=_DOT, cache=True)
+def _sum(u):
+    s = np.float32(0)
+    for k in range(u.shape[0]):
+        s += u[k]
+    return s
+
+
+@njit(fastmath=_FMA, cache=True)
+def _taps(dst, src, w0, w1, w2, w, nb):
+    """One kernel row of a conv into one output row: dst[x] += w0 * src[x - 1] + w1 * src[x] + w2 * src[x + 1]
+    over pixels x of rows [w * nb] (nb floats a pixel), out-of-row neighbours skipped. Three taps per pass over
+    dst: one load and store of the output for three multiply-adds."""
+    if w == 1:
+        for k in range(nb):
+            dst[k] += w1 * src[k]
+        return
+    d, s0, s1 = dst[:nb], src[:nb], src[nb:2 * nb]
+    for k in range(nb):
+        d[k] = d[k] + w1 * s0[k] + w2 * s1[k]
+    m = (w - 2) * nb
+    d, a, b, c = dst[nb:nb + m], src[:m], src[nb:nb + m], src[2 * nb:2 * nb + m]
+    for k in range(m):
+        d[k] = d[k] + w0 * a[k] + w1 * b[k] + w2 * c[k]
+    e = (w - 1) * nb
+    d, s0, s1 = dst[e:e + nb], src[e - nb:e], src[e:e + nb]
+    for k in range(nb):
+        d[k] = d[k] + w0 * s0[k] + w1 * s1[k]
+
+
+@njit(fastmath=_FMA, cache=True)
+def _conv(src, wgt, transpose, cin, cout, h, w, nb, dst):
+    """dst[o] += sum over i and the 3x3 taps of wgt * src[i] shifted, on [C, h, w, nb] blocks. Forward
+    (transpose False): wgt is [cout, cin, 3, 3]. Transposed, the input gradient of a forward conv with weight
+    wgt [cin, cout, 3, 3] (so i runs over its output channels): the taps mirrored."""
+    row = w * nb
+    n = h * row
+    for o in range(cout):
+        for i in range(cin):
+            k0 = (o * cin + i) * 9 if not transpose else (i * cout + o) * 9
+            for y in range(h):
+                d = dst[o * n + y * row:o * n + (y + 1) * row]
+                for ky in range(3):
+                    iy = y + ky - 1 if not transpose else y + 1 - ky
+                    if iy < 0 or iy >= h:
+                        continue
+                    s = src[i * n + iy * row:i * n + (iy + 1) * row]
+                    k = k0 + 3 * ky
+                    if transpose:
+                        _taps(d, s, wgt[k + 2], wgt[k + 1], wgt[k], w, nb)
+                    else:
+                        _taps(d, s, wgt[k], wgt[k + 1], wgt[k + 2], w, nb)
+
+
+@njit(fastmath=_FMA, cache=True)
+def _weight_grad(dz, src, cin, cout, h, w, nb, gw, gb):
+    """gw [cout, cin, 3, 3] = correlation of the pre-activation gradient dz [cout, h, w, nb] with the conv's input
+    src [cin, h, w, nb]; gb [cout] = dz summed."""
+    row = w * nb
+    n = h * row
+    for o in range(cout):
+        gb[o] = _sum(dz[o * n:(o + 1) * n])
+        for i in range(cin):
+            for ky in range(3):
+                dy = ky - 1
+                y0, y1 = max(0, -dy), min(h, h - dy)
+                for kx in range(3):
+                    dx = kx - 1
+                    x0, x1 = max(0, -dx), min(w, w - dx)
+                    s = np.float32(0)
+                    if dx == 0:  # the rows y0..y1 are one contiguous run
+                        a = o * n + y0 * row
+                        b = i * n + (y0 + dy) * row
+                        s = _dot(dz[a:a + (y1 - y0) * row], src[b:b + (y1 - y0) * row])
+                    else:
+                        for yy in range(y0, y1):
+                            a = o * n + yy * row + x0 * nb
+                            b = i * n + (yy + dy) * row + (x0 + dx) * nb
+                            s += _dot(dz[a:a + (x1 - x0) * nb], src[b:b + (x1 - x0) * nb])
+                    gw[((o * cin + i) * 3 + ky) * 3 + kx] = s
+
+
+@njit(fastmath=_FMA, cache=True)
+def _relu(v):
+    for k in range(v.shape[0]):
+        a = v[k]
+        v[k] = a if a > 0 or a != a else np.float32(0)
+
+
+@njit(fastmath=_FMA, cache=True)
+def _pool(src, c, h, w, nb, dst):
+    """2x2 max-pool (floor) [c, h, w, nb] -> [c, h // 2, w // 2, nb]: the first maximum in scan order, NaN wins,
+    as nn.MaxPool2d."""
+    h2, w2 = h // 2, w // 2
+    for o in range(c):
+        for y in range(h2):
+            for x in range(w2):
+                t = ((o * h + 2 * y) * w + 2 * x) * nb
+                a, b = src[t:t + nb], src[t + nb:t + 2 * nb]
+                cc, d = src[t + w * nb:t + w * nb + nb], src[t + w * nb + nb:t + w * nb + 2 * nb]
+                t2 = ((o * h2 + y) * w2 + x) * nb
+                out = dst[t2:t2 + nb]
+                for k in range(nb):
+                    m = a[k]
+                    if b[k] > m or b[k] != b[k]:
+                        m = b[k]
+                    if cc[k] > m or cc[k] != cc[k]:
+                        m = cc[k]
+                    if d[k] > m or d[k] != d[k]:
+                        m = d[k]
+                    out[k] = m
+
+
+@njit(fastmath=_FMA, cache=True)
+def _unpool_relu(act, dout, c, h, w, nb, dz):
+    """Backward of ReLU then 2x2 max-pool: the gradient dout [c, h // 2, w // 2, nb] of the pooled output goes
+    to the position the pool took, where the ReLU output act [c, h, w, nb] is positive; dz is the gradient of
+    the pre-activation."""
+    h2, w2 = h // 2, w // 2
+    dz[:c * h * w * nb] = 0  # rows and columns the floor dropped
+    for o in range(c):
+        for y in range(h2):
+            for x in range(w2):
+                t = ((o * h + 2 * y) * w + 2 * x) * nb
+                u = t + w * nb
+                a, b, cc, d = act[t:t + nb], act[t + nb:t + 2 * nb], act[u:u + nb], act[u + nb:u + 2 * nb]
+                za, zb, zc, zd = dz[t:t + nb], dz[t + nb:t + 2 * nb], dz[u:u + nb], dz[u + nb:u + 2 * nb]
+                t2 = ((o * h2 + y) * w2 + x) * nb
+                g = dout[t2:t2 + nb]
+                for k in range(nb):  # branch-free, so that it vectorizes
+                    m = a[k]
+                    if b[k] > m or b[k] != b[k]:
+                        m = b[k]
+                    if cc[k] > m or cc[k] != cc[k]:
+                        m = cc[k]
+                    if d[k] > m or d[k] != d[k]:
+                        m = d[k]
+                    left = g[k] if m > 0 else np.float32(0)  # a NaN maximum passes no gradient, as ReLU's
+                    za[k] = left if a[k] == m else np.float32(0)
+                    left = np.float32(0) if a[k] == m else left
+                    zb[k] = left if b[k] == m else np.float32(0)
+                    left = np.float32(0) if b[k] == m else left
+                    zc[k] = left if cc[k] == m else np.float32(0)
+                    zd[k] = np.float32(0) if cc[k] == m else left
+
+
+@njit(fastmath=_FMA, cache=True)
+def _forward(x, idx, mean, std, prm, layers, head, nb, act, logits):
+    """One network's forward pass on its batch idx [nb]: activations into act, logits [K, nb]."""
+    c0, h0, w0 = x.shape[1], x.shape[2], x.shape[3]
+    for c in range(c0):
+        for y in range(h0):
+            for xx in range(w0):
+                base = ((c * h0 + y) * w0 + xx) * nb
+                for b in range(nb):
+                    act[base + b] = (np.float32(x[idx[b], c, y, xx]) - mean[c]) / std[c]
+    for l in range(layers.shape[0]):
+        cin, cout, h, w = layers[l, CIN], layers[l, COUT], layers[l, H], layers[l, W]
+        n = h * w * nb
+        out = act[layers[l, OUT]:layers[l, OUT] + cout * n]
+        for o in range(cout):
+            out[o * n:(o + 1) * n] = prm[layers[l, BOFF] + o]
+        wo = layers[l, WOFF]
+        _conv(act[layers[l, IN]:layers[l, IN] + cin * n], prm[wo:wo + cout * cin * 9], False, cin, cout, h, w, nb,
+              out)
+        _relu(out)
+        if layers[l, POOL]:
+            nxt = layers[l, NEXT]
+            _pool(out, cout, h, w, nb, act[nxt:nxt + cout * (h // 2) * (w // 2) * nb])
+    # global average pool into g [C, nb], then the linear layer
+    last = layers.shape[0] - 1
+    c, n = layers[last, COUT], layers[last, H] * layers[last, W]
+    src = layers[last, NEXT]
+    g = act[head[HEAD_G]:head[HEAD_G] + c * nb]
+    for o in range(c):
+        go = g[o * nb:(o + 1) * nb]
+        go[:] = 0
+        for p in range(n):
+            s = act[src + (o * n + p) * nb:src + (o * n + p + 1) * nb]
+            for b in range(nb):
+                go[b] += s[b]
+        for b in range(nb):
+            go[b] /= n
+    for k in range(logits.shape[0]):
+        lk = logits[k]
+        lk[:] = prm[head[HEAD_B] + k]
+        for o in range(c):
+            wk = prm[head[HEAD_W] + k * c + o]
+            go = g[o * nb:(o + 1) * nb]
+            for b in range(nb):
+                lk[b] += wk * go[b]
+
+
+@njit(fastmath=_FMA, cache=True)
+def _backward(y, prm, layers, head, nb, act, logits, grad, dact):
+    """One network's mean cross-entropy over its batch (labels y [nb]), from the activations of `_forward`; its
+    gradient into grad (the parameter row's layout). logits [K, nb] are overwritten with the loss's gradient."""
+    k_out = logits.shape[0]
+    inv = np.float32(1) / nb
+    loss = 0.0
+    for b in range(nb):
+        m, ly = logits[0, b], logits[y[b], b]
+        for k in range(1, k_out):
+            m = max(m, logits[k, b])
+        s = np.float32(0)
+        for k in range(k_out):
+            e = np.float32(math.exp(logits[k, b] - m))
+            logits[k, b] = e
+            s += e
+        loss += math.log(s) - (ly - m)
+        r = inv / s
+        for k in range(k_out):
+            logits[k, b] *= r
+        logits[y[b], b] -= inv
+    # the linear layer: dW = dlogits g^T, db = dlogits summed, dg = W^T dlogits; then the average pool and ReLU
+    last = layers.shape[0] - 1
+    c, n = layers[last, COUT], layers[last, H] * layers[last, W]
+    hw, hb, g0 = head[HEAD_W], head[HEAD_B], head[HEAD_G]
+    for k in range(k_out):
+        grad[hb + k] = _sum(logits[k])
+        for o in range(c):
+            grad[hw + k * c + o] = _dot(logits[k], act[g0 + o * nb:g0 + (o + 1) * nb])
+    out = layers[last, OUT]
+    for o in range(c):
+        dg = dact[g0 + o * nb:g0 + (o + 1) * nb]
+        dg[:] = 0
+        for k in range(k_out):
+            wk = prm[hw + k * c + o]
+            lk = logits[k]
+            for b in range(nb):
+                dg[b] += wk * lk[b]
+        for b in range(nb):
+            dg[b] /= n
+        for p in range(n):
+            t = out + (o * n + p) * nb
+            a, dz = act[t:t + nb], dact[t:t + nb]
+            for b in range(nb):
+                dz[b] = dg[b] if a[b] > 0 else np.float32(0)
+    for l in range(last, -1, -1):
+        cin, cout, h, w = layers[l, CIN], layers[l, COUT], layers[l, H], layers[l, W]
+        n = h * w * nb
+        out, src, wo, bo = layers[l, OUT], layers[l, IN], layers[l, WOFF], layers[l, BOFF]
+        dz = dact[out:out + cout * n]  # the pre-activation gradient
+        _weight_grad(dz, act[src:src + cin * n], cin, cout, h, w, nb, grad[wo:wo + cout * cin * 9],
+                     grad[bo:bo + cout])
+        if l == 0:
+            break
+        din = dact[src:src + cin * n]  # the gradient of this conv's input, the previous layer's (pooled) output
+        din[:] = 0
+        _conv(dz, prm[wo:wo + cout * cin * 9], True, cout, cin, h, w, nb, din)
+        po, ph, pw = layers[l - 1, OUT], layers[l - 1, H], layers[l - 1, W]
+        pn = cin * ph * pw * nb
+        if layers[l - 1, POOL]:
+            _unpool_relu(act[po:po + pn], din, cin, ph, pw, nb, dact[po:po + pn])
+        else:  # in place: the previous output is this input
+            pa, pz = act[po:po + pn], dact[po:po + pn]
+            for k in range(pn):
+                pz[k] = pz[k] if pa[k] > 0 else np.float32(0)
+    return loss / nb
+
+
+@njit(parallel=True, cache=True)
+def train_kernel(x, idx, y, mean, std, params, ptab, lo, layers, head, scratch, grads, loss, threads):
+    """Networks lo..lo + n: each one's loss [n] on its batch idx [n, B] with labels y [n, B], and its gradient,
+    written into grads. params and grads are the population's flat layer-major buffers; ptab [m, 2] gives each
+    parameter tensor's start in them and its size per network. threads: numba.get_num_threads() (a global read inside
+    would keep numba from caching the kernel)."""
+    nb, k_out, p_all = idx.shape[1], head[HEAD_K], idx.shape[0]
+    for t in prange(threads):  # one scratch per thread, networks t, t + threads, ...
+        act = np.empty(scratch, np.float32)
+        dact = np.empty(scratch, np.float32)
+        logits = np.empty((k_out, nb), np.float32)
+        row = np.empty(ptab[:, 1].sum(), np.float32)
+        grow = np.empty_like(row)
+        for p in range(t, p_all, threads):
+            _gather_row(params, ptab, lo + p, row)
+            _forward(x, idx[p], mean, std, row, layers, head, nb, act, logits)
+            loss[p] = _backward(y[p], row, layers, head, nb, act, logits, grow, dact)
+            _scatter_row(grow, ptab, lo + p, grads)
+
+
+@njit(parallel=True, cache=True)
+def logits_kernel(x, idx, mean, std, params, ptab, lo, layers, head, scratch, logits, threads):
+    """Logits [n, B, K] of networks lo..lo + n on their batches idx [n, B]."""
+    nb, k_out, n = idx.shape[1], head[HEAD_K], idx.shape[0]
+    for t in prange(threads):
+        act = np.empty(scratch, np.float32)
+        row = np.empty(ptab[:, 1].sum(), np.float32)
+        own = np.empty((k_out, nb), np.float32)
+        for p in range(t, n, threads):
+            _gather_row(params, ptab, lo + p, row)
+            _forward(x, idx[p], mean, std, row, layers, head, nb, act, own)
+            logits[p] = own.T
+
+
+@njit(cache=True)
+def _gather_row(flat, ptab, p, row):
+    """Network p's parameters from the flat layer-major buffer into one contiguous row."""
+    o = 0
+    for j in range(ptab.shape[0]):
+        base, n = ptab[j, 0] + p * ptab[j, 1], ptab[j, 1]
+        row[o:o + n] = flat[base:base + n]
+        o += n
+
+
+@njit(cache=True)
+def _scatter_row(row, ptab, p, flat):
+    o = 0
+    for j in range(ptab.shape[0]):
+        base, n = ptab[j, 0] + p * ptab[j, 1], ptab[j, 1]
+        flat[base:base + n] = row[o:o + n]
+        o += n
+
+
+@njit(parallel=True, cache=True)
+def sgd_kernel(params, grads, momentum_buf, lr, momentum, weight_decay, frozen, threads):
+    """torch.optim.SGD's update (dampening 0, no Nesterov) in one pass over the flat buffers, in place; entries
+    where frozen (bool, or empty for none) is set get a zero gradient and momentum. Plain multiplies and adds in
+    torch's order, with fp32 scalars as torch uses: the same bits as `reference.sgd_step`. One pass instead of
+    torch's four (P = 1000 small-cnn: 15 MB a buffer)."""
+    n = params.shape[0]
+    per = -(-n // threads)
+    for t in prange(threads):
+        lo, hi = t * per, min(n, (t + 1) * per)
+        p, g, m = params[lo:hi], grads[lo:hi], momentum_buf[lo:hi]
+        f = frozen[lo:hi] if frozen.shape[0] else frozen
+        for k in range(hi - lo):
+            gk = g[k] + weight_decay * p[k] if weight_decay else g[k]
+            mk = m[k] * momentum + gk
+            if frozen.shape[0] and f[k]:
+                gk, mk = np.float32(0), np.float32(0)
+            g[k] = gk
+            m[k] = mk
+            p[k] = p[k] - lr * mk

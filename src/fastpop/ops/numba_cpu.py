@@ -1,0 +1,93 @@
+"""The numba backend, the CPU default: a CNN whose only dense layer is the classifier runs whole, one network per
+core at a time (`cnn_kernels`), forward and backward in one call, and the optimizer is one fused pass. The rest
+(the mlp architecture, the evaluation bits and losses from the logits) is the torch path of `reference`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numba
+import numpy as np
+import torch
+
+from . import cnn_kernels as _k
+from .reference import (conv_block, cross_entropy, dense, gather_images, global_avg_pool,  # noqa: F401
+                        head_loss, head_score, score_logits)
+
+NAME = "numba"
+
+
+def runs_whole(arch) -> bool:
+    """Whether `cnn_kernels` runs this architecture (network_grads, network_logits): convs, then the classifier
+    as the only dense layer."""
+    return bool(arch.convs) and len(arch.dense) == 1
+
+
+@lru_cache(maxsize=64)
+def _tables(arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The kernels' layer and head tables for batch size nb, and the scratch floats per network."""
+    shapes = arch.param_shapes()
+    offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in shapes])
+    c, h, w = arch.in_shape
+    end = c * h * w * nb  # the input image block lies at 0
+    rows = []
+    for i, conv in enumerate(arch.convs):
+        h, w = arch.conv_sizes()[i]
+        inp, out = (rows[-1][_k.NEXT] if rows else 0), end
+        end = out + conv.cout * h * w * nb
+        nxt = out
+        if conv.pool:
+            nxt, end = end, end + conv.cout * (h // 2) * (w // 2) * nb
+        rows.append([conv.cin, conv.cout, h, w, int(conv.pool), offsets[2 * i], offsets[2 * i + 1], inp, out, nxt])
+    n_conv = len(arch.convs)
+    head = [offsets[2 * n_conv], offsets[2 * n_conv + 1], end, arch.classes]
+    end += arch.convs[-1].cout * nb
+    return np.array(rows, np.int64), np.array(head, np.int64), int(end)
+
+
+def _rows(params) -> torch.Tensor:
+    """Network-major copy [P, D] of per-layer parameter tensors [P, *shape]."""
+    return torch.cat([p.detach().reshape(p.shape[0], -1) for p in params], 1).contiguous()
+
+
+def _layer_major(arch, p: int) -> np.ndarray:
+    """ptab of a population's flat layer-major buffer: each parameter tensor's start and size per network."""
+    sizes = [int(np.prod(s)) for _, s in arch.param_shapes()]
+    return np.array([[p * sum(sizes[:j]), n] for j, n in enumerate(sizes)], np.int64)
+
+
+def network_grads(pop, lo: int, x, idx, y, mean, std) -> torch.Tensor:
+    """Networks lo..lo + n of the population: each one's mean cross-entropy [n] on its batch idx [n, B] with
+    labels y [n, B]; its gradient is written (not added) into pop.grads."""
+    layers, head, scratch = _tables(pop.arch, idx.shape[1])
+    loss = torch.empty(idx.shape[0], dtype=torch.float32)
+    _k.train_kernel(x.numpy(), idx.contiguous().numpy(), y.contiguous().numpy(), _f32(mean).numpy(),
+                    _f32(std).numpy(), pop.params.numpy(), _layer_major(pop.arch, pop.p), lo, layers, head, scratch,
+                    pop.grads.numpy(), loss.numpy(), numba.get_num_threads())
+    return loss
+
+
+@torch.no_grad()
+def network_logits(arch, params, x, idx, mean, std) -> torch.Tensor:
+    """Each network's logits [P, B, K] on its batch idx [P, B]; params are per-layer tensors [P, *shape]."""
+    idx = idx.contiguous()
+    rows = _rows(params)
+    layers, head, scratch = _tables(arch, idx.shape[1])
+    logits = torch.empty(idx.shape[0], idx.shape[1], arch.classes)
+    _k.logits_kernel(x.numpy(), idx.numpy(), _f32(mean).numpy(), _f32(std).numpy(), rows.view(-1).numpy(),
+                     np.array([[0, rows.shape[1]]], np.int64), 0, layers, head, scratch, logits.numpy(),
+                     numba.get_num_threads())
+    return logits
+
+
+@torch.no_grad()
+def sgd_step(params, grads, momentum_buf, lr, momentum, weight_decay, frozen=None) -> None:
+    """`reference.sgd_step`, bit for bit, in one pass."""
+    none = np.empty(0, np.bool_)
+    _k.sgd_kernel(params.numpy(), grads.numpy(), momentum_buf.numpy(), np.float32(lr), np.float32(momentum),
+                  np.float32(weight_decay), none if frozen is None else frozen.numpy(), numba.get_num_threads())
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous()
