@@ -4,7 +4,7 @@ with the same init and batch order trained by torch.optim.SGD."""
 import pytest
 import torch
 
-from fastpop.ops import reference
+from fastpop.ops import numba_cpu, reference
 from fastpop.archs import build_arch
 from fastpop.config import Config
 from fastpop.data import load_dataset
@@ -20,23 +20,27 @@ def digits():
     return load_dataset(Config(), CPU)
 
 
-def _train_population(arch, data, config, steps):
+BACKENDS = pytest.mark.parametrize("backend", [reference, numba_cpu], ids=["torch", "numba"])
+
+
+def _train_population(arch, data, config, steps, backend):
     pop = Population(arch, config.init_seeds(), CPU)
     orders = epoch_orders(config.order_seeds(), 0, len(data.train))
     losses = []
     for s in range(steps):
         idx = orders[:, s * config.batch_size:(s + 1) * config.batch_size]
-        losses.append(train_step(pop, reference, data, idx, config.lr_at(s, steps, steps), config))
+        losses.append(train_step(pop, backend, data, idx, config.lr_at(s, steps, steps), config))
     return pop, torch.stack(losses)
 
 
+@BACKENDS
 @pytest.mark.parametrize("arch_name", ["small-cnn", "wide-cnn", "mlp"])
-def test_population_equals_plain_modules(digits, arch_name):
+def test_population_equals_plain_modules(digits, arch_name, backend):
     config = Config(arch=arch_name, seeds=4, batch_size=16, lr=0.1, momentum=0.9, weight_decay=1e-3,
                     schedule="cosine")
     arch = build_arch(arch_name, digits.in_shape, digits.classes)
     steps = 6
-    pop, pop_losses = _train_population(arch, digits, config, steps)
+    pop, pop_losses = _train_population(arch, digits, config, steps, backend)
     orders = epoch_orders(config.order_seeds(), 0, len(digits.train))
     x = (digits.train.x.float() - digits.mean.view(1, -1, 1, 1)) / digits.std.view(1, -1, 1, 1)
     for k, seed in enumerate(config.seed_list):
@@ -82,14 +86,15 @@ def test_init_follows_torch_default_bounds(digits):
         assert v.abs().max() > 0.9 * bound, name  # the whole range is used
 
 
-def test_gradients_do_not_mix(digits):
+@BACKENDS
+def test_gradients_do_not_mix(digits, backend):
     """Each network's gradient is the gradient of its own mean loss alone."""
     arch = build_arch("small-cnn", digits.in_shape, digits.classes)
     config = Config(seeds=3, batch_size=8, momentum=0.0, weight_decay=0.0)
     pop = Population(arch, [1, 2, 3], CPU)
     idx = epoch_orders([1, 2, 3], 0, len(digits.train))[:, :8]
-    train_step(pop, reference, digits, idx, 0.0, config)
+    train_step(pop, backend, digits, idx, 0.0, config)
     together = pop.networks(pop.grads)
     single = Population(arch, [2], CPU)
-    train_step(single, reference, digits, idx[1:2], 0.0, config)
+    train_step(single, backend, digits, idx[1:2], 0.0, config)
     torch.testing.assert_close(together[1], single.networks(single.grads)[0], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,125 @@
+"""The numba backend's whole-network kernels and fused SGD against the torch reference: loss, every gradient and the
+logits on fresh random inputs and odd shapes, with the outputs poisoned (NaN) before each run."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastpop.archs import Arch, Conv, Dense, build_arch
+from fastpop.ops import numba_cpu, reference
+from fastpop.population import Population, _dense_stack, _features, loss as population_loss
+
+CPU = torch.device("cpu")
+
+# odd sizes: 7x5 images with 3 channels pool to 3x2 (floor drops a row and a column), then 1x1
+ODD = Arch("odd", (3, 7, 5), (Conv(3, 5, True), Conv(5, 6, True), Conv(6, 7, False)), (Dense(7, 4, False),))
+
+
+def _case(arch, p, bsz, seed, constant=False):
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = arch.in_shape
+    n = 40
+    x = torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
+    if constant:  # flat images: every 2x2 pooling window is a tie, resolved as nn.MaxPool2d does
+        x[:] = 7
+    y = torch.randint(0, arch.classes, (n,), generator=g)
+    idx = torch.randint(0, n, (p, bsz), generator=g)
+    mean, std = torch.rand(c, generator=g) * 100, torch.rand(c, generator=g) * 50 + 20
+    pop = Population(arch, list(range(seed, seed + p)), CPU)
+    pop.params.mul_(3)  # larger weights than init: more positive activations, ReLU and pool paths both taken
+    return pop, x, y, idx, mean, std
+
+
+def _reference_grads(pop, x, y, idx, mean, std):
+    pop.grads.zero_()
+    loss = population_loss(pop.arch, reference, pop.leaves(0, pop.p), x, idx, y[idx], mean, std)
+    loss.sum().backward()
+    return loss.detach(), pop.grads.clone()
+
+
+@pytest.mark.parametrize("arch", [ODD, build_arch("small-cnn", (1, 8, 8), 10), build_arch("wide-cnn", (1, 8, 8), 10)],
+                         ids=["odd", "small-cnn", "wide-cnn"])
+@pytest.mark.parametrize("p, bsz", [(1, 1), (3, 5), (4, 33)])
+def test_loss_and_every_gradient_match_reference(arch, p, bsz):
+    for seed in (1, 2):  # fresh inputs each time
+        pop, x, y, idx, mean, std = _case(arch, p, bsz, seed * 100 + p)
+        want_loss, want_grads = _reference_grads(pop, x, y, idx, mean, std)
+        pop.grads.fill_(float("nan"))  # the kernel must write every gradient entry
+        loss = numba_cpu.network_grads(pop, 0, x, idx, y[idx], mean, std)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for name, got, want in zip([n for n, _ in arch.param_shapes()], pop.views(pop.grads), pop.views(want_grads)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("arch", [ODD, build_arch("small-cnn", (1, 8, 8), 10)], ids=["odd", "small-cnn"])
+def test_logits_match_reference(arch, monkeypatch):
+    pop, x, y, idx, mean, std = _case(arch, 3, 7, 5)
+    real_empty = torch.empty
+    monkeypatch.setattr(numba_cpu.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    got = numba_cpu.network_logits(arch, pop.views(pop.params), x, idx, mean, std)
+    h, rest = _features(arch, reference, pop.views(pop.params), x, idx, mean, std)
+    torch.testing.assert_close(got, _dense_stack(arch, reference, h, rest), rtol=1e-5, atol=1e-5)
+
+
+def test_pool_ties_route_the_gradient_as_max_pool2d():
+    arch = build_arch("small-cnn", (1, 8, 8), 10)
+    pop, x, y, idx, mean, std = _case(arch, 2, 6, 3, constant=True)
+    want_loss, want_grads = _reference_grads(pop, x, y, idx, mean, std)
+    loss = numba_cpu.network_grads(pop, 0, x, idx, y[idx], mean, std)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pop.grads, want_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_network_is_bit_identical_alone_or_in_company():
+    arch = build_arch("small-cnn", (1, 8, 8), 10)
+    pop, x, y, idx, mean, std = _case(arch, 5, 9, 8)
+    loss = numba_cpu.network_grads(pop, 0, x, idx, y[idx], mean, std)
+    alone = Population(arch, [pop.p], CPU)  # seed of network 0 is 8: rebuild network 3 alone
+    alone.set_networks(pop.networks()[3:4])
+    loss_alone = numba_cpu.network_grads(alone, 0, x, idx[3:4], y[idx[3:4]], mean, std)
+    assert torch.equal(loss[3:4], loss_alone)
+    assert torch.equal(pop.networks(pop.grads)[3], alone.networks(alone.grads)[0])
+    # a chunk (lo > 0) of the population writes the same gradients
+    grads = pop.grads.clone()
+    pop.grads.fill_(float("nan"))
+    numba_cpu.network_grads(pop, 0, x, idx[:2], y[idx[:2]], mean, std)
+    numba_cpu.network_grads(pop, 2, x, idx[2:], y[idx[2:]], mean, std)
+    assert torch.equal(pop.grads, grads)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+@pytest.mark.parametrize("with_frozen", [False, True])
+def test_sgd_is_bit_identical_to_reference(weight_decay, with_frozen):
+    g = torch.Generator().manual_seed(4)
+    n = 1001  # odd: the threads' slices are uneven
+    params, grads, mom = (torch.randn(n, generator=g) for _ in range(3))
+    frozen = torch.rand(n, generator=g) < 0.3 if with_frozen else None
+    want = [t.clone() for t in (params, grads, mom)]
+    reference.sgd_step(*want, 0.05, 0.9, weight_decay, frozen)
+    numba_cpu.sgd_step(params, grads, mom, 0.05, 0.9, weight_decay, frozen)
+    for got, w in zip((params, grads, mom), want):
+        assert torch.equal(got, w)
+
+
+def test_nan_network_stays_nan_and_alone():
+    arch = build_arch("small-cnn", (1, 8, 8), 10)
+    pop, x, y, idx, mean, std = _case(arch, 3, 4, 9)
+    clean = numba_cpu.network_grads(pop, 0, x, idx, y[idx], mean, std)
+    grads = pop.networks(pop.grads)
+    pop.views(pop.params)[0][1].fill_(float("nan"))
+    loss = numba_cpu.network_grads(pop, 0, x, idx, y[idx], mean, std)
+    assert np.isnan(loss[1].item())
+    assert torch.equal(loss[[0, 2]], clean[[0, 2]])
+    assert torch.equal(pop.networks(pop.grads)[[0, 2]], grads[[0, 2]])
+
+
+def test_backend_choice():
+    from fastpop.errors import UsageError
+    from fastpop.ops import get_backend
+
+    assert get_backend("auto", CPU) is numba_cpu
+    assert get_backend("torch", CPU) is reference
+    assert numba_cpu.runs_whole(build_arch("small-cnn", (1, 8, 8), 10))
+    assert not numba_cpu.runs_whole(build_arch("mlp", (1, 8, 8), 10))
+    with pytest.raises(UsageError, match="runs on the CPU"):
+        get_backend("numba", torch.device("cuda"))
