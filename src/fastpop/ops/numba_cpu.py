@@ -41,8 +41,9 @@ def _tables(arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
             nxt, end = end, end + conv.cout * (h // 2) * (w // 2) * nb
         rows.append([conv.cin, conv.cout, h, w, int(conv.pool), offsets[2 * i], offsets[2 * i + 1], inp, out, nxt])
     n_conv = len(arch.convs)
-    head = [offsets[2 * n_conv], offsets[2 * n_conv + 1], end, arch.classes]
-    end += arch.convs[-1].cout * nb
+    end += arch.convs[-1].cout * nb  # g
+    head = [offsets[2 * n_conv], offsets[2 * n_conv + 1], end - arch.convs[-1].cout * nb, arch.classes, end]
+    end += max(2 * conv.cin * h * w * nb for conv, (h, w) in zip(arch.convs, arch.conv_sizes()))  # shifted inputs
     return np.array(rows, np.int64), np.array(head, np.int64), int(end)
 
 
