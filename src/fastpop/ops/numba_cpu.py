@@ -26,24 +26,26 @@ def runs_whole(arch) -> bool:
 
 @lru_cache(maxsize=64)
 def _tables(arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The kernels' layer and head tables for batch size nb, and the scratch floats per network."""
+    """The kernels' layer and head tables for batch size nb (columns in `cnn_kernels`), and the scratch floats
+    per network."""
     shapes = arch.param_shapes()
     offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in shapes])
     c, h, w = arch.in_shape
-    end = c * h * w * nb  # the input image block lies at 0
+    end = c * h * w * nb  # the input images lie at 0
     rows = []
-    for i, conv in enumerate(arch.convs):
-        h, w = arch.conv_sizes()[i]
-        inp, out = (rows[-1][_k.NEXT] if rows else 0), end
-        end = out + conv.cout * h * w * nb
-        nxt = out
+    for i, (conv, (h, w)) in enumerate(zip(arch.convs, arch.conv_sizes())):
+        n = h * w * nb
+        inp = rows[-1][_k.NEXT] if rows else 0
+        shift, out = end, end + 2 * conv.cin * n
+        end = nxt = out + conv.cout * n
         if conv.pool:
-            nxt, end = end, end + conv.cout * (h // 2) * (w // 2) * nb
-        rows.append([conv.cin, conv.cout, h, w, int(conv.pool), offsets[2 * i], offsets[2 * i + 1], inp, out, nxt])
+            end += conv.cout * (h // 2) * (w // 2) * nb
+        rows.append([conv.cin, conv.cout, h, w, int(conv.pool), offsets[2 * i], offsets[2 * i + 1], inp, out,
+                     nxt if conv.pool else out, shift])
     n_conv = len(arch.convs)
-    end += arch.convs[-1].cout * nb  # g
-    head = [offsets[2 * n_conv], offsets[2 * n_conv + 1], end - arch.convs[-1].cout * nb, arch.classes, end]
-    end += max(2 * conv.cin * h * w * nb for conv, (h, w) in zip(arch.convs, arch.conv_sizes()))  # shifted inputs
+    g, end = end, end + arch.convs[-1].cout * nb
+    head = [offsets[2 * n_conv], offsets[2 * n_conv + 1], g, arch.classes, end]
+    end += max(2 * conv.cout * h * w * nb for conv, (h, w) in zip(arch.convs, arch.conv_sizes()))
     return np.array(rows, np.int64), np.array(head, np.int64), int(end)
 
 
