@@ -1,4 +1,5 @@
-"""Training throughput of fastpop vs a torch.func ensemble vs a loop of nn.Modules: the same as `fastpop bench`.
+"""Training throughput of fastpop vs a torch.func ensemble, a grouped conv and a loop of nn.Modules, and
+fastpop's evaluation: the same as `fastpop bench`.
 
     python bench/bench_train.py --nets 10,100,1000 --steps 20
 """

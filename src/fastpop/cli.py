@@ -62,7 +62,7 @@ RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the sa
     "max-nets-per-chunk": (lambda v: v if v == "auto" else int(v), "networks per forward/backward pass, or auto"),
     "shard": (str, "i/n: train only the i-th of n blocks of the seeds (join with fastpop merge)"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
-    "backend": (str, "auto (triton on CUDA, torch on the CPU), torch or triton"),
+    "backend": (str, "auto (numba on the CPU, triton on CUDA), numba, torch (the reference) or triton"),
     "out": (str, "new run directory (default runs/ARCH-DATASET-PN-TIME)"),
 }
 
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--threshold", type=float, default=0.5, help="final TPA at which an example counts as learned")
     compare.add_argument("--out", help="folder for compare.json and the figure (default compare-A-vs-B)")
 
-    bench = sub.add_parser("bench", help="training throughput: fastpop vs torch.func vmap vs a loop of modules")
+    bench = sub.add_parser("bench", help="training throughput: fastpop vs torch.func vmap, a grouped conv and a "
+                           "loop of modules")
     bench.add_argument("--nets", default="10,100,1000", help="population sizes, comma-separated")
     bench.add_argument("--steps", type=int, default=20, help="timed steps per provider and size")
     bench.add_argument("--arch", default="small-cnn")
