@@ -1,5 +1,6 @@
 """The numba backend's whole-network kernels and fused SGD against the torch reference: loss, every gradient and the
-logits on fresh random inputs and odd shapes, with the outputs poisoned (NaN) before each run."""
+evaluation (bits, loss, predictions) on fresh random inputs and odd shapes, with the outputs poisoned before each
+run."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from fastpop.archs import Arch, Conv, Dense, build_arch
 from fastpop.ops import numba_cpu, reference
-from fastpop.population import Population, _dense_stack, _features, loss as population_loss
+from fastpop.population import Population, loss as population_loss, score
 
 CPU = torch.device("cpu")
 
@@ -52,13 +53,29 @@ def test_loss_and_every_gradient_match_reference(arch, p, bsz):
 
 
 @pytest.mark.parametrize("arch", [ODD, build_arch("small-cnn", (1, 8, 8), 10)], ids=["odd", "small-cnn"])
-def test_logits_match_reference(arch, monkeypatch):
-    pop, x, y, idx, mean, std = _case(arch, 3, 7, 5)
-    real_empty = torch.empty
-    monkeypatch.setattr(numba_cpu.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-    got = numba_cpu.network_logits(arch, pop.views(pop.params), x, idx, mean, std)
-    h, rest = _features(arch, reference, pop.views(pop.params), x, idx, mean, std)
-    torch.testing.assert_close(got, _dense_stack(arch, reference, h, rest), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("nb", [7, 150])  # 150: two kernel calls of 80 and 70 examples
+@pytest.mark.parametrize("shared", [False, True], ids=["own-batches", "same-examples"])
+def test_score_matches_reference(arch, nb, shared):
+    pop, x, y, idx, mean, std = _case(arch, 5, nb, 5)
+    if shared:  # as in evaluation: the kernel gathers the input layer once per thread
+        idx = idx[:1].expand(5, -1)
+    labels = y[idx]
+    labels[:, ::5] = -1  # classes the networks were not trained on: wrong, no loss
+    dense_w, dense_b = pop.views(pop.params)[-2:]
+    dense_w[2].zero_()  # network 2: every logit equal, ties to class 0
+    dense_b[2].fill_(0.5)
+    want_bits = torch.zeros(5, 8 + -(-nb // 64) * 8, dtype=torch.uint8)
+    want_loss, want_pred = score(arch, reference, pop.views(pop.params), x, idx, labels, mean, std, want_bits, 64)
+    bits = torch.full_like(want_bits, 0xFF)  # the kernel writes every byte of its examples, and only those
+    bits[:, 8:] = 0xAB
+    loss, pred = numba_cpu.network_score(arch, pop.views(pop.params), x, idx, labels, mean, std, bits, 64)
+    assert torch.equal(pred, want_pred)
+    assert (pred[2] == 0).all()
+    assert torch.equal(bits[:, :8], torch.full_like(bits[:, :8], 0xFF))
+    n_bytes = -(-nb // 8)
+    assert torch.equal(bits[:, 8:8 + n_bytes], want_bits[:, 8:8 + n_bytes])
+    assert (bits[:, 8 + n_bytes:] == 0xAB).all()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
 
 
 def test_pool_ties_route_the_gradient_as_max_pool2d():

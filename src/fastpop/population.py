@@ -128,8 +128,7 @@ def score(arch: Arch, backend, params, images, idx, y, mean, std, bits, bit_offs
     """Evaluation of a batch: correctness bits into `bits` [P, R] from bit `bit_offset`; returns (summed loss
     over labelled examples [P], predictions [P, B])."""
     if backend.runs_whole(arch):
-        return backend.score_logits(backend.network_logits(arch, params, images, idx, mean, std), y, bits,
-                                    bit_offset)
+        return backend.network_score(arch, params, images, idx, y, mean, std, bits, bit_offset)
     h, rest = _features(arch, backend, params, images, idx, mean, std)
     if _fused_head(arch, rest):
         return backend.head_score(h, rest[0], rest[1], y, bits, bit_offset)

@@ -19,7 +19,7 @@ NAME = "numba"
 
 
 def runs_whole(arch) -> bool:
-    """Whether `cnn_kernels` runs this architecture (network_grads, network_logits): convs, then the classifier
+    """Whether `cnn_kernels` runs this architecture (network_grads, network_score): convs, then the classifier
     as the only dense layer."""
     return bool(arch.convs) and len(arch.dense) == 1
 
@@ -71,17 +71,33 @@ def network_grads(pop, lo: int, x, idx, y, mean, std) -> torch.Tensor:
     return loss
 
 
+# Examples per scoring kernel call: a network's activations for more than ~128 examples spill out of L2
+# (small-cnn, P = 1000, forward only: 64 examples 96 GFLOP/s, 96-128 98, 256 86 on the 2-core CPU). Nothing an
+# example gets depends on the split.
+SCORE_EXAMPLES = 128
+
+
 @torch.no_grad()
-def network_logits(arch, params, x, idx, mean, std) -> torch.Tensor:
-    """Each network's logits [P, B, K] on its batch idx [P, B]; params are per-layer tensors [P, *shape]."""
-    idx = idx.contiguous()
-    rows = _rows(params)
-    layers, head, scratch = _tables(arch, idx.shape[1])
-    logits = torch.empty(idx.shape[0], idx.shape[1], arch.classes)
-    _k.logits_kernel(x.numpy(), idx.numpy(), _f32(mean).numpy(), _f32(std).numpy(), rows.view(-1).numpy(),
-                     np.array([[0, rows.shape[1]]], np.int64), 0, layers, head, scratch, logits.numpy(),
-                     numba.get_num_threads())
-    return logits
+def network_score(arch, params, x, idx, y, mean, std, bits, bit_offset):
+    """`population.score` in whole networks: correctness bits into bits [P, R] from bit `bit_offset` (a multiple
+    of 8); returns (summed cross-entropy over labelled examples [P], predictions int64 [P, B]). params are
+    per-layer tensors [P, *shape]."""
+    p, nb = idx.shape
+    rows = _rows(params).view(-1).numpy()
+    ptab = np.array([[0, rows.shape[0] // p]], np.int64)
+    loss = torch.zeros(p)
+    pred = torch.empty(p, nb, dtype=torch.int64)
+    parts = -(-nb // SCORE_EXAMPLES)
+    size = -(-nb // parts // 8) * 8  # parts start on whole bytes of the record
+    for lo in range(0, nb, size):
+        part, labels = idx[:, lo:lo + size].contiguous(), y[:, lo:lo + size].contiguous()
+        layers, head, scratch = _tables(arch, part.shape[1])
+        summed = torch.empty(p)
+        _k.score_kernel(x.numpy(), part.numpy(), labels.numpy(), _f32(mean).numpy(), _f32(std).numpy(), rows,
+                        ptab, layers, head, scratch, bits.numpy(), (bit_offset + lo) // 8, summed.numpy(),
+                        pred[:, lo:lo + size].numpy(), numba.get_num_threads())
+        loss += summed
+    return loss, pred
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ NAME = "torch"
 
 
 def runs_whole(arch) -> bool:
-    """Whether the backend runs `arch` with whole-network kernels (network_grads, network_logits) instead of op
+    """Whether the backend runs `arch` with whole-network kernels (network_grads, network_score) instead of op
     by op: never here."""
     return False
 
