@@ -2,6 +2,9 @@
 evaluation (bits, loss, predictions) on fresh random inputs and odd shapes, with the outputs poisoned before each
 run."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +143,28 @@ def test_backend_choice():
     assert not numba_cpu.runs_whole(build_arch("mlp", (1, 8, 8), 10))
     with pytest.raises(UsageError, match="runs on the CPU"):
         get_backend("numba", torch.device("cuda"))
+
+
+def test_results_do_not_depend_on_the_thread_count(tmp_path):
+    """The cached parallel kernels, loaded in a process with 3 threads, give the bits of this process."""
+    import subprocess
+    import sys
+
+    arch = build_arch("small-cnn", (1, 8, 8), 10)
+    pop, x, y, idx, mean, std = _case(arch, 5, 9, 12)
+    loss = numba_cpu.network_grads(pop, 0, x, idx, y[idx], mean, std)
+    script = f"""
+import torch, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_numba_backend import _case, build_arch, numba_cpu
+import numba
+assert numba.get_num_threads() == 3
+pop, x, y, idx, mean, std = _case(build_arch("small-cnn", (1, 8, 8), 10), 5, 9, 12)
+loss = numba_cpu.network_grads(pop, 0, x, idx, y[idx], mean, std)
+torch.save((loss, pop.grads), {str(tmp_path / "out.pt")!r})
+"""
+    env = dict(os.environ, NUMBA_NUM_THREADS="3")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    other_loss, other_grads = torch.load(tmp_path / "out.pt")
+    assert torch.equal(other_loss, loss)
+    assert torch.equal(other_grads, pop.grads)

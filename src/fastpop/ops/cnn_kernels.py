@@ -316,8 +316,10 @@ def _backward(y, prm, layers, head, nb, act, logits, grad, dact):
 def train_kernel(x, idx, y, mean, std, params, ptab, lo, layers, head, scratch, grads, loss, threads):
     """Networks lo..lo + n: each one's loss [n] on its batch idx [n, B] with labels y [n, B], and its gradient,
     written into grads. params and grads are the population's flat layer-major buffers; ptab [m, 2] gives each
-    parameter tensor's start in them and its size per network. threads: numba.get_num_threads() (a global read inside
-    would keep numba from caching the kernel)."""
+    parameter tensor's start in them and its size per network. threads: numba.get_num_threads(), passed in
+    because a global read inside keeps numba from caching the kernel. (numba's cache with parallel=True has
+    crashed elsewhere when the thread count changed; here the cached kernels ran under NUMBA_NUM_THREADS 1 to 4,
+    and a test runs them under a thread count other than the one that compiled them.)"""
     nb, k_out, p_all = idx.shape[1], head[HEAD_K], idx.shape[0]
     for t in prange(threads):  # one scratch per thread, networks t, t + threads, ...
         act = np.empty(scratch, np.float32)
