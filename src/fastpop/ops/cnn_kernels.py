@@ -133,6 +133,19 @@ def _relu(v):
         v[k] = a if a > 0 or a != a else np.float32(0)
 
 
+@njit(inline="always")
+def _max4(a, b, c, d):
+    """The maximum of a 2x2 window in scan order as nn.MaxPool2d takes it: a NaN wins."""
+    m = a
+    if b > m or b != b:
+        m = b
+    if c > m or c != c:
+        m = c
+    if d > m or d != d:
+        m = d
+    return m
+
+
 @njit(fastmath=_FMA, cache=True)
 def _pool(src, c, h, w, nb, dst):
     """2x2 max-pool (floor) [c, h, w, nb] -> [c, h // 2, w // 2, nb]: the first maximum in scan order, NaN wins,
@@ -147,14 +160,7 @@ def _pool(src, c, h, w, nb, dst):
                 t2 = ((o * h2 + y) * w2 + x) * nb
                 out = dst[t2:t2 + nb]
                 for k in range(nb):
-                    m = a[k]
-                    if b[k] > m or b[k] != b[k]:
-                        m = b[k]
-                    if cc[k] > m or cc[k] != cc[k]:
-                        m = cc[k]
-                    if d[k] > m or d[k] != d[k]:
-                        m = d[k]
-                    out[k] = m
+                    out[k] = _max4(a[k], b[k], cc[k], d[k])
 
 
 @njit(fastmath=_FMA, cache=True)
@@ -174,13 +180,7 @@ def _unpool_relu(act, dout, c, h, w, nb, dz):
                 t2 = ((o * h2 + y) * w2 + x) * nb
                 g = dout[t2:t2 + nb]
                 for k in range(nb):  # branch-free, so that it vectorizes
-                    m = a[k]
-                    if b[k] > m or b[k] != b[k]:
-                        m = b[k]
-                    if cc[k] > m or cc[k] != cc[k]:
-                        m = cc[k]
-                    if d[k] > m or d[k] != d[k]:
-                        m = d[k]
+                    m = _max4(a[k], b[k], cc[k], d[k])
                     left = g[k] if m > 0 else np.float32(0)  # a NaN maximum passes no gradient, as ReLU's
                     za[k] = left if a[k] == m else np.float32(0)
                     left = np.float32(0) if a[k] == m else left
@@ -328,10 +328,10 @@ def train_kernel(x, idx, y, mean, std, params, ptab, lo, layers, head, scratch, 
         row = np.empty(ptab[:, 1].sum(), np.float32)
         grow = np.empty_like(row)
         for p in range(t, p_all, threads):
-            _gather_row(params, ptab, lo + p, row)
+            _move_row(params, ptab, lo + p, row, True)
             _forward(x, idx[p], mean, std, row, layers, head, nb, act, logits, True)
             loss[p] = _backward(y[p], row, layers, head, nb, act, logits, grow, dact)
-            _scatter_row(grow, ptab, lo + p, grads)
+            _move_row(grads, ptab, lo + p, grow, False)
 
 
 @njit(parallel=True, cache=True)
@@ -347,7 +347,7 @@ def score_kernel(x, idx, y, mean, std, params, ptab, layers, head, scratch, bits
         logits = np.empty((k_out, nb), np.float32)
         right = np.zeros(-(-nb // 8) * 8, np.uint8)
         for p in range(t, n, threads):
-            _gather_row(params, ptab, p, row)
+            _move_row(params, ptab, p, row, True)
             # evaluation shows every network the same examples: the input layer is gathered once per thread
             # (its gather and shifted copies cost 10% of an evaluation pass)
             gather = p < threads or not np.array_equal(idx[p], idx[p - threads])
@@ -376,21 +376,16 @@ def score_kernel(x, idx, y, mean, std, params, ptab, layers, head, scratch, bits
 
 
 @njit(cache=True)
-def _gather_row(flat, ptab, p, row):
-    """Network p's parameters from the flat layer-major buffer into one contiguous row."""
+def _move_row(flat, ptab, p, row, into_row):
+    """Network p's parameters between the flat layer-major buffer and one contiguous row: into the row, or
+    (into_row False) back into the buffer."""
     o = 0
     for j in range(ptab.shape[0]):
         base, n = ptab[j, 0] + p * ptab[j, 1], ptab[j, 1]
-        row[o:o + n] = flat[base:base + n]
-        o += n
-
-
-@njit(cache=True)
-def _scatter_row(row, ptab, p, flat):
-    o = 0
-    for j in range(ptab.shape[0]):
-        base, n = ptab[j, 0] + p * ptab[j, 1], ptab[j, 1]
-        flat[base:base + n] = row[o:o + n]
+        if into_row:
+            row[o:o + n] = flat[base:base + n]
+        else:
+            flat[base:base + n] = row[o:o + n]
         o += n
 
 
