@@ -199,14 +199,15 @@ def print_table(rows: list[Row], batch_size: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"training step, digits, B={batch_size}; sgemm ceiling {rows[0].ceiling_gflops:.0f} GFLOP/s"
+    table = Table(title=f"training step and evaluation, digits, B={batch_size}; sgemm ceiling "
+                  f"{rows[0].ceiling_gflops:.0f} GFLOP/s"
                   if rows else "no rows")
     for col in ("provider", "P", "net-images/s", "GFLOP/s", "% ceiling", "fastpop speed-up", "peak RSS GiB"):
         table.add_column(col, justify="left" if col == "provider" else "right")
     ours = {(r.p, r.provider.endswith("eval")): r.net_images_per_s for r in rows
             if r.provider.startswith("fastpop-numba")}
     for r in rows:
+        speed_up = ours[r.p, r.provider.endswith("eval")] / r.net_images_per_s
         table.add_row(r.provider, str(r.p), f"{r.net_images_per_s:,.0f}", f"{r.gflops:.1f}",
-                      f"{100 * r.gflops / r.ceiling_gflops:.1f}", f"{ours[r.p, r.provider.endswith('eval')] / r.net_images_per_s:.2f}x",
-                      f"{r.peak_rss_gib:.2f}")
+                      f"{100 * r.gflops / r.ceiling_gflops:.1f}", f"{speed_up:.2f}x", f"{r.peak_rss_gib:.2f}")
     Console(width=120).print(table)

@@ -1,10 +1,12 @@
 """numba kernels for the CPU: a whole CNN (3x3 convs with padding 1, ReLU, optional 2x2 max-pool; global average
-pool; one linear layer; cross-entropy) per network, forward and backward, networks spread over the cores.
+pool; one linear layer; cross-entropy) per network, forward and backward in training, forward and scoring in
+evaluation, networks spread over the cores.
 
 One network's activations for a batch (~200 KB for small-cnn at B = 32) stay in its core's L2 from the first
 layer to the last gradient, where the op-by-op torch path streams them through memory between ops. Inside a
 network the layout is [C, H, W, B], batch innermost: the inner loops run along rows of B contiguous floats or
-more, vectorizable even on 2x2 images, and taps that fall in the zero padding are skipped, not multiplied.
+more, vectorizable even on 2x2 images; kernel rows that fall in the zero padding are skipped (padding columns
+are multiplied, as the zeros of shifted copies).
 Measured on the 2-core AVX-512 CPU, small-cnn, B = 32, P = 1000: the kernel alone went 35k (offsets in the
 index) -> 154k (slices) -> 350k (vectorized pool backward) -> 535k net-images/s (shifted rows, below).
 
@@ -317,9 +319,14 @@ def train_kernel(x, idx, y, mean, std, params, ptab, lo, layers, head, scratch, 
     """Networks lo..lo + n: each one's loss [n] on its batch idx [n, B] with labels y [n, B], and its gradient,
     written into grads. params and grads are the population's flat layer-major buffers; ptab [m, 2] gives each
     parameter tensor's start in them and its size per network. threads: numba.get_num_threads(), passed in
-    because a global read inside keeps numba from caching the kernel. (numba's cache with parallel=True has
-    crashed elsewhere when the thread count changed; here the cached kernels ran under NUMBA_NUM_THREADS 1 to 4,
-    and a test runs them under a thread count other than the one that compiled them.)"""
+    because a global read inside keeps numba from caching the kernel.
+
+    The three parallel kernels here are cached, against the house rule (HOUSE.md: no cache on parallel=True,
+    after a crash seen elsewhere when the thread count changed), because the alternatives cost too much: uncached
+    they compiled for 11 s in every process (also with the per-thread work in cached serial functions, which the
+    parallel body compiles again), and Python threads over nogil kernels ran 7-10% slower, likely because torch's
+    OpenMP threads spin after its ops (with OMP_WAIT_POLICY=PASSIVE they matched prange). The cached kernels ran under
+    NUMBA_NUM_THREADS 1 to 4, and a test runs them under a thread count other than the one that compiled them."""
     nb, k_out, p_all = idx.shape[1], head[HEAD_K], idx.shape[0]
     for t in prange(threads):  # one scratch per thread, networks t, t + threads, ...
         act = np.empty(scratch, np.float32)

@@ -1,6 +1,7 @@
 """The numba backend, the CPU default: a CNN whose only dense layer is the classifier runs whole, one network per
-core at a time (`cnn_kernels`), forward and backward in one call, and the optimizer is one fused pass. The rest
-(the mlp architecture, the evaluation bits and losses from the logits) is the torch path of `reference`.
+core at a time (`cnn_kernels`): forward, loss and backward in one call in training, forward and scoring in
+evaluation; the optimizer is one fused pass. Other architectures (the mlp) run op by op on the torch path of
+`reference`.
 """
 
 from __future__ import annotations
