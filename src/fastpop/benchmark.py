@@ -178,6 +178,7 @@ def _grouped_step(arch, seeds, x_all, y_all):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        return loss.detach()  # the networks' mean losses summed
 
     return step
 
