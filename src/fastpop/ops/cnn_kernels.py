@@ -2,11 +2,11 @@
 pool; one linear layer; cross-entropy) per network, forward and backward in training, forward and scoring in
 evaluation, networks spread over the cores.
 
-One network's activations for a batch (~200 KB for small-cnn at B = 32) stay in its core's L2 from the first
-layer to the last gradient, where the op-by-op torch path streams them through memory between ops. Inside a
-network the layout is [C, H, W, B], batch innermost: the inner loops run along rows of B contiguous floats or
-more, vectorizable even on 2x2 images; kernel rows that fall in the zero padding are skipped (padding columns
-are multiplied, as the zeros of shifted copies).
+One network's activations for a batch (~200 KB for small-cnn at B = 32, as much again for their gradients) stay in
+its core's L2 from the first layer to the last gradient, where the op-by-op torch path streams them through memory
+between ops. Inside a network the layout is [C, H, W, B], batch innermost: the inner loops run along rows of B
+contiguous floats or more, vectorizable even on 2x2 images; kernel rows that fall in the zero padding are skipped
+(padding columns are multiplied, as the zeros of shifted copies).
 Measured on the 2-core AVX-512 CPU, small-cnn, B = 32, P = 1000: the kernel alone went 35k (offsets in the
 index) -> 154k (slices) -> 350k (vectorized pool backward) -> 535k net-images/s (shifted rows, below).
 

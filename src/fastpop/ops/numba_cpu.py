@@ -46,7 +46,8 @@ def _tables(arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
     n_conv = len(arch.convs)
     g, end = end, end + arch.convs[-1].cout * nb
     head = [offsets[2 * n_conv], offsets[2 * n_conv + 1], g, arch.classes, end]
-    end += max(2 * conv.cout * h * w * nb for conv, (h, w) in zip(arch.convs, arch.conv_sizes()))
+    # room for a pre-activation gradient shifted left and right: the input of a transposed conv (not the first's)
+    end += max([2 * conv.cout * h * w * nb for conv, (h, w) in zip(arch.convs[1:], arch.conv_sizes()[1:])] + [0])
     return np.array(rows, np.int64), np.array(head, np.int64), int(end)
 
 
