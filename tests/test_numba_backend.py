@@ -94,8 +94,8 @@ def test_network_is_bit_identical_alone_or_in_company():
     arch = build_arch("small-cnn", (1, 8, 8), 10)
     pop, x, y, idx, mean, std = _case(arch, 5, 9, 8)
     loss = numba_cpu.network_grads(pop, 0, x, idx, y[idx], mean, std)
-    alone = Population(arch, [pop.p], CPU)  # seed of network 0 is 8: rebuild network 3 alone
-    alone.set_networks(pop.networks()[3:4])
+    alone = Population(arch, [0], CPU)
+    alone.set_networks(pop.networks()[3:4])  # network 3, alone
     loss_alone = numba_cpu.network_grads(alone, 0, x, idx[3:4], y[idx[3:4]], mean, std)
     assert torch.equal(loss[3:4], loss_alone)
     assert torch.equal(pop.networks(pop.grads)[3], alone.networks(alone.grads)[0])

@@ -32,7 +32,7 @@ from .recorder import evaluate, pack_bits, record
 from .run import Run
 from .rundir import FORMAT, SPLITS, STATE, RunWriter, bytes_per_row, check_new_out
 
-# --max-nets-per-chunk auto on a CPU: activation bytes per chunk. Measured on the 2-core AVX-512 CPU, small-cnn on
+# --max-nets-per-chunk auto with the torch backend on a CPU: activation bytes per chunk. Measured on the 2-core AVX-512 CPU, small-cnn on
 # digits, P = 1000, B = 32 (1.5 MB per network): one chunk of all 1000 networks 72.5k net-images/s, chunks of 250
 # 93.6k, 100 113.8k, 50 101.1k, 10 65.9k; the working set of a chunk near 128 MiB is the sweet spot.
 CPU_CHUNK_BYTES = 128 << 20

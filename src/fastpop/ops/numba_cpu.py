@@ -56,6 +56,7 @@ def _rows(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(p.shape[0], -1) for p in params], 1).contiguous()
 
 
+@lru_cache(maxsize=64)
 def _layer_major(arch, p: int) -> np.ndarray:
     """ptab of a population's flat layer-major buffer: each parameter tensor's start and size per network."""
     sizes = [int(np.prod(s)) for _, s in arch.param_shapes()]

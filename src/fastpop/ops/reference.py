@@ -1,5 +1,5 @@
-"""The pure-torch population op set: all P networks in one call per layer. The CPU backend, and the reference
-that every kernel is tested against.
+"""The pure-torch population op set: all P networks in one call per layer. `--backend torch` (on any device),
+the op-by-op path of the numba backend (the mlp), and the reference that every kernel is tested against.
 
 Layouts (private to this backend; the population code only chains them): conv activations [P, B, H, W, C]
 (channels last within each network), dense activations [P, B, F].
