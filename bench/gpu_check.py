@@ -21,8 +21,8 @@ from fastpop.benchmark import _loop_step, _vmap_step
 from fastpop.config import Config
 from fastpop.data import Dataset, Split, channel_stats
 from fastpop.data.orders import epoch_orders
-from fastpop.ops import reference, triton as triton_ops
-from fastpop.population import Population, loss as population_loss
+from fastpop.ops import chain, get_backend, reference, triton as triton_ops
+from fastpop.population import Population
 from fastpop.trainer import train_step
 
 
@@ -42,8 +42,8 @@ def check(data: Dataset, p: int, bsz: int, device) -> None:
     grads = {}
     for name, backend in (("torch", reference), ("triton", triton_ops)):
         pop.grads.zero_()
-        loss = population_loss(arch, backend, pop.leaves(0, p), data.train.x, idx, data.train.y[idx], data.mean,
-                               data.std)
+        loss = chain.loss(arch, backend, pop.leaves(0, p), data.train.x, idx, data.train.y[idx], data.mean,
+                          data.std)
         loss.sum().backward()
         grads[name] = (loss.detach().clone(), pop.grads.clone())
     (lr_, gr), (lt, gt) = grads["torch"], grads["triton"]
@@ -52,8 +52,8 @@ def check(data: Dataset, p: int, bsz: int, device) -> None:
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=f"gradient of {name}")
     from fastpop.recorder import evaluate
 
-    bits = {name: evaluate(arch, backend, pop, data.test, data.mean, data.std)[0]
-            for name, backend in (("torch", reference), ("triton", triton_ops))}
+    bits = {name: evaluate(arch, get_backend(name, device), pop, data.test, data.mean, data.std)[0]
+            for name in ("torch", "triton")}
     agree = (bits["torch"] == bits["triton"]).float().mean().item()
     assert agree > 0.999, f"eval bits agree on {agree:.5f} of bytes"
     print(f"ok: P={p} B={bsz} input {data.in_shape}: loss, {len(arch.param_shapes())} gradients, eval bits")
@@ -66,11 +66,11 @@ def check_graph(data: Dataset, p: int, bsz: int, device) -> None:
     arch = build_arch("small-cnn", data.in_shape, data.classes)
     config = Config(seeds=p, batch_size=bsz)
     pops = [Population(arch, list(range(p)), device) for _ in range(2)]
-    graphed = GraphedStep(pops[1], triton_ops, data, config, p, (p, bsz))
+    graphed = GraphedStep(pops[1], get_backend("triton", device), data, config, p, (p, bsz))
     orders = epoch_orders(list(range(p)), 0, len(data.train)).to(device)
     for s in range(5):
         idx = orders[:, s * bsz:(s + 1) * bsz]
-        eager = train_step(pops[0], triton_ops, data, idx, 0.05, config, p, s + 1)
+        eager = train_step(pops[0], get_backend("triton", device), data, idx, 0.05, config, p, s + 1)
         replay = graphed(idx, 0.05, s + 1)
         torch.testing.assert_close(replay, eager, msg=f"graph loss at step {s}")
     torch.testing.assert_close(pops[1].params, pops[0].params, msg="graph parameters after 5 steps")
@@ -114,12 +114,12 @@ def timings(data: Dataset, p: int, bsz: int, device, ceil: dict) -> None:
     x_all = ((data.train.x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1))
     providers = {}
     pop_g = Population(arch, seeds, device)
-    graphed = GraphedStep(pop_g, triton_ops, data, config, p, (p, bsz))
+    graphed = GraphedStep(pop_g, get_backend("triton", device), data, config, p, (p, bsz))
     providers["fastpop-triton (graph)"] = lambda: graphed(idx, 0.05, 1)
     pop_t = Population(arch, seeds, device)
-    providers["fastpop-triton (eager)"] = lambda: train_step(pop_t, triton_ops, data, idx, 0.05, config, p, 1)
+    providers["fastpop-triton (eager)"] = lambda: train_step(pop_t, get_backend("triton", device), data, idx, 0.05, config, p, 1)
     pop_r = Population(arch, seeds, device)
-    providers["fastpop-torch"] = lambda: train_step(pop_r, reference, data, idx, 0.05, config, p, 1)
+    providers["fastpop-torch"] = lambda: train_step(pop_r, get_backend("torch", device), data, idx, 0.05, config, p, 1)
     vmap_step = _vmap_step(arch, seeds, x_all, data.train.y)
     providers["torch.func vmap"] = lambda: vmap_step(idx)
     if p <= 100:

@@ -49,7 +49,7 @@ def test_conv_block_forward_and_every_gradient(p, bsz, cin, cout, hw, pool, gath
         data, idx, mean, std = x, None, None, None
     # reference
     xr, wr, br = x.clone().requires_grad_(not gather), w.clone().requires_grad_(), b.clone().requires_grad_()
-    ref = R.conv_block(xr, wr, br, pool)
+    ref = R.conv_block(xr, wr, br, "max" if pool else None)
     g = torch.randn(ref.shape, generator=gen).to(DEV)
     ref.backward(g)
     # kernels
@@ -72,7 +72,7 @@ def test_pool_and_relu_ties_route_like_the_reference():
     b = torch.zeros(p, c, device=DEV)
     x[..., :8] = 1.0  # whole windows of ties; channels 8+ are all zero (ReLU ties at 0)
     xr, wr, br = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
-    ref = R.conv_block(xr, wr, br, True)
+    ref = R.conv_block(xr, wr, br, "max")
     g = torch.randn(ref.shape, device=DEV)
     ref.backward(g)
     out, arg = K.conv_fwd(x, None, None, None, w, b, True, False, INTERPRET)
@@ -185,7 +185,7 @@ def test_cuda_graph_step_equals_eager():
     from fastpop.data import load_dataset
     from fastpop.data.orders import epoch_orders
     from fastpop.graphs import GraphedStep
-    from fastpop.ops import triton as T
+    from fastpop.ops import get_backend
     from fastpop.population import Population
     from fastpop.trainer import train_step
 
@@ -193,6 +193,7 @@ def test_cuda_graph_step_equals_eager():
     arch = build_arch("small-cnn", data.in_shape, data.classes)
     config = Config(seeds=8, batch_size=32)
     eager, graphed = (Population(arch, list(range(8)), DEV) for _ in range(2))
+    T = get_backend("triton", DEV)
     step = GraphedStep(graphed, T, data, config, 8, (8, 32))
     orders = epoch_orders(list(range(8)), 0, len(data.train)).to(DEV)
     for s in range(4):

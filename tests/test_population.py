@@ -4,7 +4,7 @@ with the same init and batch order trained by torch.optim.SGD."""
 import pytest
 import torch
 
-from fastpop.ops import numba_cpu, reference
+from fastpop.ops import get_backend
 from fastpop.archs import build_arch
 from fastpop.config import Config
 from fastpop.data import load_dataset
@@ -20,7 +20,8 @@ def digits():
     return load_dataset(Config(), CPU)
 
 
-BACKENDS = pytest.mark.parametrize("backend", [reference, numba_cpu], ids=["torch", "numba"])
+BACKENDS = pytest.mark.parametrize("backend", [get_backend(n, CPU) for n in ("torch", "numba")],
+                                   ids=["torch", "numba"])
 
 
 def _train_population(arch, data, config, steps, backend):
@@ -34,7 +35,7 @@ def _train_population(arch, data, config, steps, backend):
 
 
 @BACKENDS
-@pytest.mark.parametrize("arch_name", ["small-cnn", "wide-cnn", "mlp"])
+@pytest.mark.parametrize("arch_name", ["small-cnn", "wide-cnn", "mlp", "c6k5-ap-c5k1-mp-flat-d12-d9", "gap-d7"])
 def test_population_equals_plain_modules(digits, arch_name, backend):
     config = Config(arch=arch_name, seeds=4, batch_size=16, lr=0.1, momentum=0.9, weight_decay=1e-3,
                     schedule="cosine")

@@ -220,15 +220,15 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint(tmp_path, reference_ru
 
 
 def test_out_of_memory_suggests_smaller_chunks_and_resumes(tmp_path, reference_run, monkeypatch, capsys):
-    real = numba_cpu.network_grads  # the CPU default's training call
+    real = numba_cpu.NumbaBackend.gradients  # the CPU default's training call
 
-    def hungry(pop, lo, x, idx, *args):
-        if idx.shape[0] > 2:
+    def hungry(self, pop, lo, hi, *args):
+        if hi - lo > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(pop, lo, x, idx, *args)
+        return real(self, pop, lo, hi, *args)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(numba_cpu, "network_grads", hungry)
+    monkeypatch.setattr(numba_cpu.NumbaBackend, "gradients", hungry)
     assert main(["run", *RUN_ARGS, "--max-nets-per-chunk", "4", "--out", str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "out of memory" in err and f"--resume {out} --max-nets-per-chunk 1" in err and err.count("\n") == 1

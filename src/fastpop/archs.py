@@ -1,138 +1,316 @@
-"""Architecture specs: the layers of one network, its parameter shapes, and its cost.
+"""Architectures as data: a spec string such as "c8-mp-c16-mp-c16-gap" <-> `Arch`.
 
-A spec is plain data. The population code runs it for P networks at once through a backend (`fastpop.ops`);
-`to_module` builds the same network as a plain `nn.Module`, the yardstick the tests compare against.
+Grammar: tokens joined by "-", read left to right from the image to the classifier.
+  cN, cNkK  conv with N output channels and a K x K kernel (K odd, 1 to 7; default 3), padding K // 2, then ReLU
+  mp, ap    2x2 max / average pool, stride 2 (floor, as nn.MaxPool2d(2) and nn.AvgPool2d(2))
+  gap       global average pool: [C, H, W] -> [C]
+  flat      flatten: [C, H, W] -> [C*H*W], nn.Flatten's order
+  dN        dense layer with N outputs, then ReLU
+Convs and pools come first, then gap or flat (required after a conv or pool), then dense layers. A spec without
+convs or pools starts from the flattened image ("d64-d64" is the mlp). The classifier, a dense layer to the data
+set's classes without ReLU, is appended. The spec is stored whole in run.json, so any process rebuilds the network.
 
-Every conv is 3x3 with padding 1, then ReLU, then an optional 2x2 max-pool (floor, as nn.MaxPool2d). After the
-convs comes a global average pool; an arch without convs flattens the image instead. Dense layers follow, all
-but the last with ReLU.
+An `Arch` is plain data: the tokens, and once resolved against a data set (`resolve`), the image shape and class
+count that size every layer. Backends run it for P networks at once (`fastpop.ops`); `to_module` builds the same
+network as a plain `nn.Module`, the yardstick the tests compare against.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
-
-from torch import nn
 
 from .errors import UsageError
 
-KERNEL = 3
+MAX_WIDTH = 4096  # channels or units of one layer
+MAX_PARAMS = 50_000_000  # per network
+MAX_LAYERS = 64
+KERNEL_SIZES = (1, 3, 5, 7)
 
 
 @dataclass(frozen=True)
 class Conv:
-    cin: int
-    cout: int
-    pool: bool
+    out: int
+    k: int = 3
+
+    def __str__(self) -> str:
+        return f"c{self.out}" + (f"k{self.k}" if self.k != 3 else "")
+
+
+@dataclass(frozen=True)
+class Pool:
+    kind: str = "max"  # "max" or "avg"
+
+    def __str__(self) -> str:
+        return "mp" if self.kind == "max" else "ap"
+
+
+@dataclass(frozen=True)
+class GlobalAvgPool:
+    def __str__(self) -> str:
+        return "gap"
+
+
+@dataclass(frozen=True)
+class Flatten:
+    def __str__(self) -> str:
+        return "flat"
 
 
 @dataclass(frozen=True)
 class Dense:
-    fin: int
-    fout: int
-    relu: bool
+    out: int
+
+    def __str__(self) -> str:
+        return f"d{self.out}"
+
+
+Layer = Conv | Pool | GlobalAvgPool | Flatten | Dense
+
+
+@dataclass(frozen=True)
+class Op:
+    """One resolved layer of a network. kind: conv, maxpool, avgpool, gap, flat or dense. (c, h, w): its input
+    shape (dense: c features, h = w = 1); out: output channels or features; k: kernel size; relu: ReLU after it."""
+
+    kind: str
+    c: int
+    h: int
+    w: int
+    out: int
+    k: int = 0
+    relu: bool = False
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        if self.kind in ("maxpool", "avgpool"):
+            return self.h // 2, self.w // 2
+        if self.kind == "conv":
+            return self.h, self.w
+        return 1, 1
+
+    @property
+    def in_size(self) -> int:
+        return self.c * self.h * self.w
+
+    @property
+    def out_size(self) -> int:
+        h, w = self.out_hw
+        return self.out * h * w
+
+
+_TOKEN = re.compile(r"c(\d+)(?:k(\d+))?|d(\d+)|mp|ap|gap|flat")
+
+
+def parse_layers(spec: str) -> tuple[Layer, ...]:
+    """The layers of a spec string, checked for syntax and order (sizes are checked by `Arch.resolve`)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError("arch spec is empty")
+    tokens = spec.strip().lower().split("-")
+    if len(tokens) > MAX_LAYERS:
+        raise UsageError(f"arch spec has {len(tokens)} layers; at most {MAX_LAYERS}")
+    layers: list[Layer] = []
+    for tok in tokens:
+        m = _TOKEN.fullmatch(tok)
+        if m is None:
+            raise UsageError(f"arch spec {spec!r}: unknown token {tok!r} (cN, cNkK, mp, ap, gap, flat, dN)")
+        if m.group(1):
+            out, k = int(m.group(1)), int(m.group(2) or 3)
+            if k not in KERNEL_SIZES:
+                raise UsageError(f"arch spec {spec!r}: token {tok!r} has kernel size {k}; valid: "
+                                 f"{', '.join(map(str, KERNEL_SIZES))}")
+            layers.append(Conv(_width(spec, tok, out), k))
+        elif m.group(3):
+            layers.append(Dense(_width(spec, tok, int(m.group(3)))))
+        else:
+            layers.append({"mp": Pool("max"), "ap": Pool("avg"), "gap": GlobalAvgPool(), "flat": Flatten()}[tok])
+    _check_order(spec, layers)
+    return tuple(layers)
+
+
+def _width(spec: str, tok: str, n: int) -> int:
+    if not 1 <= n <= MAX_WIDTH:
+        raise UsageError(f"arch spec {spec!r}: token {tok!r} has width {n}; valid: 1 to {MAX_WIDTH}")
+    return n
+
+
+def _check_order(spec: str, layers) -> None:
+    spatial, reduced = False, False  # a conv or pool seen; gap or flat seen
+    for layer in layers:
+        if isinstance(layer, (Conv, Pool)):
+            if reduced:
+                raise UsageError(f"arch spec {spec!r}: {layer} after gap/flat or a dense layer; convs and pools "
+                                 "come first")
+            spatial = True
+        elif isinstance(layer, (GlobalAvgPool, Flatten)):
+            if reduced:
+                raise UsageError(f"arch spec {spec!r}: {layer} after gap/flat or a dense layer")
+            reduced = True
+        else:
+            if spatial and not reduced:
+                raise UsageError(f"arch spec {spec!r}: {layer} follows a conv or pool; put gap or flat between")
+            reduced = True
+    if spatial and not reduced:
+        raise UsageError(f"arch spec {spec!r} ends with a conv or pool; end the convs with gap or flat")
 
 
 @dataclass(frozen=True)
 class Arch:
-    name: str
-    in_shape: tuple[int, int, int]  # C, H, W
-    convs: tuple[Conv, ...]
-    dense: tuple[Dense, ...]
+    """A network architecture: its layers (the classifier excluded), and once resolved the image shape (C, H, W)
+    and class count. `Arch.parse("c8-mp-c16-mp-c16-gap")` or `Arch((Conv(8), Pool("max"), ...))`."""
+
+    layers: tuple[Layer, ...]
+    in_shape: tuple[int, int, int] | None = None
+    classes: int | None = None
+    name: str | None = None  # the preset's name, where it is one
+
+    @classmethod
+    def parse(cls, spec: str, name: str | None = None) -> "Arch":
+        return cls(parse_layers(spec), name=name)
 
     @property
-    def classes(self) -> int:
-        return self.dense[-1].fout
+    def spec(self) -> str:
+        return "-".join(map(str, self.layers))
+
+    def __str__(self) -> str:
+        return self.name or self.spec
+
+    def resolve(self, in_shape, classes: int) -> "Arch":
+        """This architecture sized for images of in_shape (C, H, W) and `classes` classes; checks that every layer
+        fits (no pooling below 1x1, at most MAX_PARAMS parameters)."""
+        _check_order(self.spec, self.layers)
+        arch = Arch(tuple(self.layers), tuple(int(s) for s in in_shape), int(classes), self.name)
+        arch.ops  # noqa: B018 (sizes every layer; raises on a misfit)
+        if arch.params_per_network() > MAX_PARAMS:
+            raise UsageError(f"arch {arch} has {arch.params_per_network():,} parameters per network on "
+                             f"{'x'.join(map(str, arch.in_shape))} images; at most {MAX_PARAMS:,}")
+        return arch
+
+    @property
+    def ops(self) -> tuple[Op, ...]:
+        """The resolved layers in order, the classifier last."""
+        if self.in_shape is None:
+            raise ValueError("an unresolved Arch has no sizes: call resolve(in_shape, classes)")
+        c, h, w = self.in_shape
+        ops: list[Op] = []
+        if self.flat_input:  # dense layers on the flattened image
+            c, h, w = c * h * w, 1, 1
+        for layer in self.layers:
+            if isinstance(layer, Conv):
+                ops.append(Op("conv", c, h, w, layer.out, layer.k, True))
+                c = layer.out
+            elif isinstance(layer, Pool):
+                if h < 2 or w < 2:
+                    raise UsageError(f"arch {self}: {layer} would pool {h}x{w} below 1x1 (images "
+                                     f"{'x'.join(map(str, self.in_shape))})")
+                ops.append(Op(layer.kind + "pool", c, h, w, c))
+                h, w = h // 2, w // 2
+            elif isinstance(layer, GlobalAvgPool):
+                ops.append(Op("gap", c, h, w, c))
+                h = w = 1
+            elif isinstance(layer, Flatten):
+                ops.append(Op("flat", c, h, w, c * h * w))
+                c, h, w = c * h * w, 1, 1
+            else:
+                ops.append(Op("dense", c, 1, 1, layer.out, relu=True))
+                c = layer.out
+        ops.append(Op("dense", c, 1, 1, self.classes))
+        return tuple(ops)
+
+    @property
+    def convs(self) -> list[Op]:
+        return [op for op in self.ops if op.kind == "conv"]
+
+    @property
+    def dense(self) -> list[Op]:
+        return [op for op in self.ops if op.kind == "dense"]
+
+    @property
+    def flat_input(self) -> bool:
+        """Whether the first layer is dense, on the flattened image."""
+        return isinstance(self.layers[0], Dense)
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """Names and shapes of one network's parameters, in the order nn.Module lists them."""
         shapes = []
-        for i, c in enumerate(self.convs):
-            shapes += [(f"conv{i}.weight", (c.cout, c.cin, KERNEL, KERNEL)), (f"conv{i}.bias", (c.cout,))]
-        for i, d in enumerate(self.dense):
-            shapes += [(f"dense{i}.weight", (d.fout, d.fin)), (f"dense{i}.bias", (d.fout,))]
+        for i, op in enumerate(self.convs):
+            shapes += [(f"conv{i}.weight", (op.out, op.c, op.k, op.k)), (f"conv{i}.bias", (op.out,))]
+        for i, op in enumerate(self.dense):
+            shapes += [(f"dense{i}.weight", (op.out, op.c)), (f"dense{i}.bias", (op.out,))]
         return shapes
 
     def params_per_network(self) -> int:
-        return sum(_numel(s) for _, s in self.param_shapes())
-
-    def conv_sizes(self) -> list[tuple[int, int]]:
-        """(H, W) at the input of each conv, then the size after the last one."""
-        h, w = self.in_shape[1:]
-        sizes = [(h, w)]
-        for c in self.convs:
-            if c.pool:
-                h, w = h // 2, w // 2
-            sizes.append((h, w))
-        return sizes
+        return sum(math.prod(s) for _, s in self.param_shapes())
 
     def flops_per_example(self) -> int:
         """Forward multiply-adds times 2 (bias, ReLU, pooling and softmax not counted); a training step is ~3x."""
         flops = 0
-        for c, (h, w) in zip(self.convs, self.conv_sizes()):
-            flops += 2 * KERNEL * KERNEL * c.cin * c.cout * h * w
-        return flops + sum(2 * d.fin * d.fout for d in self.dense)
+        for op in self.ops:
+            if op.kind == "conv":
+                flops += 2 * op.k * op.k * op.c * op.out * op.h * op.w
+            elif op.kind == "dense":
+                flops += 2 * op.c * op.out
+        return flops
 
     def activations_per_example(self) -> int:
         """Floats of the largest activation of one network on one example (sizes evaluation chunks)."""
-        sizes = [self.in_shape[0] * self.in_shape[1] * self.in_shape[2]]
-        sizes += [c.cout * h * w for c, (h, w) in zip(self.convs, self.conv_sizes())]
-        return max(sizes + [d.fout for d in self.dense])
+        return max([self.in_shape[0] * self.in_shape[1] * self.in_shape[2]] + [op.out_size for op in self.ops])
 
     def train_floats_per_example(self) -> int:
         """Floats one network keeps per example through a training step (im2col columns, pre-activation,
         ReLU and pool outputs, their gradients): sizes --max-nets-per-chunk auto."""
         total = self.in_shape[0] * self.in_shape[1] * self.in_shape[2]
-        for c, (h, w) in zip(self.convs, self.conv_sizes()):
-            total += (KERNEL * KERNEL * c.cin + 1) * h * w + 4 * c.cout * h * w
-        return 2 * total + sum(3 * d.fout for d in self.dense)
+        for op in self.ops:
+            total += op.out_size * (2 if op.relu else 1)
+            if op.kind == "conv":
+                total += (op.k * op.k * op.c + 1) * op.h * op.w + 2 * op.out * op.h * op.w
+        return 2 * total
 
-    def to_module(self) -> nn.Sequential:
+    def to_module(self):
         """The same network as a plain nn.Module, parameters in `param_shapes` order."""
-        layers: list[nn.Module] = []
-        for c in self.convs:
-            layers += [nn.Conv2d(c.cin, c.cout, KERNEL, padding=KERNEL // 2), nn.ReLU()]
-            if c.pool:
+        from torch import nn
+
+        layers: list = [nn.Flatten()] if self.flat_input else []
+        for op in self.ops:
+            if op.kind == "conv":
+                layers += [nn.Conv2d(op.c, op.out, op.k, padding=op.k // 2), nn.ReLU()]
+            elif op.kind == "maxpool":
                 layers.append(nn.MaxPool2d(2))
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if self.convs else [nn.Flatten()]
-        for d in self.dense:
-            layers.append(nn.Linear(d.fin, d.fout))
-            if d.relu:
-                layers.append(nn.ReLU())
+            elif op.kind == "avgpool":
+                layers.append(nn.AvgPool2d(2))
+            elif op.kind == "gap":
+                layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            elif op.kind == "flat":
+                layers.append(nn.Flatten())
+            else:
+                layers.append(nn.Linear(op.c, op.out))
+                if op.relu:
+                    layers.append(nn.ReLU())
         return nn.Sequential(*layers)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _cnn(name: str, widths: tuple[int, int, int], in_shape, classes: int) -> Arch:
-    c, h, w = in_shape
-    if h < 4 or w < 4:
-        raise UsageError(f"{name} pools twice and needs images of at least 4x4, got {h}x{w}")
-    convs = (Conv(c, widths[0], True), Conv(widths[0], widths[1], True), Conv(widths[1], widths[2], False))
-    return Arch(name, in_shape, convs, (Dense(widths[2], classes, False),))
-
-
-def _mlp(name: str, hidden: tuple[int, ...], in_shape, classes: int) -> Arch:
-    sizes = (in_shape[0] * in_shape[1] * in_shape[2],) + hidden + (classes,)
-    dense = tuple(Dense(a, b, i < len(hidden)) for i, (a, b) in enumerate(zip(sizes, sizes[1:])))
-    return Arch(name, in_shape, (), dense)
-
-
-# name -> (builder, widths, one-line description)
-ARCHS = {
-    "small-cnn": (_cnn, (8, 16, 16), "conv 8-16-16 (3x3, ReLU, pool after the first two), global avg pool, linear"),
-    "wide-cnn": (_cnn, (32, 64, 64), "small-cnn with 4x the channels: conv 32-64-64"),
-    "mlp": (_mlp, (64, 64), "two hidden layers of 64 with ReLU on the flattened image"),
+# name -> (spec, one-line description)
+PRESETS = {
+    "small-cnn": ("c8-mp-c16-mp-c16-gap", "conv 8-16-16 (3x3, ReLU, pool after the first two), global avg pool, linear"),
+    "wide-cnn": ("c32-mp-c64-mp-c64-gap", "small-cnn with 4x the channels: conv 32-64-64"),
+    "mlp": ("d64-d64", "two hidden layers of 64 with ReLU on the flattened image"),
 }
 
+MODULE_PREFIX = "module:"  # --arch module:package.module:function, any nn.Module (the torch.func backend)
 
-def build_arch(name: str, in_shape: tuple[int, int, int], classes: int) -> Arch:
-    if name not in ARCHS:
-        raise UsageError(f"unknown arch {name!r}; valid: {', '.join(ARCHS)}")
-    builder, widths, _ = ARCHS[name]
-    return builder(name, widths, tuple(in_shape), classes)
+
+def parse_arch(arch: "str | Arch") -> Arch:
+    """A preset name, a spec string or an Arch -> an unresolved Arch; raises UsageError naming a bad token."""
+    if isinstance(arch, Arch):
+        return Arch(tuple(arch.layers), name=arch.name)
+    if not isinstance(arch, str):
+        raise UsageError(f"arch must be a preset name, a spec string or a fastpop.Arch, got {type(arch).__name__}")
+    if arch in PRESETS:
+        return Arch.parse(PRESETS[arch][0], name=arch)
+    return Arch.parse(arch)
+
+
+def build_arch(arch: "str | Arch", in_shape, classes: int) -> Arch:
+    """A preset name, spec or Arch resolved for images of in_shape (C, H, W) and `classes` classes."""
+    return parse_arch(arch).resolve(in_shape, classes)

@@ -23,7 +23,7 @@ from .archs import build_arch
 from .config import Config
 from .data import load_dataset
 from .data.orders import epoch_orders
-from .ops import numba_cpu, reference
+from .ops import get_backend
 from .population import Population, init_network
 from .recorder import evaluate
 from .trainer import chunk_size, train_step
@@ -40,6 +40,7 @@ class Row:
     gflops: float
     ceiling_gflops: float
     peak_rss_gib: float  # the process's peak resident memory after this provider ran (a running maximum)
+    arch: str = ""
 
 
 def sgemm_ceiling(n: int = 2048, reps: int = 10) -> float:
@@ -75,8 +76,10 @@ def _modules(arch, seeds):
 
 def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", batch_size: int = 32,
                   loop_max_nets: int = 1000) -> list[Row]:
-    data = load_dataset(Config(), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    data = load_dataset(Config(), cpu)
     arch = build_arch(arch_name, data.in_shape, data.classes)
+    backends = [get_backend(name, cpu) for name in ("numba", "torch")]
     x_all = (data.train.x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
     ceiling = sgemm_ceiling()
     rows = []
@@ -85,22 +88,21 @@ def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", bat
         orders = epoch_orders(seeds, 0, len(data.train))
         n_batches = min(WARMUP + steps, len(data.train) // batch_size)
         batches = [orders[:, i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
-        providers = {f"fastpop-{b.NAME}": lambda b=b: _fastpop_step(arch, data, seeds, batch_size, b)
-                     for b in (numba_cpu, reference)}
+        providers = {f"fastpop-{b.name}": lambda b=b: _fastpop_step(arch, data, seeds, batch_size, b)
+                     for b in backends}
         providers["torch.func vmap"] = lambda: _vmap_step(arch, seeds, x_all, data.train.y)
-        if arch.convs:
-            providers["grouped conv"] = lambda: _grouped_step(arch, seeds, x_all, data.train.y)
+        providers["grouped conv"] = lambda: _grouped_step(arch, seeds, x_all, data.train.y)
         if p <= loop_max_nets:
             providers["module loop"] = lambda: _loop_step(arch, seeds, x_all, data.train.y)
         for name, make in providers.items():
             dt = _time(make(), batches)
             rate = p * batch_size / dt
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            rows.append(Row(name, p, rate, 3 * arch.flops_per_example() * rate / 1e9, ceiling, rss))
-        for backend in (numba_cpu, reference):
+            rows.append(Row(name, p, rate, 3 * arch.flops_per_example() * rate / 1e9, ceiling, rss, str(arch)))
+        for backend in backends:
             rate = _eval_rate(arch, data, seeds, backend)
-            rows.append(Row(f"fastpop-{backend.NAME} eval", p, rate, arch.flops_per_example() * rate / 1e9, ceiling,
-                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+            rows.append(Row(f"fastpop-{backend.name} eval", p, rate, arch.flops_per_example() * rate / 1e9, ceiling,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, str(arch)))
     return rows
 
 
@@ -153,7 +155,7 @@ def _vmap_step(arch, seeds, x_all, y_all):
 
 def _grouped_step(arch, seeds, x_all, y_all):
     """All networks as one model: each conv one F.conv2d with groups = P over the networks' channels stacked,
-    [B, P * C, H, W]; the classifier one batched GEMM; torch.optim.SGD over the stacked parameters."""
+    [B, P * C, H, W]; each dense layer one batched GEMM; torch.optim.SGD over the stacked parameters."""
     p = len(seeds)
     flat = torch.stack([init_network(arch, s) for s in seeds])  # [P, D]
     params, start = [], 0
@@ -166,15 +168,24 @@ def _grouped_step(arch, seeds, x_all, y_all):
     def step(idx):
         bsz = idx.shape[1]
         h = x_all[idx].transpose(0, 1).flatten(1, 2)  # [B, P * C, H, W]
-        for i, conv in enumerate(arch.convs):
-            w, b = params[2 * i], params[2 * i + 1]
-            h = F.relu(F.conv2d(h, w.flatten(0, 1), b.flatten(), padding=1, groups=p))
-            if conv.pool:
-                h = F.max_pool2d(h, 2)
-        g = h.mean((2, 3)).view(bsz, p, -1).transpose(0, 1)  # [P, B, C]
-        w, b = params[-2], params[-1]
-        logits = torch.baddbmm(b.unsqueeze(1), g, w.transpose(1, 2))
-        loss = F.cross_entropy(logits.flatten(0, 1), y_all[idx].flatten(), reduction="sum") / bsz
+        if arch.flat_input:
+            h = x_all[idx].flatten(2)  # [P, B, C*H*W]
+        it = iter(params)
+        for op in arch.ops:
+            if op.kind == "conv":
+                w, b = next(it), next(it)
+                h = F.relu(F.conv2d(h, w.flatten(0, 1), b.flatten(), padding=op.k // 2, groups=p))
+            elif op.kind in ("maxpool", "avgpool"):
+                h = F.max_pool2d(h, 2) if op.kind == "maxpool" else F.avg_pool2d(h, 2)
+            elif op.kind == "gap":
+                h = h.mean((2, 3)).view(bsz, p, -1).transpose(0, 1)  # [P, B, C]
+            elif op.kind == "flat":
+                h = h.reshape(bsz, p, -1).transpose(0, 1)  # [P, B, C*H*W]
+            else:
+                w, b = next(it), next(it)
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                h = F.relu(h) if op.relu else h
+        loss = F.cross_entropy(h.flatten(0, 1), y_all[idx].flatten(), reduction="sum") / bsz
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -200,7 +211,8 @@ def print_table(rows: list[Row], batch_size: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"training step and evaluation, digits, B={batch_size}; sgemm ceiling "
+    table = Table(title=f"training step and evaluation, {rows[0].arch if rows else ''} on digits, B={batch_size}; "
+                  f"sgemm ceiling "
                   f"{rows[0].ceiling_gflops:.0f} GFLOP/s"
                   if rows else "no rows")
     for col in ("provider", "P", "net-images/s", "GFLOP/s", "% ceiling", "fastpop speed-up", "peak RSS GiB"):

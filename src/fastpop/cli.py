@@ -35,7 +35,8 @@ def parse_seeds(text: str) -> int | list[int]:
 
 
 RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the same name
-    "arch": (str, "architecture (see `fastpop archs`)"),
+    "arch": (str, "a preset (small-cnn, wide-cnn, mlp), a spec such as c8-mp-c16-mp-c16-gap, or "
+                  "module:package.module:function (see `fastpop archs`)"),
     "dataset": (str, "digits, mnist, fashion-mnist, cifar10, cifar100, gaussian or npz:PATH"),
     "data-dir": (str, "folder with the data files (default $FASTPOP_DATA or ./data)"),
     "classes": (parse_classes, "train (and test) only on these classes, e.g. 0,1,2,3,4"),
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     archs = sub.add_parser("archs", help="list architectures with their size and cost")
     archs.add_argument("--input-shape", default="1x8x8", help="C x H x W (default: digits, 1x8x8)")
     archs.add_argument("--classes", type=int, default=10)
+    archs.add_argument("--arch", help="a spec (e.g. c16k5-mp-c32-gap-d64) or preset to size instead of the presets")
 
     analyze = sub.add_parser("analyze", help="agreement and learning-order metrics of a run directory")
     analyze.add_argument("run", metavar="RUN")
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "loop of modules")
     bench.add_argument("--nets", default="10,100,1000", help="population sizes, comma-separated")
     bench.add_argument("--steps", type=int, default=20, help="timed steps per provider and size")
-    bench.add_argument("--arch", default="small-cnn")
+    bench.add_argument("--arch", default="small-cnn", help="a preset or spec")
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--loop-max-nets", type=int, default=1000, help="skip the module loop above this P")
     return parser
@@ -217,7 +219,7 @@ def _archs(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .archs import ARCHS, build_arch
+    from .archs import PRESETS, build_arch
 
     try:
         shape = tuple(int(v) for v in args.input_shape.lower().split("x"))
@@ -227,11 +229,12 @@ def _archs(args) -> int:
     if args.classes < 2:
         raise UsageError("--classes must be at least 2")
     table = Table(title=f"architectures for input {'x'.join(map(str, shape))}, {args.classes} classes")
-    for col in ("arch", "params/network", "forward FLOPs/example", "layers"):
-        table.add_column(col, justify="right" if "/" in col else "left")
-    for name, (_, _, text) in ARCHS.items():
+    for col in ("arch", "spec", "params/network", "forward FLOPs/example", "layers"):
+        table.add_column(col, justify="right" if "/" in col else "left", no_wrap=col != "layers")
+    archs = {args.arch: ""} if args.arch else {name: text for name, (_, text) in PRESETS.items()}
+    for name, text in archs.items():
         arch = build_arch(name, shape, args.classes)
-        table.add_row(name, f"{arch.params_per_network():,}", f"{arch.flops_per_example():,}", text)
+        table.add_row(str(arch), arch.spec, f"{arch.params_per_network():,}", f"{arch.flops_per_example():,}", text)
     Console().print(table)
     return 0
 

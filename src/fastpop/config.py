@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ STEP_MILESTONES = (0.5, 0.75)  # the step schedule multiplies lr by 0.1 at these
 
 @dataclass
 class Config:
-    arch: str = "small-cnn"
+    arch: str = "small-cnn"  # a preset, a spec ("c8-mp-c16-gap"), a fastpop.Arch, or module:package.module:function
     dataset: str = "digits"  # digits, mnist, fashion-mnist, cifar10, cifar100, gaussian or npz:PATH
     data_dir: str | None = None  # where the data files are (default $FASTPOP_DATA or ./data)
     classes: list[int] | None = None  # train (and, by default, test) only on these classes
@@ -53,11 +54,14 @@ class Config:
     extra: dict = field(default_factory=dict, repr=False)  # reserved; must stay empty
 
     def __post_init__(self):
-        from .archs import ARCHS
+        from .archs import MODULE_PREFIX, parse_arch
         from .data import DATASETS, TEST_ONLY, valid_name
 
-        if self.arch not in ARCHS:
-            raise UsageError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if isinstance(self.arch, str) and self.arch.startswith(MODULE_PREFIX):
+            _check_module_path(self.arch)
+        else:
+            arch = parse_arch(self.arch)
+            self.arch = arch.name or arch.spec
         if not valid_name(self.dataset):
             raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}, npz:PATH")
         if self.test_dataset is not None and not valid_name(self.test_dataset, test=True):
@@ -190,6 +194,14 @@ class Config:
         d = {k.replace("-", "_"): v for k, v in d.items()}
         d.update(overrides)
         return cls.from_dict(d)
+
+
+def _check_module_path(arch: str) -> None:
+    """module:package.module:function, each part a dotted Python name."""
+    parts = arch.split(":")
+    name = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+    if len(parts) != 3 or not all(re.fullmatch(name, x) for x in parts[1:]):
+        raise UsageError(f"arch {arch!r}: a module is given as module:package.module:function")
 
 
 def _check_int(name, v, lo, hi):

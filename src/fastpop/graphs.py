@@ -40,8 +40,7 @@ class GraphedStep:
         new = ~torch.isfinite(loss) & (pop.diverged_at < 0)
         pop.diverged_at.copy_(torch.where(new, self.step, pop.diverged_at))
         self.frozen.copy_(pop.entry_mask(pop.diverged_at >= 0))
-        self.backend.sgd_step(pop.params, pop.grads, pop.momentum, self.lr, self.config.momentum,
-                              self.config.weight_decay, self.frozen)
+        self.backend.optimizer_step(pop, self.lr, self.config, self.frozen)
         return loss
 
     def __call__(self, idx: torch.Tensor, lr: float, step: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The parameters of P networks in one flat buffer, and the forward pass of all of them.
+"""The parameters of P networks in one flat buffer.
 
 Layout is layer-major: parameter i of every network lies in one contiguous block viewed as [P, *shape], so each
 layer of all networks is one tensor for one op, and a slice of networks [lo:hi] of a layer is contiguous too.
@@ -91,45 +91,3 @@ class Population:
             leaf.grad = grad[lo:hi]
             out.append(leaf)
         return out
-
-
-def _features(arch: Arch, backend, params, images, idx, mean, std):
-    """Run the conv blocks; returns (activations, the parameters left for the dense layers)."""
-    it = iter(params)
-    h = backend.gather_images(images, idx, mean, std, flat=not arch.convs)
-    for conv in arch.convs:
-        h = backend.conv_block(h, next(it), next(it), conv.pool)
-    return h, list(it)
-
-
-def _dense_stack(arch: Arch, backend, h, params):
-    if arch.convs:
-        h = backend.global_avg_pool(h)
-    for layer, (w, b) in zip(arch.dense, zip(params[::2], params[1::2])):
-        h = backend.dense(h, w, b, layer.relu)
-    return h
-
-
-def _fused_head(arch: Arch, rest: list) -> bool:
-    """A CNN whose only dense layer is the classifier gets the backend's fused GAP + linear + loss head."""
-    return bool(arch.convs) and len(rest) == 2
-
-
-def loss(arch: Arch, backend, params, images, idx, y, mean, std) -> torch.Tensor:
-    """Each network's mean cross-entropy [P] on its batch idx [P, B] with labels y [P, B]."""
-    h, rest = _features(arch, backend, params, images, idx, mean, std)
-    if _fused_head(arch, rest):
-        return backend.head_loss(h, rest[0], rest[1], y)
-    return backend.cross_entropy(_dense_stack(arch, backend, h, rest), y)
-
-
-@torch.no_grad()
-def score(arch: Arch, backend, params, images, idx, y, mean, std, bits, bit_offset):
-    """Evaluation of a batch: correctness bits into `bits` [P, R] from bit `bit_offset`; returns (summed loss
-    over labelled examples [P], predictions [P, B])."""
-    if backend.runs_whole(arch):
-        return backend.network_score(arch, params, images, idx, y, mean, std, bits, bit_offset)
-    h, rest = _features(arch, backend, params, images, idx, mean, std)
-    if _fused_head(arch, rest):
-        return backend.head_score(h, rest[0], rest[1], y, bits, bit_offset)
-    return backend.score_logits(_dense_stack(arch, backend, h, rest), y, bits, bit_offset)

@@ -9,7 +9,7 @@ import torch
 from .archs import Arch
 from .data import Split
 from .ops.reference import pack_into
-from .population import Population, score
+from .population import Population
 from .rundir import bytes_per_row
 
 # Evaluation runs EVAL_EXAMPLES examples at a time (fixed, so that each network's loss is summed over the same
@@ -40,16 +40,14 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
     pred = torch.empty(p, n, dtype=torch.int64, device=device)
     loss = torch.zeros(p, dtype=torch.float64, device=device)
     params = pop.views(pop.params)
-    # floats held per network and example: the largest activation, or only the logits with whole-network kernels
-    per_net = arch.classes if backend.runs_whole(arch) else arch.activations_per_example()
-    chunk = min(chunk or p, max(1, EVAL_FLOATS // (EVAL_EXAMPLES * per_net)))
+    chunk = min(chunk or p, max(1, EVAL_FLOATS // (EVAL_EXAMPLES * backend.eval_floats(arch))))
     for plo in range(0, p, chunk):
         phi = min(p, plo + chunk)
         for lo in range(0, n, EVAL_EXAMPLES):
             hi = min(n, lo + EVAL_EXAMPLES)
             idx = torch.arange(lo, hi, device=device).expand(phi - plo, -1).contiguous()  # the same examples
-            summed, pred[plo:phi, lo:hi] = score(arch, backend, [v[plo:phi] for v in params], split.x, idx,
-                                                 split.y[idx], mean, std, bits[plo:phi], lo)
+            summed, pred[plo:phi, lo:hi] = backend.score(arch, [v[plo:phi] for v in params], split.x, idx,
+                                                         split.y[idx], mean, std, bits[plo:phi], lo)
             loss[plo:phi] += summed.double()
     labelled = int((split.y >= 0).sum())
     loss = loss / labelled if labelled else torch.full_like(loss, float("nan"))

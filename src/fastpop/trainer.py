@@ -27,15 +27,10 @@ from .data import Dataset, load_dataset
 from .data.orders import epoch_orders, subsets
 from .errors import ResourceError, UsageError
 from .ops import get_backend, resolve_device
-from .population import Population, loss as population_loss
+from .population import Population
 from .recorder import evaluate, pack_bits, record
 from .run import Run
 from .rundir import FORMAT, SPLITS, STATE, RunWriter, bytes_per_row, check_new_out
-
-# --max-nets-per-chunk auto with the torch backend on a CPU: activation bytes per chunk. Measured on the 2-core AVX-512 CPU, small-cnn on
-# digits, P = 1000, B = 32 (1.5 MB per network): one chunk of all 1000 networks 72.5k net-images/s, chunks of 250
-# 93.6k, 100 113.8k, 50 101.1k, 10 65.9k; the working set of a chunk near 128 MiB is the sweet spot.
-CPU_CHUNK_BYTES = 128 << 20
 
 
 class Interrupted(Exception):
@@ -112,50 +107,32 @@ def checkpoint_plan(epochs: int, steps_per_epoch: int, record_every: int) -> lis
 
 
 def chunk_size(setting: int | str, arch: Arch, batch_size: int, p: int, device: torch.device, backend) -> int:
-    """Networks per chunk: the setting, or (auto) as many as fit the activation budget of the device; all of
-    them for whole-network kernels, which hold one network's activations per thread whatever the chunk."""
+    """Networks per chunk: the setting, or (auto) the backend's choice."""
     if setting != "auto":
         return min(int(setting), p)
-    if backend.runs_whole(arch):
-        return p
-    if device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] // 2
-    else:
-        budget = CPU_CHUNK_BYTES
-    per_net = 4 * batch_size * arch.train_floats_per_example()
-    return max(1, min(p, budget // per_net))
+    return backend.chunk_size(arch, batch_size, p, device)
 
 
 def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Tensor, chunk: int | None
                          ) -> torch.Tensor:
     """Forward and backward of every network on its batch idx [P, B], `chunk` networks at a time, into
-    pop.grads; returns each network's batch loss [P]. Op by op through autograd (gradients zeroed first, then
-    accumulated), or with whole-network kernels that write each network's gradient."""
-    whole = backend.runs_whole(pop.arch)
-    if not whole:
-        pop.grads.zero_()
+    pop.grads; returns each network's batch loss [P]."""
     losses = []
     for lo in range(0, pop.p, chunk or pop.p):
         hi = min(pop.p, lo + (chunk or pop.p))
-        y = data.train.y[idx[lo:hi]]
-        if whole:
-            losses.append(backend.network_grads(pop, lo, data.train.x, idx[lo:hi], y, data.mean, data.std))
-            continue
-        loss = population_loss(pop.arch, backend, pop.leaves(lo, hi), data.train.x, idx[lo:hi], y, data.mean,
-                               data.std)
-        loss.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
-        losses.append(loss.detach())
+        losses.append(backend.gradients(pop, lo, hi, data.train.x, idx[lo:hi], data.train.y[idx[lo:hi]], data.mean,
+                                        data.std))
     return torch.cat(losses)
 
 
 def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: float, config: Config,
                chunk: int | None = None, step: int = 0) -> torch.Tensor:
-    """One SGD step of every network on its own batch idx [P, B], `chunk` networks at a time; returns each
+    """One optimizer step of every network on its own batch idx [P, B], `chunk` networks at a time; returns each
     network's batch loss [P]. A network whose loss is not finite is marked diverged and frozen before the update,
     so nothing of it reaches the others or its own weights."""
     loss = accumulate_gradients(pop, backend, data, idx, chunk)
     pop.mark_diverged(~torch.isfinite(loss), step)
-    backend.sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, pop.frozen)
+    backend.optimizer_step(pop, lr, config, pop.frozen)
     return loss
 
 
@@ -268,7 +245,7 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
 
 def _step_function(setup: Setup, pop: Population, batch_shape):
     """(idx, lr, step) -> losses: a replayed CUDA graph on CUDA with the triton backend, else eager."""
-    if setup.device.type == "cuda" and setup.backend.NAME == "triton" and setup.config.cuda_graphs:
+    if setup.device.type == "cuda" and setup.backend.graphable and setup.config.cuda_graphs:
         from .graphs import GraphedStep
 
         return GraphedStep(pop, setup.backend, setup.data, setup.config, setup.chunk, batch_shape)
@@ -338,7 +315,7 @@ def _manifest(setup: Setup) -> dict:
         "init_seeds": _shard(config.init_seeds(), config),
         "order_seeds": _shard(config.order_seeds(), config),
         "shard": config.shard,
-        "arch": {"name": arch.name, "params_per_network": arch.params_per_network(),
+        "arch": {"name": str(arch), "spec": arch.spec, "params_per_network": arch.params_per_network(),
                  "flops_per_example": arch.flops_per_example(),
                  "param_shapes": [[n, list(s)] for n, s in arch.param_shapes()]},
         "dataset": {"name": data.name, "classes": data.classes, "in_shape": list(data.in_shape)},
@@ -352,7 +329,7 @@ def _manifest(setup: Setup) -> dict:
         "predictions": bool(config.record_predictions or data.open_set),
         "class_ids": data.class_ids,
         "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
-        "backend": setup.backend.NAME,
+        "backend": setup.backend.name,
         "versions": {"fastpop": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__, "numba": version("numba"), "scikit-learn": version("scikit-learn")},
         "host": {"machine": platform.machine(), "cpus": torch.get_num_threads()},

@@ -1,5 +1,5 @@
-"""The pure-torch population op set: all P networks in one call per layer. `--backend torch` (on any device),
-the op-by-op path of the numba backend (the mlp), and the reference that every kernel is tested against.
+"""The pure-torch population op set: all P networks in one call per layer. The ops of `--backend torch` (on any
+device, chained by `chain`), and the reference that every kernel is tested against.
 
 Layouts (private to this backend; the population code only chains them): conv activations [P, B, H, W, C]
 (channels last within each network), dense activations [P, B, F].
@@ -17,14 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NAME = "torch"
-
-
-def runs_whole(arch) -> bool:
-    """Whether the backend runs `arch` with whole-network kernels (network_grads, network_score) instead of op
-    by op: never here."""
-    return False
-
 
 def gather_images(x: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flat: bool
                   ) -> torch.Tensor:
@@ -34,59 +26,75 @@ def gather_images(x: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: t
     return batch.flatten(2) if flat else batch.permute(0, 1, 3, 4, 2).contiguous()
 
 
-class _Conv3x3(torch.autograd.Function):
-    """3x3 convolution, padding 1, of every network at once. x [P, B, H, W, C]; w [P, Cout, C, 3, 3];
+class _Conv(torch.autograd.Function):
+    """K x K convolution, padding K // 2, of every network at once. x [P, B, H, W, C]; w [P, Cout, C, K, K];
     b [P, Cout] -> [P, B, H, W, Cout]."""
 
     @staticmethod
     def forward(ctx, x, w, b):
         p, bsz, h, wd, c = x.shape
-        cols = im2col(x)  # [P, B*H*W, 9C + 1]
-        wmat = torch.cat([w.permute(0, 3, 4, 2, 1).reshape(p, 9 * c, -1), b.unsqueeze(1)], 1)  # [P, 9C + 1, Cout]
+        k = w.shape[-1]
+        cols = im2col(x, k)  # [P, B*H*W, K*K*C + 1]
+        wmat = torch.cat([w.permute(0, 3, 4, 2, 1).reshape(p, k * k * c, -1), b.unsqueeze(1)], 1)
         ctx.save_for_backward(cols, wmat)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.k = x.shape, k
         return torch.bmm(cols, wmat).view(p, bsz, h, wd, -1)
 
     @staticmethod
     def backward(ctx, dout):
         cols, wmat = ctx.saved_tensors
         p, bsz, h, wd, c = ctx.x_shape
+        k = ctx.k
         dout = dout.reshape(p, bsz * h * wd, -1)
-        dwmat = torch.bmm(cols.transpose(1, 2), dout)  # [P, 9C + 1, Cout]: weights and bias together
-        dw = dwmat[:, :-1].view(p, 3, 3, c, -1).permute(0, 4, 3, 1, 2)
+        dwmat = torch.bmm(cols.transpose(1, 2), dout)  # [P, K*K*C + 1, Cout]: weights and bias together
+        dw = dwmat[:, :-1].view(p, k, k, c, -1).permute(0, 4, 3, 1, 2)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = col2im(torch.bmm(dout, wmat[:, :-1].transpose(1, 2)), ctx.x_shape)
+            dx = col2im(torch.bmm(dout, wmat[:, :-1].transpose(1, 2)), ctx.x_shape, k)
         return dx, dw, dwmat[:, -1]
 
 
-def im2col(x: torch.Tensor) -> torch.Tensor:
-    """[P, B, H, W, C] -> [P, B*H*W, 9C + 1]: each output pixel's 3x3 zero-padded neighbourhood in (kh, kw, c)
-    order, then a 1 for the bias."""
+def im2col(x: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """[P, B, H, W, C] -> [P, B*H*W, K*K*C + 1]: each output pixel's K x K zero-padded neighbourhood in
+    (kh, kw, c) order, then a 1 for the bias."""
     p, bsz, h, w, c = x.shape
-    cols = torch.empty(p, bsz * h * w, 9 * c + 1, dtype=x.dtype, device=x.device)
+    r = k // 2
+    cols = torch.empty(p, bsz * h * w, k * k * c + 1, dtype=x.dtype, device=x.device)
     cols[:, :, -1] = 1
-    windows = F.pad(x, (0, 0, 1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)  # [P, B, H, W, C, 3, 3]
-    cols[:, :, :-1].unflatten(1, (bsz, h, w)).unflatten(4, (3, 3, c)).copy_(windows.permute(0, 1, 2, 3, 5, 6, 4))
+    windows = F.pad(x, (0, 0, r, r, r, r)).unfold(2, k, 1).unfold(3, k, 1)  # [P, B, H, W, C, K, K]
+    cols[:, :, :-1].unflatten(1, (bsz, h, w)).unflatten(4, (k, k, c)).copy_(windows.permute(0, 1, 2, 3, 5, 6, 4))
     return cols
 
 
-def col2im(dcols: torch.Tensor, shape) -> torch.Tensor:
-    """Adjoint of im2col (without the bias column): [P, B*H*W, 9C] -> [P, B, H, W, C]."""
+def col2im(dcols: torch.Tensor, shape, k: int = 3) -> torch.Tensor:
+    """Adjoint of im2col (without the bias column): [P, B*H*W, K*K*C] -> [P, B, H, W, C]."""
     p, bsz, h, w, c = shape
-    d = dcols.view(p, bsz, h, w, 3, 3, c)
-    dx = torch.zeros(p, bsz, h + 2, w + 2, c, dtype=dcols.dtype, device=dcols.device)
-    for kh in range(3):
-        for kw in range(3):
+    r = k // 2
+    d = dcols.view(p, bsz, h, w, k, k, c)
+    dx = torch.zeros(p, bsz, h + 2 * r, w + 2 * r, c, dtype=dcols.dtype, device=dcols.device)
+    for kh in range(k):
+        for kw in range(k):
             dx[:, :, kh:kh + h, kw:kw + w] += d[:, :, :, :, kh, kw]
-    return dx[:, :, 1:-1, 1:-1]
+    return dx[:, :, r:r + h, r:r + w]
 
 
-def conv_block(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, pool: bool) -> torch.Tensor:
-    """3x3 conv (padding 1) + bias + ReLU (+ 2x2 max-pool, floor). h [P, B, H, W, Cin]; w [P, Cout, Cin, 3, 3];
-    b [P, Cout]. Returns [P, B, H', W', Cout]."""
-    out = torch.relu(_Conv3x3.apply(h, w, b))
-    return max_pool2x2(out) if pool else out
+def conv_block(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, pool: str | None) -> torch.Tensor:
+    """K x K conv (padding K // 2) + bias + ReLU, then a 2x2 max or average pool (floor) when pool is "max" or
+    "avg". h [P, B, H, W, Cin]; w [P, Cout, Cin, K, K]; b [P, Cout]. Returns [P, B, H', W', Cout]."""
+    out = torch.relu(_Conv.apply(h, w, b))
+    return pool2x2(out, pool) if pool else out
+
+
+def pool2x2(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """2x2 max or average pool, stride 2, floor: [P, B, H, W, C] -> [P, B, H//2, W//2, C]."""
+    return max_pool2x2(h) if kind == "max" else avg_pool2x2(h)
+
+
+def avg_pool2x2(h: torch.Tensor) -> torch.Tensor:
+    """[P, B, H, W, C] -> [P, B, H//2, W//2, C], as nn.AvgPool2d(2)."""
+    p, bsz, hh, w, c = h.shape
+    nchw = h.view(p * bsz, hh, w, c).permute(0, 3, 1, 2)
+    return F.avg_pool2d(nchw, 2).permute(0, 2, 3, 1).reshape(p, bsz, hh // 2, w // 2, c)
 
 
 def max_pool2x2(h: torch.Tensor) -> torch.Tensor:
@@ -99,6 +107,11 @@ def max_pool2x2(h: torch.Tensor) -> torch.Tensor:
 def global_avg_pool(h: torch.Tensor) -> torch.Tensor:
     """[P, B, H, W, C] -> [P, B, C]."""
     return h.mean((2, 3))
+
+
+def flatten(h: torch.Tensor) -> torch.Tensor:
+    """[P, B, H, W, C] -> [P, B, C*H*W] in nn.Flatten's (C, H, W) order."""
+    return h.permute(0, 1, 4, 2, 3).flatten(2)
 
 
 def dense(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, relu: bool) -> torch.Tensor:

@@ -16,9 +16,8 @@ import torch
 from fastpop.kernels import conv as _conv, head as _head, optim as _optim
 
 from . import reference
-from .reference import cross_entropy, dense, global_avg_pool, runs_whole, score_logits  # noqa: F401 (torch path)
-
-NAME = "triton"
+from .reference import (cross_entropy, dense, flatten, global_avg_pool, pool2x2,  # noqa: F401 (torch path)
+                        score_logits)
 
 
 def _interpret() -> bool:
@@ -61,9 +60,13 @@ class _ConvBlock(torch.autograd.Function):
 
 
 def conv_block(h, w, b, pool):
+    if w.shape[-1] != 3 or pool == "avg":  # the kernels are 3x3 with a fused max-pool: the torch path
+        if isinstance(h, Gathered):
+            h = reference.gather_images(h.x, h.idx, h.mean, h.std, False)
+        return reference.conv_block(h, w, b, pool)
     if isinstance(h, Gathered):
-        return _ConvBlock.apply(h.x, h.idx, h.mean, h.std, w, b, pool)
-    return _ConvBlock.apply(h.contiguous(), None, None, None, w, b, pool)
+        return _ConvBlock.apply(h.x, h.idx, h.mean, h.std, w, b, pool == "max")
+    return _ConvBlock.apply(h.contiguous(), None, None, None, w, b, pool == "max")
 
 
 class _Head(torch.autograd.Function):

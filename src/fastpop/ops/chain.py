@@ -1,0 +1,108 @@
+"""Op-by-op backends: an architecture's layers chained over an op set (one call per layer for all networks,
+gradients through autograd). The torch backend is this chain over `reference`; the triton backend is the same
+chain over its kernels.
+
+An op set offers the functions of `reference`: gather_images, conv_block (conv + ReLU + an optional 2x2 pool fused),
+pool2x2, global_avg_pool, flatten, dense, cross_entropy, head_loss / head_score (global average pool + classifier +
+loss fused), score_logits, sgd_step.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from ..archs import Arch
+
+# --max-nets-per-chunk auto on a CPU: activation bytes per chunk. Measured on the 2-core AVX-512 CPU, small-cnn on
+# digits, P = 1000, B = 32 (1.5 MB per network): one chunk of all 1000 networks 72.5k net-images/s, chunks of 250
+# 93.6k, 100 113.8k, 50 101.1k, 10 65.9k; the working set of a chunk near 128 MiB is the sweet spot.
+CPU_CHUNK_BYTES = 128 << 20
+
+
+def _fused_head(arch: Arch) -> bool:
+    """Convs end in a global average pool and the classifier: the op set's fused head takes both."""
+    ops = arch.ops
+    return len(ops) >= 2 and ops[-2].kind == "gap" and any(op.kind == "conv" for op in ops)
+
+
+def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop: int):
+    """Layers 0..stop-1 of arch; a conv takes the pool right after it into its block. Returns (activation, the
+    parameters left)."""
+    it = iter(params)
+    h = ops.gather_images(images, idx, mean, std, flat=arch.flat_input)
+    layers, i = arch.ops, 0
+    while i < stop:
+        op = layers[i]
+        if op.kind == "conv":
+            pool = None
+            if i + 1 < stop and layers[i + 1].kind in ("maxpool", "avgpool"):
+                pool, i = layers[i + 1].kind[:3], i + 1
+            h = ops.conv_block(h, next(it), next(it), pool)
+        elif op.kind in ("maxpool", "avgpool"):
+            h = ops.pool2x2(h, op.kind[:3])
+        elif op.kind == "gap":
+            h = ops.global_avg_pool(h)
+        elif op.kind == "flat":
+            h = ops.flatten(h)
+        else:
+            h = ops.dense(h, next(it), next(it), op.relu)
+        i += 1
+    return h, list(it)
+
+
+def loss(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std) -> torch.Tensor:
+    """Each network's mean cross-entropy [P] on its batch idx [P, B] with labels y [P, B]."""
+    if _fused_head(arch):
+        h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2)
+        return ops.head_loss(h, w, b, y)
+    h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops))
+    return ops.cross_entropy(h, y)
+
+
+@torch.no_grad()
+def score(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, bits, bit_offset):
+    """Evaluation of a batch: correctness bits into `bits` [P, R] from bit `bit_offset`; returns (summed loss
+    over labelled examples [P], predictions [P, B])."""
+    if _fused_head(arch):
+        h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2)
+        return ops.head_score(h, w, b, y, bits, bit_offset)
+    h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops))
+    return ops.score_logits(h, y, bits, bit_offset)
+
+
+class ChainBackend:
+    """A backend that runs every layer of all networks as one op of `ops`, gradients through autograd."""
+
+    graphable = False
+
+    def __init__(self, name: str, ops: ModuleType, graphable: bool = False):
+        self.name, self.ops, self.graphable = name, ops, graphable
+
+    def native(self, arch: Arch) -> str | None:
+        return None
+
+    def chunk_size(self, arch: Arch, batch_size: int, p: int, device: torch.device) -> int:
+        if device.type == "cuda":
+            budget = torch.cuda.mem_get_info(device)[0] // 2
+        else:
+            budget = CPU_CHUNK_BYTES
+        per_net = 4 * batch_size * arch.train_floats_per_example()
+        return max(1, min(p, budget // per_net))
+
+    def eval_floats(self, arch: Arch) -> int:
+        return arch.activations_per_example()
+
+    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std) -> torch.Tensor:
+        for g in pop.views(pop.grads):
+            g[lo:hi].zero_()
+        out = loss(pop.arch, self.ops, pop.leaves(lo, hi), x, idx, y, mean, std)
+        out.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
+        return out.detach()
+
+    def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset):
+        return score(arch, self.ops, params, x, idx, y, mean, std, bits, bit_offset)
+
+    def optimizer_step(self, pop, lr, config, frozen) -> None:
+        self.ops.sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, frozen)

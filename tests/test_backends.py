@@ -1,0 +1,227 @@
+"""Backends against the torch reference: loss, every gradient and the evaluation (bits, loss, predictions) on fresh
+random inputs, odd shapes and random specs of the architecture grammar, with the outputs poisoned before each run;
+the numba backend's fused SGD bit for bit; network k alone or in company."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from fastpop.archs import build_arch
+from fastpop.ops import chain, get_backend, numba_cpu, reference
+from fastpop.population import Population
+
+CPU = torch.device("cpu")
+NUMBA = get_backend("numba", CPU)
+
+# odd sizes: 7x5 images with 3 channels pool to 3x2 (floor drops a row and a column), then 1x1
+ODD = build_arch("c5-mp-c6-mp-c7-gap", (3, 7, 5), 4)
+
+
+def _case(arch, p, bsz, seed, constant=False):
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = arch.in_shape
+    n = 40
+    x = torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
+    if constant:  # flat images: every 2x2 pooling window is a tie, resolved as nn.MaxPool2d does
+        x[:] = 7
+    y = torch.randint(0, arch.classes, (n,), generator=g)
+    idx = torch.randint(0, n, (p, bsz), generator=g)
+    mean, std = torch.rand(c, generator=g) * 100, torch.rand(c, generator=g) * 50 + 20
+    pop = Population(arch, list(range(seed, seed + p)), CPU)
+    pop.params.mul_(3)  # larger weights than init: more positive activations, ReLU and pool paths both taken
+    return pop, x, y, idx, mean, std
+
+
+def _reference_grads(pop, x, y, idx, mean, std):
+    pop.grads.zero_()
+    loss = chain.loss(pop.arch, reference, pop.leaves(0, pop.p), x, idx, y[idx], mean, std)
+    loss.sum().backward()
+    return loss.detach(), pop.grads.clone()
+
+
+def _check_grads(arch, pop, x, y, idx, mean, std, backend=NUMBA, rtol=1e-4):
+    want_loss, want_grads = _reference_grads(pop, x, y, idx, mean, std)
+    pop.grads.fill_(float("nan"))  # the kernel must write every gradient entry
+    loss = backend.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
+    torch.testing.assert_close(loss, want_loss, rtol=rtol, atol=1e-5)
+    for name, got, want in zip([n for n, _ in arch.param_shapes()], pop.views(pop.grads), pop.views(want_grads)):
+        scale = float(want.abs().max()) + 1e-6
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale, msg=f"gradient of {name} ({arch.spec})")
+
+
+@pytest.mark.parametrize("arch", [ODD, build_arch("small-cnn", (1, 8, 8), 10), build_arch("wide-cnn", (1, 8, 8), 10),
+                                  build_arch("mlp", (3, 7, 5), 4)], ids=["odd", "small-cnn", "wide-cnn", "mlp"])
+@pytest.mark.parametrize("p, bsz", [(1, 1), (3, 5), (4, 33)])
+def test_loss_and_every_gradient_match_reference(arch, p, bsz):
+    for seed in (1, 2):  # fresh inputs each time
+        _check_grads(arch, *_case(arch, p, bsz, seed * 100 + p))
+
+
+@st.composite
+def specs(draw):
+    """Random specs of the grammar: 0-4 convs (widths 1-64, kernels 1/3/5) with max or average pools where they fit,
+    gap or flat, 0-2 hidden dense layers, on odd image shapes."""
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    h, w = shape[1:]
+    layers = []
+    for _ in range(draw(st.integers(0, 4))):
+        layers.append(f"c{draw(st.sampled_from([1, 2, 3, 5, 8, 64]))}{draw(st.sampled_from(['', 'k1', 'k5']))}")
+        if h >= 2 and w >= 2 and draw(st.booleans()):
+            layers.append(draw(st.sampled_from(["mp", "ap"])))
+            h, w = h // 2, w // 2
+    if layers:
+        layers.append(draw(st.sampled_from(["gap", "flat"])))
+    layers += [f"d{draw(st.integers(1, 64))}" for _ in range(draw(st.integers(0 if layers else 1, 2)))]
+    return build_arch("-".join(layers), shape, draw(st.integers(2, 11)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=specs(), p=st.integers(1, 3), bsz=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_random_specs_match_reference(arch, p, bsz, seed):
+    pop, x, y, idx, mean, std = _case(arch, p, bsz, seed)
+    pop.params.div_(3)  # deep random nets: default scale, so that activations stay finite
+    _check_grads(arch, pop, x, y, idx, mean, std, rtol=2e-3)
+    _check_score(arch, pop, x, y, idx, mean, std)
+
+
+def _check_score(arch, pop, x, y, idx, mean, std):
+    """Bits, predictions and summed loss of the numba evaluation against the reference, where the reference's top
+    two logits differ by more than fp32 noise."""
+    p, nb = idx.shape
+    labels = y[idx]
+    params = pop.views(pop.params)
+    logits, _ = chain._features(arch, reference, params, x, idx, mean, std, len(arch.ops))
+    top2 = logits.topk(2, -1).values if arch.classes > 1 else None
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-3 * (logits.abs().amax(-1) + 1)
+    want_bits = torch.zeros(p, 8 * -(-nb // 64), dtype=torch.uint8)
+    want_loss, want_pred = chain.score(arch, reference, params, x, idx, labels, mean, std, want_bits, 0)
+    bits = torch.full_like(want_bits, 0xAB)
+    loss, pred = NUMBA.score(arch, params, x, idx, labels, mean, std, bits, 0)
+    assert torch.equal(pred[clear], want_pred[clear])
+    right = np.unpackbits(bits.numpy(), axis=-1, count=nb, bitorder="little").astype(bool)
+    want_right = np.unpackbits(want_bits.numpy(), axis=-1, count=nb, bitorder="little").astype(bool)
+    np.testing.assert_array_equal(right[clear.numpy()], want_right[clear.numpy()])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", [ODD, build_arch("small-cnn", (1, 8, 8), 10)], ids=["odd", "small-cnn"])
+@pytest.mark.parametrize("nb", [7, 150])  # 150: two kernel calls of 80 and 70 examples
+@pytest.mark.parametrize("shared", [False, True], ids=["own-batches", "same-examples"])
+def test_score_matches_reference(arch, nb, shared):
+    pop, x, y, idx, mean, std = _case(arch, 5, nb, 5)
+    if shared:  # as in evaluation: the kernel gathers the input layer once per thread
+        idx = idx[:1].expand(5, -1)
+    labels = y[idx]
+    labels[:, ::5] = -1  # classes the networks were not trained on: wrong, no loss
+    dense_w, dense_b = pop.views(pop.params)[-2:]
+    dense_w[2].zero_()  # network 2: every logit equal, ties to class 0
+    dense_b[2].fill_(0.5)
+    want_bits = torch.zeros(5, 8 + -(-nb // 64) * 8, dtype=torch.uint8)
+    want_loss, want_pred = chain.score(arch, reference, pop.views(pop.params), x, idx, labels, mean, std, want_bits,
+                                       64)
+    bits = torch.full_like(want_bits, 0xFF)  # the kernel writes every byte of its examples, and only those
+    bits[:, 8:] = 0xAB
+    loss, pred = NUMBA.score(arch, pop.views(pop.params), x, idx, labels, mean, std, bits, 64)
+    assert torch.equal(pred, want_pred)
+    assert (pred[2] == 0).all()
+    assert torch.equal(bits[:, :8], torch.full_like(bits[:, :8], 0xFF))
+    n_bytes = -(-nb // 8)
+    assert torch.equal(bits[:, 8:8 + n_bytes], want_bits[:, 8:8 + n_bytes])
+    assert (bits[:, 8 + n_bytes:] == 0xAB).all()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
+
+
+def test_pool_ties_route_the_gradient_as_max_pool2d():
+    arch = build_arch("small-cnn", (1, 8, 8), 10)
+    pop, x, y, idx, mean, std = _case(arch, 2, 6, 3, constant=True)
+    _check_grads(arch, pop, x, y, idx, mean, std)
+
+
+@pytest.mark.parametrize("spec", ["c3-ap-c4-gap", "c3-mp-mp-c4-gap", "ap-c3-gap"])
+def test_avg_pools_and_pool_chains_match_reference_on_ties(spec):
+    arch = build_arch(spec, (2, 8, 6), 3)
+    _check_grads(arch, *_case(arch, 2, 6, 3, constant=True))
+
+
+@pytest.mark.parametrize("spec", ["small-cnn", "c4k5-ap-c3k1-flat-d7-d5"])
+def test_network_is_bit_identical_alone_or_in_company(spec):
+    arch = build_arch(spec, (1, 8, 8), 10)
+    pop, x, y, idx, mean, std = _case(arch, 5, 9, 8)
+    loss = NUMBA.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
+    alone = Population(arch, [0], CPU)
+    alone.set_networks(pop.networks()[3:4])  # network 3, alone
+    loss_alone = NUMBA.gradients(alone, 0, 1, x, idx[3:4], y[idx[3:4]], mean, std)
+    assert torch.equal(loss[3:4], loss_alone)
+    assert torch.equal(pop.networks(pop.grads)[3], alone.networks(alone.grads)[0])
+    # a chunk (lo > 0) of the population writes the same gradients
+    grads = pop.grads.clone()
+    pop.grads.fill_(float("nan"))
+    NUMBA.gradients(pop, 0, 2, x, idx[:2], y[idx[:2]], mean, std)
+    NUMBA.gradients(pop, 2, 5, x, idx[2:], y[idx[2:]], mean, std)
+    assert torch.equal(pop.grads, grads)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+@pytest.mark.parametrize("with_frozen", [False, True])
+def test_sgd_is_bit_identical_to_reference(weight_decay, with_frozen):
+    g = torch.Generator().manual_seed(4)
+    n = 1001  # odd: the threads' slices are uneven
+    params, grads, mom = (torch.randn(n, generator=g) for _ in range(3))
+    frozen = torch.rand(n, generator=g) < 0.3 if with_frozen else None
+    want = [t.clone() for t in (params, grads, mom)]
+    reference.sgd_step(*want, 0.05, 0.9, weight_decay, frozen)
+    numba_cpu.sgd_step(params, grads, mom, 0.05, 0.9, weight_decay, frozen)
+    for got, w in zip((params, grads, mom), want):
+        assert torch.equal(got, w)
+
+
+def test_nan_network_stays_nan_and_alone():
+    arch = build_arch("small-cnn", (1, 8, 8), 10)
+    pop, x, y, idx, mean, std = _case(arch, 3, 4, 9)
+    clean = NUMBA.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
+    grads = pop.networks(pop.grads)
+    pop.views(pop.params)[0][1].fill_(float("nan"))
+    loss = NUMBA.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
+    assert np.isnan(loss[1].item())
+    assert torch.equal(loss[[0, 2]], clean[[0, 2]])
+    assert torch.equal(pop.networks(pop.grads)[[0, 2]], grads[[0, 2]])
+
+
+def test_backend_choice():
+    from fastpop.errors import UsageError
+
+    assert get_backend("auto", CPU).name == "numba"
+    assert get_backend("torch", CPU).name == "torch"
+    for spec in ("small-cnn", "mlp", "c3k5-ap-c2k1-flat-d4"):
+        assert get_backend("numba", CPU).native(build_arch(spec, (1, 8, 8), 10)) is None
+    with pytest.raises(UsageError, match="runs on the CPU"):
+        get_backend("numba", torch.device("cuda"))
+
+
+def test_results_do_not_depend_on_the_thread_count(tmp_path):
+    """The cached parallel kernels, loaded in a process with 3 threads, give the bits of this process."""
+    import subprocess
+    import sys
+
+    arch = build_arch("small-cnn", (1, 8, 8), 10)
+    pop, x, y, idx, mean, std = _case(arch, 5, 9, 12)
+    loss = NUMBA.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
+    script = f"""
+import torch, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_backends import _case, build_arch, NUMBA
+import numba
+assert numba.get_num_threads() == 3
+pop, x, y, idx, mean, std = _case(build_arch("small-cnn", (1, 8, 8), 10), 5, 9, 12)
+loss = NUMBA.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
+torch.save((loss, pop.grads), {str(tmp_path / "out.pt")!r})
+"""
+    env = dict(os.environ, NUMBA_NUM_THREADS="3")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    other_loss, other_grads = torch.load(tmp_path / "out.pt")
+    assert torch.equal(other_loss, loss)
+    assert torch.equal(other_grads, pop.grads)
