@@ -199,8 +199,7 @@ class Config:
 def _check_module_path(arch: str) -> None:
     """module:package.module:function, each part a dotted Python name."""
     parts = arch.split(":")
-    name = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-    if len(parts) != 3 or not all(re.fullmatch(name, x) for x in parts[1:]):
+    if len(parts) != 3 or not all(re.fullmatch(r"[\w.<>]+", x) for x in parts[1:]):
         raise UsageError(f"arch {arch!r}: a module is given as module:package.module:function")
 
 

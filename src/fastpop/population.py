@@ -21,6 +21,8 @@ def init_network(arch: Arch, seed: int) -> torch.Tensor:
     torch.nn's default distributions: Conv2d and Linear weights and biases are all U(-1/sqrt(fan_in),
     1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5) reduces to that bound). One draw of D numbers per network.
     """
+    if hasattr(arch, "init_network"):  # a user's module initialises itself
+        return arch.init_network(seed)
     parts = []
     for name, shape in arch.param_shapes():
         if name.endswith("weight"):  # a bias follows its weight and shares its fan_in

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .archs import Arch, build_arch
+from .archs import MODULE_PREFIX, Arch, build_arch
 from .config import Config
 from .data import Dataset, load_dataset
 from .data.orders import epoch_orders, subsets
@@ -71,13 +71,12 @@ class Setup:
         return self.config.epochs * self.steps_per_epoch
 
 
-def prepare(config: Config, out: Path | None = None) -> Setup:
+def prepare(config: Config, out: Path | None = None, model: Callable | None = None) -> Setup:
     """Resolve and check everything a run needs; raises UsageError before anything is written. With `out`, the
-    run directory exists already (resume)."""
+    run directory exists already (resume). `model`: the factory of a module arch (else imported from its path)."""
     device = resolve_device(config.device)
-    backend = get_backend(config.backend, device)
     data = load_dataset(config, device)
-    arch = build_arch(config.arch, data.in_shape, data.classes)
+    arch, backend = resolve_arch(config, data, device, model)
     n = round(config.subset_fraction * len(data.train))  # examples each network trains on
     if config.batch_size > n:
         raise UsageError(f"batch_size {config.batch_size} is larger than the {n} training examples of a network")
@@ -90,6 +89,24 @@ def prepare(config: Config, out: Path | None = None) -> Setup:
     # drawn from each network's own seed; both the membership record and the batch orders use it
     subset = subsets(seeds, len(data.train), config.subset_fraction) if config.subset_fraction < 1 else None
     return Setup(config, device, backend, data, arch, seeds, n // config.batch_size, plan, chunk, out, subset)
+
+
+def resolve_arch(config: Config, data: Dataset, device: torch.device, model: Callable | None = None):
+    """(architecture sized for the data, the backend that runs it). A module arch runs on the torch.func backend;
+    a spec on any other."""
+    if config.arch.startswith(MODULE_PREFIX):
+        if config.backend not in ("auto", "torch.func"):
+            raise UsageError(f"arch {config.arch} is a module: it trains with backend torch.func, not "
+                             f"{config.backend}")
+        from .ops.torchfunc import module_arch
+
+        return module_arch(config.arch, model, data.in_shape, data.classes), get_backend("torch.func", device)
+    if config.backend == "torch.func":
+        raise UsageError("backend torch.func trains module archs (--arch module:package.module:function); "
+                         "a spec runs on numba, torch or triton")
+    if model is not None:
+        raise UsageError("model= is given, but config.arch is not a module arch")
+    return build_arch(config.arch, data.in_shape, data.classes), get_backend(config.backend, device)
 
 
 def default_out(config: Config) -> Path:
@@ -137,10 +154,14 @@ def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: f
 
 
 def train(config: Config, progress: Callable[[Progress], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> Run:
+          should_stop: Callable[[], bool] | None = None, model: Callable | None = None) -> Run:
     """Train the population that `config` describes into a new run directory; returns it as a Run.
-    `should_stop` is polled after every step: when it returns True the state is saved and Interrupted raised."""
-    setup = prepare(config)
+    `should_stop` is polled after every step: when it returns True the state is saved and Interrupted raised.
+    `model`: a function returning an nn.Module, to train P copies of it (config.arch becomes its
+    module:package.module:function path)."""
+    if model is not None:
+        config = Config.from_dict(dict(config.to_dict(), arch=f"module:{model.__module__}:{model.__qualname__}"))
+    setup = prepare(config, model=model)
     setup.config.out = str(setup.out)
     pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device)
     writer = RunWriter.create(setup.out, _manifest(setup))
@@ -152,15 +173,16 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
 
 
 def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
-           should_stop: Callable[[], bool] | None = None, max_nets_per_chunk: int | str | None = None) -> Run:
+           should_stop: Callable[[], bool] | None = None, max_nets_per_chunk: int | str | None = None,
+           model: Callable | None = None) -> Run:
     """Continue a run directory from its last saved state (from the start if it has none). The chunk size may
-    change: chunks never change results."""
+    change: chunks never change results. `model`: the factory of a module arch (else imported from its path)."""
     run = Run(path)
     if run.status == "complete":
         raise UsageError(f"{run.path} is already complete")
     if max_nets_per_chunk is not None:
         run.config = Config.from_dict(dict(run.config.to_dict(), max_nets_per_chunk=max_nets_per_chunk))
-    setup = prepare(run.config, out=run.path)
+    setup = prepare(run.config, out=run.path, model=model)
     for split in SPLITS:
         if run.manifest["splits"][split].get("labels_sha256") != _labels_sha(setup.data, split):
             raise UsageError(f"the {split} data of {run.path} differ from the data found now; cannot resume")
