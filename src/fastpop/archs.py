@@ -267,6 +267,21 @@ class Arch:
                 total += (op.k * op.k * op.c + 1) * op.h * op.w + 2 * op.out * op.h * op.w
         return 2 * total
 
+    def describe(self) -> str:
+        """The resolved layers in words: "conv 5x5 16, avg pool, flatten 144, dense 64, linear 10"."""
+        words = {"maxpool": "max pool", "avgpool": "avg pool", "gap": "global avg pool"}
+        parts = []
+        for op in self.ops:
+            if op.kind == "conv":
+                parts.append(f"conv {op.k}x{op.k} {op.out}")
+            elif op.kind == "flat":
+                parts.append(f"flatten {op.out}")
+            elif op.kind == "dense":
+                parts.append(f"{'dense' if op.relu else 'linear'} {op.out}")
+            else:
+                parts.append(words[op.kind])
+        return ", ".join(parts)
+
     def to_module(self):
         """The same network as a plain nn.Module, parameters in `param_shapes` order."""
         from torch import nn

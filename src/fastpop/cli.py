@@ -231,9 +231,10 @@ def _archs(args) -> int:
     table = Table(title=f"architectures for input {'x'.join(map(str, shape))}, {args.classes} classes")
     for col in ("arch", "spec", "params/network", "forward FLOPs/example", "layers"):
         table.add_column(col, justify="right" if "/" in col else "left", no_wrap=col != "layers")
-    archs = {args.arch: ""} if args.arch else {name: text for name, (_, text) in PRESETS.items()}
+    archs = {args.arch: None} if args.arch is not None else {name: text for name, (_, text) in PRESETS.items()}
     for name, text in archs.items():
         arch = build_arch(name, shape, args.classes)
+        text = text or arch.describe()
         table.add_row(str(arch), arch.spec, f"{arch.params_per_network():,}", f"{arch.flops_per_example():,}", text)
     Console().print(table)
     return 0

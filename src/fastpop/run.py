@@ -34,6 +34,18 @@ class Run:
             raise UsageError(f"{self.path} has no completed checkpoint yet")
 
     @property
+    def arch(self):
+        """The architecture rebuilt from the spec in run.json, sized for the run's data (an Arch); for a module
+        arch, its module:package.module:function path (its parameter shapes are in manifest["arch"])."""
+        from .archs import MODULE_PREFIX, build_arch
+
+        spec = self.manifest["arch"].get("spec", self.config.arch)
+        if spec.startswith(MODULE_PREFIX):
+            return spec
+        data = self.manifest["dataset"]
+        return build_arch(spec, data["in_shape"], data["classes"])
+
+    @property
     def seeds(self) -> list[int]:
         return self.manifest["seeds"]
 

@@ -9,6 +9,7 @@ and the learning rate from the step, so a run resumed from a saved state continu
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
 import time
 from dataclasses import dataclass
@@ -106,7 +107,11 @@ def resolve_arch(config: Config, data: Dataset, device: torch.device, model: Cal
                          "a spec runs on numba, torch or triton")
     if model is not None:
         raise UsageError("model= is given, but config.arch is not a module arch")
-    return build_arch(config.arch, data.in_shape, data.classes), get_backend(config.backend, device)
+    arch, backend = build_arch(config.arch, data.in_shape, data.classes), get_backend(config.backend, device)
+    note = backend.native(arch)
+    if note:  # said once per run: in the log and in run.json
+        logging.getLogger("fastpop").warning("backend %s: %s", backend.name, note)
+    return arch, backend
 
 
 def default_out(config: Config) -> Path:
@@ -352,6 +357,7 @@ def _manifest(setup: Setup) -> dict:
         "class_ids": data.class_ids,
         "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
         "backend": setup.backend.name,
+        "backend_note": setup.backend.native(arch),
         "versions": {"fastpop": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__, "numba": version("numba"), "scikit-learn": version("scikit-learn")},
         "host": {"machine": platform.machine(), "cpus": torch.get_num_threads()},
