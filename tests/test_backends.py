@@ -36,17 +36,17 @@ def _case(arch, p, bsz, seed, constant=False):
     return pop, x, y, idx, mean, std
 
 
-def _reference_grads(pop, x, y, idx, mean, std):
+def _reference_grads(pop, x, y, idx, mean, std, aug=None, smoothing=0.0):
     pop.grads.zero_()
-    loss = chain.loss(pop.arch, reference, pop.leaves(0, pop.p), x, idx, y[idx], mean, std)
+    loss = chain.loss(pop.arch, reference, pop.leaves(0, pop.p), x, idx, y[idx], mean, std, aug, smoothing)
     loss.sum().backward()
     return loss.detach(), pop.grads.clone()
 
 
-def _check_grads(arch, pop, x, y, idx, mean, std, backend=NUMBA, rtol=1e-4):
-    want_loss, want_grads = _reference_grads(pop, x, y, idx, mean, std)
+def _check_grads(arch, pop, x, y, idx, mean, std, backend=NUMBA, rtol=1e-4, aug=None, smoothing=0.0):
+    want_loss, want_grads = _reference_grads(pop, x, y, idx, mean, std, aug, smoothing)
     pop.grads.fill_(float("nan"))  # the kernel must write every gradient entry
-    loss = backend.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
+    loss = backend.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std, aug, smoothing)
     torch.testing.assert_close(loss, want_loss, rtol=rtol, atol=1e-5)
     for name, got, want in zip([n for n, _ in arch.param_shapes()], pop.views(pop.grads), pop.views(want_grads)):
         scale = float(want.abs().max()) + 1e-6

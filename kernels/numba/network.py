@@ -282,12 +282,58 @@ def _dense(src, prm, wo, bo, fin, fout, nb, dst):
                 lk[b] += wk * si[b]
 
 
+_M31 = 0x7FFFFFFF
+_MIX = 0x45D9F3B
+
+
+@njit(inline="always")
+def _mix(h):
+    h = ((h ^ (h >> 16)) * _MIX) & _M31
+    h = ((h ^ (h >> 16)) * _MIX) & _M31
+    return h ^ (h >> 16)
+
+
+@njit(cache=True)
+def _draw(seed, epoch, n, which):
+    """Draw `which` (0..4) of example n for a network with order seed `seed` in `epoch`: `augment.hash5`."""
+    h = _mix(((n * 8 + which) & _M31) ^ _mix(epoch & _M31))
+    h = _mix(h ^ ((seed >> 31) & _M31))
+    return _mix(h ^ (seed & _M31))
+
+
 @njit(fastmath=_FMA, cache=True)
-def _forward(x, idx, mean, std, prm, ops, nb, act, logits, gather):
+def _gather_augmented(x, idx, mean, std, nb, aug, seed, act):
+    """The input block [C, H, W, nb] of batch idx, each example transformed as `fastpop.data.augment.apply` by its
+    own draws. aug: (flip, crop, cutout, epoch)."""
+    c0, h0, w0 = x.shape[1], x.shape[2], x.shape[3]
+    flip_on, crop, cut, epoch = aug[0], aug[1], aug[2], aug[3]
+    for b in range(nb):
+        n = idx[b]
+        flip = _draw(seed, epoch, n, 0) & 1 if flip_on else 0
+        dy = _draw(seed, epoch, n, 1) % (2 * crop + 1) - crop
+        dx = _draw(seed, epoch, n, 2) % (2 * crop + 1) - crop
+        top = _draw(seed, epoch, n, 3) % h0 - cut // 2
+        left = _draw(seed, epoch, n, 4) % w0 - cut // 2
+        for c in range(c0):
+            for y in range(h0):
+                sy = y + dy
+                for xx in range(w0):
+                    v = np.float32(0)
+                    cutout = cut > 0 and top <= y < top + cut and left <= xx < left + cut
+                    sx = (w0 - 1 - xx if flip else xx) + dx
+                    if not cutout and 0 <= sy < h0 and 0 <= sx < w0:
+                        v = (np.float32(x[n, c, sy, sx]) - mean[c]) / std[c]
+                    act[((c * h0 + y) * w0 + xx) * nb + b] = v
+
+
+@njit(fastmath=_FMA, cache=True)
+def _forward(x, idx, mean, std, prm, ops, nb, act, logits, gather, aug, seed):
     """One network's forward pass on its batch idx [nb]: activations into act, logits [K, nb]. With gather False
     the input block (and a first conv's shifted copies) in act are already those of idx (the previous network's
-    batch)."""
-    if gather:
+    batch). aug: (flip, crop, cutout, epoch), all zero for none; seed: the network's order seed."""
+    if gather and (aug[0] or aug[1] or aug[2]):
+        _gather_augmented(x, idx, mean, std, nb, aug, seed, act)
+    elif gather:
         c0, h0, w0 = x.shape[1], x.shape[2], x.shape[3]
         for c in range(c0):
             for y in range(h0):
@@ -339,9 +385,10 @@ def _forward(x, idx, mean, std, prm, ops, nb, act, logits, gather):
 
 
 @njit(fastmath=_FMA, cache=True)
-def _backward(y, prm, ops, head, nb, act, logits, grad, dact):
-    """One network's mean cross-entropy over its batch (labels y [nb]), from the activations of `_forward`; its
-    gradient into grad (the parameter row's layout). logits [K, nb] are overwritten with the loss's gradient."""
+def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
+    """One network's mean cross-entropy over its batch (labels y [nb]; label smoothing as F.cross_entropy's),
+    from the activations of `_forward`; its gradient into grad (the parameter row's layout). logits [K, nb] are
+    overwritten with the loss's gradient."""
     k_out = logits.shape[0]
     inv = np.float32(1) / nb
     loss = 0.0
@@ -350,15 +397,27 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact):
         for k in range(1, k_out):
             m = max(m, logits[k, b])
         s = np.float32(0)
+        mean_z = 0.0
         for k in range(k_out):
+            mean_z += logits[k, b]
             e = np.float32(math.exp(logits[k, b] - m))
             logits[k, b] = e
             s += e
-        loss += math.log(s) - (ly - m)
+        if smoothing > 0:  # (1 - e) * nll + e * the mean over classes of -log p_k
+            lse = math.log(s) + m
+            loss += (1 - smoothing) * (lse - ly) + smoothing * (lse - mean_z / k_out)
+        else:
+            loss += math.log(s) - (ly - m)
         r = inv / s
         for k in range(k_out):
             logits[k, b] *= r
-        logits[y[b], b] -= inv
+        if smoothing > 0:
+            off = inv * np.float32(smoothing) / k_out
+            for k in range(k_out):
+                logits[k, b] -= off
+            logits[y[b], b] -= inv * np.float32(1 - smoothing)
+        else:
+            logits[y[b], b] -= inv
     last = ops.shape[0] - 1
     dlogits = logits.reshape(-1)
     for l in range(last, -1, -1):
@@ -417,11 +476,13 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact):
 
 
 @njit(parallel=True, cache=True)
-def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, grads, loss, threads):
+def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, grads, loss, threads, aug, seeds,
+                 smoothing):
     """Networks lo..lo + n: each one's loss [n] on its batch idx [n, B] with labels y [n, B], and its gradient,
     written into grads. params and grads are the population's flat layer-major buffers; ptab [m, 2] gives each
-    parameter tensor's start in them and its size per network. threads: numba.get_num_threads(), passed in
-    because a global read inside keeps numba from caching the kernel.
+    parameter tensor's start in them and its size per network. aug (flip, crop, cutout, epoch) and seeds [n] (the
+    networks' order seeds) draw each example's augmentation; smoothing: label smoothing. threads:
+    numba.get_num_threads(), passed in because a global read inside keeps numba from caching the kernel.
 
     The three parallel kernels here are cached, against the house rule (HOUSE.md: no cache on parallel=True,
     after a crash seen elsewhere when the thread count changed), because the alternatives cost too much: uncached
@@ -438,8 +499,8 @@ def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, gra
         grow = np.empty_like(row)
         for p in range(t, p_all, threads):
             _move_row(params, ptab, lo + p, row, True)
-            _forward(x, idx[p], mean, std, row, ops, nb, act, logits, True)
-            loss[p] = _backward(y[p], row, ops, head, nb, act, logits, grow, dact)
+            _forward(x, idx[p], mean, std, row, ops, nb, act, logits, True, aug, seeds[p] if seeds.shape[0] else 0)
+            loss[p] = _backward(y[p], row, ops, head, nb, act, logits, grow, dact, smoothing)
             _move_row(grads, ptab, lo + p, grow, False)
 
 
@@ -460,7 +521,7 @@ def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, b
             # evaluation shows every network the same examples: the input layer is gathered once per thread
             # (its gather and shifted copies cost 10% of an evaluation pass)
             gather = p < threads or not np.array_equal(idx[p], idx[p - threads])
-            _forward(x, idx[p], mean, std, row, ops, nb, act, logits, gather)
+            _forward(x, idx[p], mean, std, row, ops, nb, act, logits, gather, np.zeros(4, np.int64), 0)
             total = np.float32(0)
             for b in range(nb):
                 best, at, m = logits[0, b], 0, logits[0, b]
@@ -510,11 +571,11 @@ def _fma(typingctx, a, b, c):
 
 
 @njit(parallel=True, cache=True)
-def sgd_kernel(params, grads, momentum_buf, lr, momentum, weight_decay, frozen, threads):
-    """torch.optim.SGD's update (dampening 0, no Nesterov) in one pass over the flat buffers, in place; entries
-    where frozen (bool, or empty for none) is set get a zero gradient and momentum. The same bits as
-    `reference.sgd_step`: fp32 scalars and torch's roundings (its add with alpha is a fused multiply-add, its
-    mul_ then add_ are not; no fastmath here, so nothing else is fused). One pass instead of torch's four."""
+def sgd_kernel(params, grads, momentum_buf, lr, momentum, weight_decay, frozen, threads, nesterov):
+    """torch.optim.SGD's update (dampening 0) in one pass over the flat buffers, in place; entries where frozen
+    (bool, or empty for none) is set get a zero gradient and momentum. The same bits as `reference.sgd_step`: fp32
+    scalars and torch's roundings (its add with alpha is a fused multiply-add, its mul_ then add_ are not; no
+    fastmath here, so nothing else is fused). One pass instead of torch's four."""
     n = params.shape[0]
     per = -(-n // threads)
     for t in prange(threads):
@@ -528,4 +589,33 @@ def sgd_kernel(params, grads, momentum_buf, lr, momentum, weight_decay, frozen, 
                 gk, mk = np.float32(0), np.float32(0)
             g[k] = gk
             m[k] = mk
-            p[k] = _fma(-lr, mk, p[k])
+            p[k] = _fma(-lr, _fma(momentum, mk, gk) if nesterov else mk, p[k])
+
+
+@njit(parallel=True, cache=True)
+def adam_kernel(params, grads, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step_size,
+                bc2_sqrt, frozen, threads):
+    """torch.optim.Adam's update (AdamW's with decoupled) in one pass, in place, within fp32 rounding of
+    `reference.adam_step` (torch's lerp and addcdiv round in their own order); step_size = lr / (1 - beta1^t),
+    bc2_sqrt = sqrt(1 - beta2^t). Frozen entries do not move."""
+    n = params.shape[0]
+    per = -(-n // threads)
+    one = np.float32(1)
+    for t in prange(threads):
+        lo, hi = t * per, min(n, (t + 1) * per)
+        p, g, m, v = params[lo:hi], grads[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi]
+        f = frozen[lo:hi] if frozen.shape[0] else frozen
+        for k in range(hi - lo):
+            if frozen.shape[0] and f[k]:
+                g[k], m[k], v[k] = np.float32(0), np.float32(0), np.float32(0)
+                continue
+            pk = p[k]
+            gk = g[k]
+            if weight_decay and decoupled:
+                pk = pk * (one - lr * weight_decay)
+            elif weight_decay:
+                gk = _fma(weight_decay, pk, gk)
+            mk = m[k] + (one - beta1) * (gk - m[k])
+            vk = v[k] * beta2 + (one - beta2) * gk * gk
+            g[k], m[k], v[k] = gk, mk, vk
+            p[k] = pk - step_size * mk / (math.sqrt(vk) / bc2_sqrt + eps)

@@ -53,9 +53,14 @@ RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the sa
     "shared-seed": (int, "seed of what --vary keeps the same for all networks"),
     "epochs": (int, "epochs"),
     "batch-size": (int, "examples per network per step"),
+    "optimizer": (str, "sgd, adam or adamw"),
     "lr": (float, "peak learning rate"),
     "momentum": (float, "SGD momentum"),
-    "weight-decay": (float, "L2 weight decay"),
+    "betas": (lambda v: [float(b) for b in v.split(",")], "Adam's beta1,beta2 (0.9,0.999)"),
+    "eps": (float, "Adam's epsilon"),
+    "weight-decay": (float, "weight decay (adamw: decoupled)"),
+    "label-smoothing": (float, "label smoothing of the cross-entropy, as F.cross_entropy's"),
+    "augment": (str, "augmentation drawn per network, example and epoch: flip, crop:N, cutout:N (comma-separated)"),
     "schedule": (str, "learning-rate schedule: constant, step or cosine"),
     "warmup-epochs": (float, "linear warm-up length in epochs"),
     "record-every": (int, "also record every this many steps (0: once per epoch)"),
@@ -63,7 +68,8 @@ RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the sa
     "max-nets-per-chunk": (lambda v: v if v == "auto" else int(v), "networks per forward/backward pass, or auto"),
     "shard": (str, "i/n: train only the i-th of n blocks of the seeds (join with fastpop merge)"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
-    "backend": (str, "auto (numba on the CPU, triton on CUDA), numba, torch (the reference) or triton"),
+    "backend": (str, "auto (numba on the CPU, triton on CUDA), numba, torch (the reference), triton, or "
+                     "torch.func (module archs)"),
     "out": (str, "new run directory (default runs/ARCH-DATASET-PN-TIME)"),
 }
 
@@ -78,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{flag}", type=typ, default=None, help=text)
     run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                      help="run the training step eagerly on CUDA instead of replaying a captured graph")
+    run.add_argument("--nesterov", action="store_const", const=True, default=None, help="Nesterov momentum (sgd)")
     run.add_argument("--record-predictions", action="store_const", const=True, default=None,
                      help="store predicted test labels [T, P, N]")
     run.add_argument("--resume", metavar="RUN", help="continue an interrupted run directory (no other options)")
@@ -164,7 +171,7 @@ def _run(args) -> int:
     from .distributed import run_torchrun, torchrun_world
     from .trainer import Interrupted, resume, train
 
-    names = [k.replace("-", "_") for k in [*RUN_FLAGS, "record-predictions", "cuda-graphs"]]
+    names = [k.replace("-", "_") for k in [*RUN_FLAGS, "nesterov", "record-predictions", "cuda-graphs"]]
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.resume and (set(overrides) - {"max_nets_per_chunk"} or args.config):
         raise UsageError("--resume takes no other options but --max-nets-per-chunk: the run directory holds its "

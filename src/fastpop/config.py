@@ -15,6 +15,7 @@ from .errors import UsageError
 
 VARY = ("both", "init", "order")
 SCHEDULES = ("constant", "step", "cosine")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 STEP_MILESTONES = (0.5, 0.75)  # the step schedule multiplies lr by 0.1 at these fractions of training
 
 
@@ -38,9 +39,15 @@ class Config:
     shared_seed: int = 0  # the seed of whatever `vary` keeps the same for all networks
     epochs: int = 10
     batch_size: int = 32
+    optimizer: str = "sgd"  # sgd, adam or adamw
     lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8  # adam, adamw
+    weight_decay: float = 5e-4  # sgd and adam: added to the gradient; adamw: decoupled
+    label_smoothing: float = 0.0  # as F.cross_entropy's label_smoothing
+    augment: str = ""  # flip, crop:N, cutout:N, comma-separated
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     record_every: int = 0  # also record every this many steps (0: only at the end of each epoch)
@@ -119,6 +126,21 @@ class Config:
             ok = len(parts) == 2 and all(x.isdigit() for x in parts) and 0 <= int(parts[0]) < int(parts[1])
             if not ok or int(parts[1]) > len(self.seed_list):
                 raise UsageError(f"shard must be i/n with 0 <= i < n <= number of seeds, got {self.shard!r}")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not isinstance(self.nesterov, bool):
+            raise UsageError("nesterov must be true or false")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise UsageError("nesterov needs optimizer sgd with momentum > 0")
+        if not (isinstance(self.betas, (list, tuple)) and len(self.betas) == 2):
+            raise UsageError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = list(self.betas)
+        for beta in self.betas:
+            _check_float("betas", beta, 0.0, 1.0, high_open=True)
+        _check_float("eps", self.eps, 0.0, 1.0, low_open=True)
+        _check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        from .data.augment import Augment
+
+        self.augment = str(Augment.parse(self.augment))
         _check_float("lr", self.lr, 0.0, 10.0, low_open=True)
         _check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
         _check_float("weight_decay", self.weight_decay, 0.0, 1.0, high_open=True)

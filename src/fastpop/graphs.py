@@ -1,4 +1,5 @@
-"""A whole training step captured as one CUDA graph (fixed shapes), replayed every step.
+"""A whole training step captured as one CUDA graph (fixed shapes), replayed every step: plain SGD without
+augmentation (the trainer runs anything else eagerly).
 
 The batch indices, learning rate and step number live in static device buffers that are refilled before each
 replay. Divergence is handled on the device inside the graph (no host sync): a network whose loss is not finite
@@ -36,14 +37,14 @@ class GraphedStep:
 
     def _body(self) -> torch.Tensor:
         pop = self.pop
-        loss = accumulate_gradients(pop, self.backend, self.data, self.idx, self.chunk)
+        loss = accumulate_gradients(pop, self.backend, self.data, self.idx, self.chunk, self.config)
         new = ~torch.isfinite(loss) & (pop.diverged_at < 0)
         pop.diverged_at.copy_(torch.where(new, self.step, pop.diverged_at))
         self.frozen.copy_(pop.entry_mask(pop.diverged_at >= 0))
-        self.backend.optimizer_step(pop, self.lr, self.config, self.frozen)
+        self.backend.optimizer_step(pop, self.lr, self.config, self.frozen, 0)
         return loss
 
-    def __call__(self, idx: torch.Tensor, lr: float, step: int) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, lr: float, step: int, aug=None) -> torch.Tensor:
         self.idx.copy_(idx)
         self.lr.fill_(lr)
         self.step.fill_(step)

@@ -34,7 +34,7 @@ def init_network(arch: Arch, seed: int) -> torch.Tensor:
 
 
 class Population:
-    def __init__(self, arch: Arch, init_seeds: list[int], device: torch.device):
+    def __init__(self, arch: Arch, init_seeds: list[int], device: torch.device, second_moment: bool = False):
         self.arch = arch
         self.p = len(init_seeds)
         self.shapes = [shape for _, shape in arch.param_shapes()]
@@ -42,7 +42,8 @@ class Population:
         self.d = sum(self.sizes)
         self.params = torch.empty(self.p * self.d, device=device)
         self.grads = torch.zeros_like(self.params)
-        self.momentum = torch.zeros_like(self.params)
+        self.momentum = torch.zeros_like(self.params)  # SGD's momentum, Adam's first moment
+        self.second = torch.zeros_like(self.params) if second_moment else None  # Adam's second moment
         unique = {s: init_network(arch, s) for s in dict.fromkeys(init_seeds)}
         self.set_networks(torch.stack([unique[s] for s in init_seeds]))
         self.diverged_at = torch.full((self.p,), -1, dtype=torch.int64, device=device)  # step, or -1

@@ -25,6 +25,7 @@ from . import __version__
 from .archs import MODULE_PREFIX, Arch, build_arch
 from .config import Config
 from .data import Dataset, load_dataset
+from .data.augment import Augment, AugmentBatch
 from .data.orders import epoch_orders, subsets
 from .errors import ResourceError, UsageError
 from .ops import get_backend, resolve_device
@@ -78,6 +79,7 @@ def prepare(config: Config, out: Path | None = None, model: Callable | None = No
     device = resolve_device(config.device)
     data = load_dataset(config, device)
     arch, backend = resolve_arch(config, data, device, model)
+    Augment.parse(config.augment).check(*data.in_shape[1:])
     n = round(config.subset_fraction * len(data.train))  # examples each network trains on
     if config.batch_size > n:
         raise UsageError(f"batch_size {config.batch_size} is larger than the {n} training examples of a network")
@@ -135,26 +137,27 @@ def chunk_size(setting: int | str, arch: Arch, batch_size: int, p: int, device: 
     return backend.chunk_size(arch, batch_size, p, device)
 
 
-def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Tensor, chunk: int | None
-                         ) -> torch.Tensor:
-    """Forward and backward of every network on its batch idx [P, B], `chunk` networks at a time, into
-    pop.grads; returns each network's batch loss [P]."""
+def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Tensor, chunk: int | None,
+                         config: Config, aug: AugmentBatch | None = None) -> torch.Tensor:
+    """Forward and backward of every network on its batch idx [P, B] (augmented by aug), `chunk` networks at a
+    time, into pop.grads; returns each network's batch loss [P]."""
     losses = []
     for lo in range(0, pop.p, chunk or pop.p):
         hi = min(pop.p, lo + (chunk or pop.p))
+        part = None if aug is None else AugmentBatch(aug.augment, aug.seeds[lo:hi], aug.epoch)
         losses.append(backend.gradients(pop, lo, hi, data.train.x, idx[lo:hi], data.train.y[idx[lo:hi]], data.mean,
-                                        data.std))
+                                        data.std, part, config.label_smoothing))
     return torch.cat(losses)
 
 
 def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: float, config: Config,
-               chunk: int | None = None, step: int = 0) -> torch.Tensor:
-    """One optimizer step of every network on its own batch idx [P, B], `chunk` networks at a time; returns each
-    network's batch loss [P]. A network whose loss is not finite is marked diverged and frozen before the update,
-    so nothing of it reaches the others or its own weights."""
-    loss = accumulate_gradients(pop, backend, data, idx, chunk)
+               chunk: int | None = None, step: int = 1, aug: AugmentBatch | None = None) -> torch.Tensor:
+    """Optimizer step number `step` (counted from 1) of every network on its own batch idx [P, B], `chunk`
+    networks at a time; returns each network's batch loss [P]. A network whose loss is not finite is marked
+    diverged and frozen before the update, so nothing of it reaches the others or its own weights."""
+    loss = accumulate_gradients(pop, backend, data, idx, chunk, config, aug)
     pop.mark_diverged(~torch.isfinite(loss), step)
-    backend.optimizer_step(pop, lr, config, pop.frozen)
+    backend.optimizer_step(pop, lr, config, pop.frozen, step)
     return loss
 
 
@@ -168,7 +171,7 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
         config = Config.from_dict(dict(config.to_dict(), arch=f"module:{model.__module__}:{model.__qualname__}"))
     setup = prepare(config, model=model)
     setup.config.out = str(setup.out)
-    pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device)
+    pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device, config.optimizer != "sgd")
     writer = RunWriter.create(setup.out, _manifest(setup))
     if setup.subset is not None:
         member = torch.zeros(len(setup.seeds), len(setup.data.train), dtype=torch.bool)
@@ -191,7 +194,8 @@ def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
     for split in SPLITS:
         if run.manifest["splits"][split].get("labels_sha256") != _labels_sha(setup.data, split):
             raise UsageError(f"the {split} data of {run.path} differ from the data found now; cannot resume")
-    pop = Population(setup.arch, _shard(run.config.init_seeds(), run.config), setup.device)
+    pop = Population(setup.arch, _shard(run.config.init_seeds(), run.config), setup.device,
+                     run.config.optimizer != "sgd")
     step, done = 0, 0
     if (run.path / STATE).exists():
         state = _load_state(run.path / STATE, pop, setup.total_steps)
@@ -242,13 +246,16 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
     mean_test_acc = None
     orders = None
     step_fn = _step_function(setup, pop, (pop.p, bsz))
+    augment = Augment.parse(config.augment)
+    seeds = torch.tensor(order_seeds, dtype=torch.int64, device=setup.device) if augment else None
     t_start = time.perf_counter()
     for step in range(start, total):
         epoch, i = divmod(step, spe)
         if orders is None or i == 0:
             orders = epoch_orders(order_seeds, epoch, len(data.train), setup.subset).to(setup.device)
         t0 = time.perf_counter()
-        step_fn(orders[:, i * bsz:(i + 1) * bsz], config.lr_at(step, total, spe), step + 1)
+        aug = AugmentBatch(augment, seeds, epoch) if augment else None
+        step_fn(orders[:, i * bsz:(i + 1) * bsz], config.lr_at(step, total, spe), step + 1, aug)
         _sync(setup.device)
         train_s += time.perf_counter() - t0
         done = step + 1
@@ -272,12 +279,14 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
 
 def _step_function(setup: Setup, pop: Population, batch_shape):
     """(idx, lr, step) -> losses: a replayed CUDA graph on CUDA with the triton backend, else eager."""
-    if setup.device.type == "cuda" and setup.backend.graphable and setup.config.cuda_graphs:
+    config = setup.config
+    plain_sgd = config.optimizer == "sgd" and not config.nesterov and not config.augment
+    if setup.device.type == "cuda" and setup.backend.graphable and config.cuda_graphs and plain_sgd:
         from .graphs import GraphedStep
 
         return GraphedStep(pop, setup.backend, setup.data, setup.config, setup.chunk, batch_shape)
-    return lambda idx, lr, step: train_step(pop, setup.backend, setup.data, idx, lr, setup.config, setup.chunk,
-                                            step)
+    return lambda idx, lr, step, aug: train_step(pop, setup.backend, setup.data, idx, lr, setup.config,
+                                                 setup.chunk, step, aug)
 
 
 def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: int) -> float:
@@ -300,8 +309,11 @@ def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: 
 
 
 def _save_state(pop: Population, writer: RunWriter, step: int, checkpoints_done: int) -> None:
-    writer.save_state({"step": step, "checkpoints_done": checkpoints_done, "params": pop.networks().cpu(),
-                       "momentum": pop.networks(pop.momentum).cpu(), "diverged_at": pop.diverged_at.cpu()})
+    state = {"step": step, "checkpoints_done": checkpoints_done, "params": pop.networks().cpu(),
+             "momentum": pop.networks(pop.momentum).cpu(), "diverged_at": pop.diverged_at.cpu()}
+    if pop.second is not None:
+        state["second_moment"] = pop.networks(pop.second).cpu()
+    writer.save_state(state)
 
 
 def _load_state(path: Path, pop: Population, total_steps: int) -> dict:
@@ -309,6 +321,8 @@ def _load_state(path: Path, pop: Population, total_steps: int) -> dict:
         state = torch.load(path, map_location="cpu")
         pop.set_networks(state["params"])
         pop.set_networks(state["momentum"], pop.momentum)
+        if pop.second is not None:
+            pop.set_networks(state["second_moment"], pop.second)
         pop.set_diverged(state["diverged_at"])
         if not 0 <= state["step"] <= total_steps:
             raise ValueError(f"step {state['step']} outside 0..{total_steps}")

@@ -14,6 +14,7 @@ from types import ModuleType
 import torch
 
 from ..archs import Arch
+from . import reference
 
 # --max-nets-per-chunk auto on a CPU: activation bytes per chunk. Measured on the 2-core AVX-512 CPU, small-cnn on
 # digits, P = 1000, B = 32 (1.5 MB per network): one chunk of all 1000 networks 72.5k net-images/s, chunks of 250
@@ -27,11 +28,14 @@ def _fused_head(arch: Arch) -> bool:
     return len(ops) >= 2 and ops[-2].kind == "gap" and any(op.kind == "conv" for op in ops)
 
 
-def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop: int):
+def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop: int, aug=None):
     """Layers 0..stop-1 of arch; a conv takes the pool right after it into its block. Returns (activation, the
-    parameters left)."""
+    parameters left). An augmented batch (aug, an AugmentBatch) is gathered by the reference."""
     it = iter(params)
-    h = ops.gather_images(images, idx, mean, std, flat=arch.flat_input)
+    if aug is None:
+        h = ops.gather_images(images, idx, mean, std, flat=arch.flat_input)
+    else:
+        h = reference.gather_images(images, idx, mean, std, arch.flat_input, aug)
     layers, i = arch.ops, 0
     while i < stop:
         op = layers[i]
@@ -52,13 +56,15 @@ def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop:
     return h, list(it)
 
 
-def loss(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std) -> torch.Tensor:
-    """Each network's mean cross-entropy [P] on its batch idx [P, B] with labels y [P, B]."""
-    if _fused_head(arch):
-        h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2)
+def loss(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, aug=None, smoothing: float = 0.0
+         ) -> torch.Tensor:
+    """Each network's mean cross-entropy [P] (label-smoothed by `smoothing`) on its batch idx [P, B] with labels
+    y [P, B], augmented by aug (an AugmentBatch) when given."""
+    if _fused_head(arch) and not smoothing:
+        h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2, aug)
         return ops.head_loss(h, w, b, y)
-    h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops))
-    return ops.cross_entropy(h, y)
+    h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops), aug)
+    return ops.cross_entropy(h, y, smoothing)
 
 
 @torch.no_grad()
@@ -94,15 +100,29 @@ class ChainBackend:
     def eval_floats(self, arch: Arch) -> int:
         return arch.activations_per_example()
 
-    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std) -> torch.Tensor:
+    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0
+                  ) -> torch.Tensor:
         for g in pop.views(pop.grads):
             g[lo:hi].zero_()
-        out = loss(pop.arch, self.ops, pop.leaves(lo, hi), x, idx, y, mean, std)
+        out = loss(pop.arch, self.ops, pop.leaves(lo, hi), x, idx, y, mean, std, aug, smoothing)
         out.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
         return out.detach()
 
     def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset):
         return score(arch, self.ops, params, x, idx, y, mean, std, bits, bit_offset)
 
-    def optimizer_step(self, pop, lr, config, frozen) -> None:
-        self.ops.sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, frozen)
+    def optimizer_step(self, pop, lr, config, frozen, step: int) -> None:
+        optimizer_step(pop, lr, config, frozen, step, self.ops.sgd_step)
+
+
+def optimizer_step(pop, lr, config, frozen, step: int, sgd_step=reference.sgd_step) -> None:
+    """The optimizer's update of every network: plain SGD through an op set's `sgd_step`, Nesterov and Adam(W)
+    through the reference's torch ops."""
+    if config.optimizer == "sgd" and not config.nesterov:
+        sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, frozen)
+    elif config.optimizer == "sgd":
+        reference.sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, frozen,
+                           nesterov=True)
+    else:
+        reference.adam_step(pop.params, pop.grads, pop.momentum, pop.second, lr, config.betas, config.eps,
+                            config.weight_decay, config.optimizer == "adamw", step, frozen)

@@ -75,12 +75,19 @@ class NumbaBackend:
         """Only the logits leave the kernel."""
         return arch.classes
 
-    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std) -> torch.Tensor:
+    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0
+                  ) -> torch.Tensor:
         ops, head, scratch = tables(pop.arch, idx.shape[1])
         loss = torch.empty(hi - lo, dtype=torch.float32)
+        if aug is None:
+            draws, seeds = np.zeros(4, np.int64), np.empty(0, np.int64)
+        else:
+            a = aug.augment
+            draws = np.array([int(a.flip), a.crop, a.cutout, aug.epoch], np.int64)
+            seeds = aug.seeds.numpy()
         _k.train_kernel(x.numpy(), idx.contiguous().numpy(), y.contiguous().numpy(), _f32(mean).numpy(),
                         _f32(std).numpy(), pop.params.numpy(), _layer_major(pop.arch, pop.p), lo, ops, head, scratch,
-                        pop.grads.numpy(), loss.numpy(), numba.get_num_threads())
+                        pop.grads.numpy(), loss.numpy(), numba.get_num_threads(), draws, seeds, float(smoothing))
         return loss
 
     @torch.no_grad()
@@ -103,15 +110,32 @@ class NumbaBackend:
         return loss, pred
 
     @torch.no_grad()
-    def optimizer_step(self, pop, lr, config, frozen) -> None:
-        """`reference.sgd_step`, bit for bit, in one pass."""
-        sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, frozen)
+    def optimizer_step(self, pop, lr, config, frozen, step: int) -> None:
+        """`reference.sgd_step` bit for bit, or `reference.adam_step` within fp32 rounding, in one pass."""
+        if config.optimizer == "sgd":
+            sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, frozen,
+                     config.nesterov)
+        else:
+            adam_step(pop.params, pop.grads, pop.momentum, pop.second, lr, config.betas, config.eps,
+                      config.weight_decay, config.optimizer == "adamw", step, frozen)
 
 
-def sgd_step(params, grads, momentum_buf, lr, momentum, weight_decay, frozen=None) -> None:
-    none = np.empty(0, np.bool_)
+def sgd_step(params, grads, momentum_buf, lr, momentum, weight_decay, frozen=None, nesterov=False) -> None:
     _k.sgd_kernel(params.numpy(), grads.numpy(), momentum_buf.numpy(), np.float32(lr), np.float32(momentum),
-                  np.float32(weight_decay), none if frozen is None else frozen.numpy(), numba.get_num_threads())
+                  np.float32(weight_decay), _mask(frozen), numba.get_num_threads(), nesterov)
+
+
+def adam_step(params, grads, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, decoupled, step, frozen=None
+              ) -> None:
+    beta1, beta2 = betas
+    f32 = np.float32
+    _k.adam_kernel(params.numpy(), grads.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), f32(lr), f32(beta1),
+                   f32(beta2), f32(eps), f32(weight_decay), decoupled, f32(lr / (1 - beta1**step)),
+                   f32((1 - beta2**step) ** 0.5), _mask(frozen), numba.get_num_threads())
+
+
+def _mask(frozen) -> np.ndarray:
+    return np.empty(0, np.bool_) if frozen is None else frozen.numpy()
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data import augment
 
-def gather_images(x: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flat: bool
-                  ) -> torch.Tensor:
-    """Normalized batches. x [N, C, H, W] stored dtype; idx int64 [P, B], row k is network k's batch.
-    Returns [P, B, H, W, C] for convs, or [P, B, C*H*W] (nn.Flatten's order) when `flat`."""
+
+def gather_images(x: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flat: bool,
+                  aug=None) -> torch.Tensor:
+    """Normalized batches, augmented when `aug` (an AugmentBatch) is given. x [N, C, H, W] stored dtype; idx int64
+    [P, B], row k is network k's batch. Returns [P, B, H, W, C] for convs, or [P, B, C*H*W] (nn.Flatten's order)
+    when `flat`."""
     batch = (x[idx].float() - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)  # [P, B, C, H, W]
+    if aug is not None:
+        batch = augment.apply(aug.augment, batch,
+                              augment.draws(aug.augment, aug.seeds, aug.epoch, idx, *batch.shape[3:]))
     return batch.flatten(2) if flat else batch.permute(0, 1, 3, 4, 2).contiguous()
 
 
@@ -120,16 +126,19 @@ def dense(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, relu: bool) -> torc
     return torch.relu(out) if relu else out
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """logits [P, B, K], y int64 [P, B] or [B] (shared) -> each network's mean cross-entropy, [P]."""
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """logits [P, B, K], y int64 [P, B] or [B] (shared) -> each network's mean cross-entropy, [P], with
+    F.cross_entropy's label smoothing."""
     p, bsz, k = logits.shape
     y = y.expand(p, bsz)
-    return F.cross_entropy(logits.reshape(p * bsz, k), y.reshape(-1), reduction="none").view(p, bsz).mean(1)
+    return F.cross_entropy(logits.reshape(p * bsz, k), y.reshape(-1), reduction="none",
+                           label_smoothing=smoothing).view(p, bsz).mean(1)
 
 
-def head_loss(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def head_loss(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0
+              ) -> torch.Tensor:
     """Global average pool + linear + each network's mean cross-entropy [P]. h [P, B, H, W, C]; y [P, B]."""
-    return cross_entropy(dense(global_avg_pool(h), w, b, False), y)
+    return cross_entropy(dense(global_avg_pool(h), w, b, False), y, smoothing)
 
 
 @torch.no_grad()
@@ -163,14 +172,36 @@ def score_logits(logits: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, bit_
 
 @torch.no_grad()
 def sgd_step(params: torch.Tensor, grads: torch.Tensor, momentum_buf: torch.Tensor, lr: float, momentum: float,
-             weight_decay: float, frozen: torch.Tensor | None = None) -> None:
-    """torch.optim.SGD's update (dampening 0, no Nesterov) over the flat buffers of all networks, in place.
-    The op sequence mirrors torch's so the results match it bit for bit. Entries where `frozen` (bool, flat) is
-    set get a zero gradient and momentum, so they do not move (a diverged network's NaNs stay its own)."""
+             weight_decay: float, frozen: torch.Tensor | None = None, nesterov: bool = False) -> None:
+    """torch.optim.SGD's update (dampening 0) over the flat buffers of all networks, in place. The op sequence
+    mirrors torch's so the results match it bit for bit. Entries where `frozen` (bool, flat) is set get a zero
+    gradient and momentum, so they do not move (a diverged network's NaNs stay its own)."""
     if weight_decay:
         grads.add_(params, alpha=weight_decay)
     if frozen is not None:
         grads.masked_fill_(frozen, 0)
         momentum_buf.masked_fill_(frozen, 0)
     momentum_buf.mul_(momentum).add_(grads)
-    params.add_(momentum_buf, alpha=-lr)
+    params.add_(grads.add(momentum_buf, alpha=momentum) if nesterov else momentum_buf, alpha=-lr)
+
+
+@torch.no_grad()
+def adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, lr: float,
+              betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool, step: int,
+              frozen: torch.Tensor | None = None) -> None:
+    """torch.optim.Adam's update (AdamW's with `decoupled`), step = the number of updates so far including this
+    one, in place, in torch's op sequence. Frozen entries do not move: zero gradient and moments, no decay."""
+    beta1, beta2 = betas
+    if weight_decay and decoupled:
+        decayed = params.mul(1 - lr * weight_decay)
+        params.copy_(decayed if frozen is None else torch.where(frozen, params, decayed))
+    elif weight_decay:
+        grads.add_(params, alpha=weight_decay)
+    if frozen is not None:
+        for t in (grads, exp_avg, exp_avg_sq):
+            t.masked_fill_(frozen, 0)
+    exp_avg.lerp_(grads, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    params.addcdiv_(exp_avg, denom, value=-step_size)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from ..seeding import INIT, generator
 from . import reference
+from .chain import optimizer_step
 
 BLOCK = 16  # networks per vmap call
 
@@ -160,17 +161,18 @@ class TorchFuncBackend:
             xs = [_padded(t[lo:hi], pad) for t in (x, *extra)]
             yield lo, hi, vmap(fn)(block, *xs)
 
-    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std) -> torch.Tensor:
+    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0
+                  ) -> torch.Tensor:
         from torch.func import functional_call, grad_and_value
 
         base, names = self._base(pop.arch)
 
         def loss(prm, xb, yb):
-            return F.cross_entropy(functional_call(base, dict(zip(names, prm)), (xb,)), yb)
+            return F.cross_entropy(functional_call(base, dict(zip(names, prm)), (xb,)), yb, label_smoothing=smoothing)
 
         views = [v[lo:hi] for v in pop.views(pop.params)]
         grads = [g[lo:hi] for g in pop.views(pop.grads)]
-        batch = _images(x, idx, mean, std)
+        batch = _images(x, idx, mean, std, aug)
         losses = torch.empty(hi - lo, device=pop.params.device)
         for a, b, (g, value) in self._blocks(pop.arch, views, batch, (y,), grad_and_value(loss)):
             for dst, src in zip(grads, g):
@@ -193,13 +195,13 @@ class TorchFuncBackend:
             out[a:b] = value[:b - a]
         return reference.score_logits(out, y, bits, bit_offset)
 
-    def optimizer_step(self, pop, lr, config, frozen) -> None:
-        reference.sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, frozen)
+    def optimizer_step(self, pop, lr, config, frozen, step: int) -> None:
+        optimizer_step(pop, lr, config, frozen, step)
 
 
-def _images(x, idx, mean, std) -> torch.Tensor:
-    """Normalized batches [n, B, C, H, W] as a module takes them."""
-    return (x[idx].float() - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+def _images(x, idx, mean, std, aug=None) -> torch.Tensor:
+    """Normalized (and augmented) batches [n, B, C, H, W] as a module takes them."""
+    return reference.gather_images(x, idx, mean, std, False, aug).permute(0, 1, 4, 2, 3)
 
 
 def _padded(t: torch.Tensor, pad: int) -> torch.Tensor:
