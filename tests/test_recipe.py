@@ -155,9 +155,8 @@ def test_population_equals_plain_modules_under_each_recipe(digits, backend, reci
     pop = Population(arch, config.init_seeds(), CPU, config.optimizer != "sgd")
     orders = epoch_orders(config.order_seeds(), 0, len(digits.train))
     aug = Augment.parse(config.augment)
-    batch = AugmentBatch(aug, torch.tensor(config.order_seeds()), 0) if aug else None
     losses = [train_step(pop, get_backend(backend, CPU), digits, orders[:, s * b:(s + 1) * b], config.lr, config,
-                         step=s + 1, aug=batch) for s in range(steps)]
+                         step=s + 1, seeds=torch.tensor(config.order_seeds())) for s in range(steps)]
     for k, seed in enumerate(config.seed_list):
         module = arch.to_module()
         torch.nn.utils.vector_to_parameters(init_network(arch, seed), module.parameters())
@@ -206,6 +205,49 @@ def test_adam_and_augmented_run_resumes_bit_identical(tmp_path):
 def test_bad_recipes_get_one_line_and_write_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
     assert main(["run", "--seeds", "2", "--epochs", "1", *flags, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_grid_network_equals_the_network_trained_alone_with_its_hyperparameters(tmp_path):
+    common = dict(epochs=1, batch_size=256, record_every=2, augment="flip")
+    grid = {"lr": [0.3, 0.05], "weight_decay": [5e-4, 0.0], "crop": [0, 2], "label_smoothing": [0.0, 0.2]}
+    run = fastpop.train(fastpop.Config(seeds=2, grid=grid, out=str(tmp_path / "grid"), **common))
+    assert len(run.seeds) == 32 and len(run.groups) == 16
+    group = run.groups[11]  # lr 0.05, weight decay 5e-4, crop 2, smoothing 0.2
+    assert (group["lr"], group["weight_decay"], group["crop"], group["label_smoothing"]) == (0.05, 5e-4, 2, 0.2)
+    k = group["networks"][0] + 1
+    alone = fastpop.train(fastpop.Config(seeds=[run.seeds[k]], lr=0.05, weight_decay=5e-4, label_smoothing=0.2,
+                                         out=str(tmp_path / "alone"), **dict(common, augment="flip,crop:2")))
+    assert torch.equal(run.weights()[k], alone.weights()[0])
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(run.bits(split)[:, k], alone.bits(split)[:, 0])
+
+
+def test_grid_shards_cut_groups_and_merge_to_the_whole(tmp_path):
+    common = dict(seeds=3, epochs=1, batch_size=256, grid={"lr": [0.2, 0.05], "momentum": [0.9, 0.5]})
+    whole = fastpop.train(fastpop.Config(out=str(tmp_path / "whole"), **common))
+    for i in range(3):  # 12 networks in 3 shards of 4: shards cut the groups of 3
+        fastpop.train(fastpop.Config(out=str(tmp_path / f"s{i}"), shard=f"{i}/3", **common))
+    assert main(["merge", *(str(tmp_path / f"s{i}") for i in range(3)), "--out", str(tmp_path / "m")]) == 0
+    merged = fastpop.load_run(tmp_path / "m")
+    assert torch.equal(merged.weights(), whole.weights()) and merged.groups == whole.groups
+    np.testing.assert_array_equal(merged.bits("test"), whole.bits("test"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grid", "betas=0.9"], "grid: unknown key 'betas'"),
+    (["--grid", "lr=0.1,0.1"], "grid: lr has a value twice"),
+    (["--grid", "lr=20"], "lr must be a number in"),
+    (["--grid", "lr=x"], "takes KEY=V1,V2"),
+    (["--seeds", "1,2", "--grid", "lr=0.1"], "a grid takes a seed count"),
+    (["--grid", "cutout=9"], "cutout:9 is larger than the 8x8 image"),
+])
+def test_bad_grids_get_one_line_and_write_nothing(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    args = ["run", "--epochs", "1", *flags, "--out", str(out), "--quiet"]
+    assert main(args if "--seeds" in flags else ["run", "--seeds", "2", *args[1:]]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()

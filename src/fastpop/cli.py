@@ -34,6 +34,17 @@ def parse_seeds(text: str) -> int | list[int]:
         raise UsageError(f"--seeds takes a count (1000) or a comma-separated list (3,7,11), got {text!r}") from None
 
 
+def parse_grid_item(text: str) -> tuple[str, list]:
+    """KEY=V1,V2,... -> (key, values): integers for crop and cutout, numbers otherwise."""
+    key, _, values = text.partition("=")
+    key = key.strip().replace("-", "_")
+    try:
+        cast = int if key in ("crop", "cutout") else float
+        return key, [cast(v) for v in values.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes KEY=V1,V2 (numbers), got {text!r}") from None
+
+
 RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the same name
     "arch": (str, "a preset (small-cnn, wide-cnn, mlp), a spec such as c8-mp-c16-mp-c16-gap, or "
                   "module:package.module:function (see `fastpop archs`)"),
@@ -85,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                      help="run the training step eagerly on CUDA instead of replaying a captured graph")
     run.add_argument("--nesterov", action="store_const", const=True, default=None, help="Nesterov momentum (sgd)")
+    run.add_argument("--grid", nargs="+", type=parse_grid_item, metavar="KEY=V1,V2",
+                     help="train every combination (lr, momentum, weight-decay, label-smoothing, crop, cutout) with "
+                          "--seeds networks each, e.g. --grid lr=0.4,0.1 weight-decay=5e-4,0")
     run.add_argument("--record-predictions", action="store_const", const=True, default=None,
                      help="store predicted test labels [T, P, N]")
     run.add_argument("--resume", metavar="RUN", help="continue an interrupted run directory (no other options)")
@@ -173,6 +187,8 @@ def _run(args) -> int:
 
     names = [k.replace("-", "_") for k in [*RUN_FLAGS, "nesterov", "record-predictions", "cuda-graphs"]]
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.grid:
+        overrides["grid"] = dict(args.grid)
     if args.resume and (set(overrides) - {"max_nets_per_chunk"} or args.config):
         raise UsageError("--resume takes no other options but --max-nets-per-chunk: the run directory holds its "
                          "config")

@@ -16,6 +16,7 @@ from .errors import UsageError
 VARY = ("both", "init", "order")
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+GRID_KEYS = ("lr", "momentum", "weight_decay", "label_smoothing", "crop", "cutout")
 STEP_MILESTONES = (0.5, 0.75)  # the step schedule multiplies lr by 0.1 at these fractions of training
 
 
@@ -48,6 +49,7 @@ class Config:
     weight_decay: float = 5e-4  # sgd and adam: added to the gradient; adamw: decoupled
     label_smoothing: float = 0.0  # as F.cross_entropy's label_smoothing
     augment: str = ""  # flip, crop:N, cutout:N, comma-separated
+    grid: dict | None = None  # {"lr": [0.4, 0.1], ...}: every combination trains `seeds` networks of its own
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     record_every: int = 0  # also record every this many steps (0: only at the end of each epoch)
@@ -121,6 +123,7 @@ class Config:
         _check_int("save_every", self.save_every, 0, 10**9)
         if self.max_nets_per_chunk != "auto":
             _check_int("max_nets_per_chunk", self.max_nets_per_chunk, 1, 10**9)
+        self._check_grid()
         if self.shard is not None:
             parts = str(self.shard).split("/")
             ok = len(parts) == 2 and all(x.isdigit() for x in parts) and 0 <= int(parts[0]) < int(parts[1])
@@ -154,9 +157,32 @@ class Config:
 
     @property
     def seed_list(self) -> list[int]:
+        """Every network's seed; with a grid, `seeds` consecutive seeds per group, group after group."""
         if isinstance(self.seeds, list):
             return list(self.seeds)
-        return list(range(self.seed_offset, self.seed_offset + self.seeds))
+        return list(range(self.seed_offset, self.seed_offset + self.seeds * len(self.groups())))
+
+    def groups(self) -> list[dict]:
+        """The grid's combinations in order (the first key varies slowest), each a dict of field values; one empty
+        combination without a grid."""
+        combos = [{}]
+        for key, values in (self.grid or {}).items():
+            combos = [dict(c, **{key: v}) for c in combos for v in values]
+        return combos
+
+    def group_config(self, group: dict) -> "Config":
+        """This config with one grid combination's values in place (crop and cutout set the augmentation)."""
+        from .data.augment import Augment
+
+        d = dict(self.to_dict(), grid=None, seeds=1, seed_offset=0, shard=None)
+        aug = Augment.parse(self.augment)
+        for key, value in group.items():
+            if key in ("crop", "cutout"):
+                aug = dataclasses.replace(aug, **{key: value})
+            else:
+                d[key] = value
+        d["augment"] = str(aug)
+        return Config(**d)
 
     def shard_range(self) -> tuple[int, int]:
         """[lo, hi) of this shard's networks within seed_list (all of them without --shard)."""
@@ -187,6 +213,32 @@ class Config:
         if self.schedule == "step":
             return self.lr * 0.1 ** sum(frac >= m for m in STEP_MILESTONES)
         return self.lr
+
+    def _check_grid(self) -> None:
+        if self.grid is None:
+            return
+        if not isinstance(self.grid, dict) or not self.grid:
+            raise UsageError("grid must map hyperparameters to lists of values, e.g. {lr = [0.4, 0.1]}")
+        grid = {}
+        for key, values in self.grid.items():
+            name = str(key).replace("-", "_")
+            if name not in GRID_KEYS:
+                raise UsageError(f"grid: unknown key {key!r}; valid: {', '.join(GRID_KEYS)}")
+            if name in grid:
+                raise UsageError(f"grid: {name} given twice")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise UsageError(f"grid: {name} needs a non-empty list of values")
+            if len(set(values)) < len(values):
+                raise UsageError(f"grid: {name} has a value twice")
+            grid[name] = list(values)
+        self.grid = grid
+        if isinstance(self.seeds, list):
+            raise UsageError("a grid takes a seed count (--seeds N: N networks per combination), not a list")
+        if self.seeds * len(self.groups()) > 10_000_000:
+            raise UsageError(f"the grid has {len(self.groups())} combinations of {self.seeds} seeds: more than "
+                             "10,000,000 networks")
+        for group in self.groups():
+            self.group_config(group)  # each combination is a valid config
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

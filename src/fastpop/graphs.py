@@ -37,14 +37,14 @@ class GraphedStep:
 
     def _body(self) -> torch.Tensor:
         pop = self.pop
-        loss = accumulate_gradients(pop, self.backend, self.data, self.idx, self.chunk, self.config)
+        loss = accumulate_gradients(pop, self.backend, self.data, self.idx, self.chunk, [(0, pop.p, self.config)])
         new = ~torch.isfinite(loss) & (pop.diverged_at < 0)
         pop.diverged_at.copy_(torch.where(new, self.step, pop.diverged_at))
         self.frozen.copy_(pop.entry_mask(pop.diverged_at >= 0))
         self.backend.optimizer_step(pop, self.lr, self.config, self.frozen, 0)
         return loss
 
-    def __call__(self, idx: torch.Tensor, lr: float, step: int, aug=None) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, lr: float, step: int) -> torch.Tensor:
         self.idx.copy_(idx)
         self.lr.fill_(lr)
         self.step.fill_(step)

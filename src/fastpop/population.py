@@ -85,6 +85,18 @@ class Population:
             v.copy_(rows[:, start:start + n].view_as(v))
             start += n
 
+    def blocks(self, lo: int, hi: int, frozen: torch.Tensor | None):
+        """The optimizer's buffers (params, grads, momentum, second moment or None, frozen or None) of networks
+        lo:hi as 1-D tensors: the whole flat buffers in one block for all networks, else one block per layer (a
+        layer's networks lie next to each other)."""
+        bufs = (self.params, self.grads, self.momentum, self.second, frozen)
+        if (lo, hi) == (0, self.p):
+            yield bufs
+            return
+        per_layer = [self.views(b) if b is not None else [None] * len(self.sizes) for b in bufs]
+        for layer in zip(*per_layer):
+            yield tuple(None if v is None else v[lo:hi].reshape(-1) for v in layer)
+
     def leaves(self, lo: int, hi: int) -> list[torch.Tensor]:
         """Autograd leaves for networks lo:hi that alias the parameters, with .grad aliasing the gradient
         buffer: backward accumulates in place, straight into the flat gradients."""

@@ -46,6 +46,12 @@ class Run:
         return build_arch(spec, data["in_shape"], data["classes"])
 
     @property
+    def groups(self) -> list[dict] | None:
+        """A grid run's combinations, each {hyperparameter: value, ..., "networks": [lo, hi)}; None without a
+        grid."""
+        return self.manifest.get("groups")
+
+    @property
     def seeds(self) -> list[int]:
         return self.manifest["seeds"]
 

@@ -67,6 +67,7 @@ class Setup:
     chunk: int  # networks per forward/backward chunk
     out: Path
     subset: torch.Tensor | None  # int64 [P, round(f N)] each network's examples under --subset-fraction
+    groups: list[Group]  # blocks of networks with their own hyperparameters (one without a grid)
 
     @property
     def total_steps(self) -> int:
@@ -79,7 +80,8 @@ def prepare(config: Config, out: Path | None = None, model: Callable | None = No
     device = resolve_device(config.device)
     data = load_dataset(config, device)
     arch, backend = resolve_arch(config, data, device, model)
-    Augment.parse(config.augment).check(*data.in_shape[1:])
+    for _, _, cfg in network_groups(config):
+        Augment.parse(cfg.augment).check(*data.in_shape[1:])
     n = round(config.subset_fraction * len(data.train))  # examples each network trains on
     if config.batch_size > n:
         raise UsageError(f"batch_size {config.batch_size} is larger than the {n} training examples of a network")
@@ -91,7 +93,8 @@ def prepare(config: Config, out: Path | None = None, model: Callable | None = No
     plan = checkpoint_plan(config.epochs, n // config.batch_size, config.record_every)
     # drawn from each network's own seed; both the membership record and the batch orders use it
     subset = subsets(seeds, len(data.train), config.subset_fraction) if config.subset_fraction < 1 else None
-    return Setup(config, device, backend, data, arch, seeds, n // config.batch_size, plan, chunk, out, subset)
+    return Setup(config, device, backend, data, arch, seeds, n // config.batch_size, plan, chunk, out, subset,
+                 network_groups(config))
 
 
 def resolve_arch(config: Config, data: Dataset, device: torch.device, model: Callable | None = None):
@@ -137,27 +140,51 @@ def chunk_size(setting: int | str, arch: Arch, batch_size: int, p: int, device: 
     return backend.chunk_size(arch, batch_size, p, device)
 
 
+Group = tuple[int, int, Config]  # networks lo:hi of this population train with this config's hyperparameters
+
+
+def network_groups(config: Config) -> list[Group]:
+    """The grid's groups within this shard's networks (one group of all without a grid)."""
+    slo, shi = config.shard_range()
+    combos = config.groups()
+    per = len(config.seed_list) // len(combos)
+    out = []
+    for g, combo in enumerate(combos):
+        lo, hi = max(g * per, slo), min((g + 1) * per, shi)
+        if lo < hi:
+            out.append((lo - slo, hi - slo, config.group_config(combo) if combo else config))
+    return out
+
+
 def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Tensor, chunk: int | None,
-                         config: Config, aug: AugmentBatch | None = None) -> torch.Tensor:
-    """Forward and backward of every network on its batch idx [P, B] (augmented by aug), `chunk` networks at a
-    time, into pop.grads; returns each network's batch loss [P]."""
+                         groups: list[Group], epoch: int = 0, seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward and backward of every network on its batch idx [P, B], `chunk` networks of one group at a time,
+    into pop.grads, with its group's label smoothing and augmentation (drawn from the networks' order seeds [P]
+    and the epoch); returns each network's batch loss [P]."""
     losses = []
-    for lo in range(0, pop.p, chunk or pop.p):
-        hi = min(pop.p, lo + (chunk or pop.p))
-        part = None if aug is None else AugmentBatch(aug.augment, aug.seeds[lo:hi], aug.epoch)
-        losses.append(backend.gradients(pop, lo, hi, data.train.x, idx[lo:hi], data.train.y[idx[lo:hi]], data.mean,
-                                        data.std, part, config.label_smoothing))
+    for glo, ghi, cfg in groups:
+        augment = Augment.parse(cfg.augment)
+        for lo in range(glo, ghi, chunk or ghi - glo):
+            hi = min(ghi, lo + (chunk or ghi - glo))
+            aug = AugmentBatch(augment, seeds[lo:hi], epoch) if augment else None
+            losses.append(backend.gradients(pop, lo, hi, data.train.x, idx[lo:hi], data.train.y[idx[lo:hi]],
+                                            data.mean, data.std, aug, cfg.label_smoothing))
     return torch.cat(losses)
 
 
-def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: float, config: Config,
-               chunk: int | None = None, step: int = 1, aug: AugmentBatch | None = None) -> torch.Tensor:
-    """Optimizer step number `step` (counted from 1) of every network on its own batch idx [P, B], `chunk`
-    networks at a time; returns each network's batch loss [P]. A network whose loss is not finite is marked
+def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: float | list[float], config: Config,
+               chunk: int | None = None, step: int = 1, epoch: int = 0, seeds: torch.Tensor | None = None,
+               groups: list[Group] | None = None) -> torch.Tensor:
+    """Optimizer step number `step` (counted from 1, in `epoch`) of every network on its own batch idx [P, B],
+    `chunk` networks at a time; returns each network's batch loss [P]. groups: blocks of networks with their own
+    hyperparameters (a grid), lr then each group's learning rate; default one group, all networks with `config`.
+    seeds: the networks' order seeds, which draw their augmentation. A network whose loss is not finite is marked
     diverged and frozen before the update, so nothing of it reaches the others or its own weights."""
-    loss = accumulate_gradients(pop, backend, data, idx, chunk, config, aug)
+    groups = groups or [(0, pop.p, config)]
+    loss = accumulate_gradients(pop, backend, data, idx, chunk, groups, epoch, seeds)
     pop.mark_diverged(~torch.isfinite(loss), step)
-    backend.optimizer_step(pop, lr, config, pop.frozen, step)
+    for (lo, hi, cfg), lr_g in zip(groups, lr if isinstance(lr, list) else [lr]):
+        backend.optimizer_step(pop, lr_g, cfg, pop.frozen, step, lo, hi)
     return loss
 
 
@@ -246,16 +273,15 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
     mean_test_acc = None
     orders = None
     step_fn = _step_function(setup, pop, (pop.p, bsz))
-    augment = Augment.parse(config.augment)
-    seeds = torch.tensor(order_seeds, dtype=torch.int64, device=setup.device) if augment else None
+    seeds = torch.tensor(order_seeds, dtype=torch.int64, device=setup.device)
     t_start = time.perf_counter()
     for step in range(start, total):
         epoch, i = divmod(step, spe)
         if orders is None or i == 0:
             orders = epoch_orders(order_seeds, epoch, len(data.train), setup.subset).to(setup.device)
         t0 = time.perf_counter()
-        aug = AugmentBatch(augment, seeds, epoch) if augment else None
-        step_fn(orders[:, i * bsz:(i + 1) * bsz], config.lr_at(step, total, spe), step + 1, aug)
+        lrs = [cfg.lr_at(step, total, spe) for _, _, cfg in setup.groups]
+        step_fn(orders[:, i * bsz:(i + 1) * bsz], lrs, step + 1, epoch, seeds)
         _sync(setup.device)
         train_s += time.perf_counter() - t0
         done = step + 1
@@ -278,15 +304,17 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
 
 
 def _step_function(setup: Setup, pop: Population, batch_shape):
-    """(idx, lr, step) -> losses: a replayed CUDA graph on CUDA with the triton backend, else eager."""
+    """(idx, lrs, step, epoch, seeds) -> losses: a replayed CUDA graph on CUDA with a graphable backend (plain SGD
+    without augmentation or grid), else eager."""
     config = setup.config
-    plain_sgd = config.optimizer == "sgd" and not config.nesterov and not config.augment
+    plain_sgd = config.optimizer == "sgd" and not config.nesterov and not config.augment and not config.grid
     if setup.device.type == "cuda" and setup.backend.graphable and config.cuda_graphs and plain_sgd:
         from .graphs import GraphedStep
 
-        return GraphedStep(pop, setup.backend, setup.data, setup.config, setup.chunk, batch_shape)
-    return lambda idx, lr, step, aug: train_step(pop, setup.backend, setup.data, idx, lr, setup.config,
-                                                 setup.chunk, step, aug)
+        graphed = GraphedStep(pop, setup.backend, setup.data, setup.config, setup.chunk, batch_shape)
+        return lambda idx, lrs, step, epoch, seeds: graphed(idx, lrs[0], step)
+    return lambda idx, lrs, step, epoch, seeds: train_step(pop, setup.backend, setup.data, idx, lrs, setup.config,
+                                                           setup.chunk, step, epoch, seeds, setup.groups)
 
 
 def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: int) -> float:
@@ -368,6 +396,7 @@ def _manifest(setup: Setup) -> dict:
         "checkpoints_done": 0,
         "diverged": {},
         "predictions": bool(config.record_predictions or data.open_set),
+        "groups": _groups_manifest(config),
         "class_ids": data.class_ids,
         "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
         "backend": setup.backend.name,
@@ -376,3 +405,11 @@ def _manifest(setup: Setup) -> dict:
                      "numpy": np.__version__, "numba": version("numba"), "scikit-learn": version("scikit-learn")},
         "host": {"machine": platform.machine(), "cpus": torch.get_num_threads()},
     }
+
+
+def _groups_manifest(config: Config) -> list[dict] | None:
+    """A grid's combinations with the networks [lo, hi) of the whole population that train with each."""
+    if not config.grid:
+        return None
+    per = len(config.seed_list) // len(config.groups())
+    return [dict(combo, networks=[g * per, (g + 1) * per]) for g, combo in enumerate(config.groups())]

@@ -36,9 +36,11 @@ class Backend(Protocol):
         """Floats a network holds per example in evaluation (the largest activation, or only the logits): sizes
         the blocks of networks evaluated at once."""
 
-    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std) -> torch.Tensor:
-        """Networks lo:hi: each one's mean cross-entropy [hi - lo] on its batch; its gradient written (not added)
-        into pop.grads."""
+    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0
+                  ) -> torch.Tensor:
+        """Networks lo:hi: each one's mean cross-entropy [hi - lo] on its batch (augmented by aug, an AugmentBatch
+        with the networks' order seeds; label-smoothed by `smoothing`); its gradient written (not added) into
+        pop.grads."""
 
     def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation of networks whose per-layer parameters are params ([n, *shape] each) on batches idx [n, B]:
@@ -46,9 +48,10 @@ class Backend(Protocol):
         returns (cross-entropy summed over examples with y >= 0 [n], predictions int64 [n, B]). y = -1 marks a
         class the networks were not trained on: wrong, and no loss."""
 
-    def optimizer_step(self, pop, lr, config, frozen) -> None:
-        """The optimizer's update of every network in place; entries where frozen (flat bool, or None) is set do
-        not move."""
+    def optimizer_step(self, pop, lr, config, frozen, step: int, lo: int = 0, hi: int | None = None) -> None:
+        """Optimizer step number `step` (from 1) of networks lo:hi (default all) in place, with the optimizer and
+        hyperparameters of `config` and learning rate lr; entries where frozen (flat bool, or None) is set do not
+        move."""
 
 
 def _torch(device):

@@ -110,14 +110,14 @@ class NumbaBackend:
         return loss, pred
 
     @torch.no_grad()
-    def optimizer_step(self, pop, lr, config, frozen, step: int) -> None:
-        """`reference.sgd_step` bit for bit, or `reference.adam_step` within fp32 rounding, in one pass."""
-        if config.optimizer == "sgd":
-            sgd_step(pop.params, pop.grads, pop.momentum, lr, config.momentum, config.weight_decay, frozen,
-                     config.nesterov)
-        else:
-            adam_step(pop.params, pop.grads, pop.momentum, pop.second, lr, config.betas, config.eps,
-                      config.weight_decay, config.optimizer == "adamw", step, frozen)
+    def optimizer_step(self, pop, lr, config, frozen, step: int, lo: int = 0, hi: int | None = None) -> None:
+        """`reference.sgd_step` bit for bit, or `reference.adam_step` within fp32 rounding, one pass per block."""
+        for params, grads, m1, m2, f in pop.blocks(lo, pop.p if hi is None else hi, frozen):
+            if config.optimizer == "sgd":
+                sgd_step(params, grads, m1, lr, config.momentum, config.weight_decay, f, config.nesterov)
+            else:
+                adam_step(params, grads, m1, m2, lr, config.betas, config.eps, config.weight_decay,
+                          config.optimizer == "adamw", step, f)
 
 
 def sgd_step(params, grads, momentum_buf, lr, momentum, weight_decay, frozen=None, nesterov=False) -> None:
