@@ -570,52 +570,67 @@ def _fma(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
+@njit(inline="always")
+def _overlap(blocks, j, lo, hi):
+    """The part [a, b) of block j that lies in [lo, hi) (a >= b when none)."""
+    return max(blocks[j, 0], lo), min(blocks[j, 1], hi)
+
+
 @njit(parallel=True, cache=True)
-def sgd_kernel(params, grads, momentum_buf, lr, momentum, weight_decay, frozen, threads, nesterov):
-    """torch.optim.SGD's update (dampening 0) in one pass over the flat buffers, in place; entries where frozen
-    (bool, or empty for none) is set get a zero gradient and momentum. The same bits as `reference.sgd_step`: fp32
-    scalars and torch's roundings (its add with alpha is a fused multiply-add, its mul_ then add_ are not; no
-    fastmath here, so nothing else is fused). One pass instead of torch's four."""
+def sgd_kernel(params, grads, momentum_buf, blocks, lr, momentum, weight_decay, frozen, threads, nesterov):
+    """torch.optim.SGD's update (dampening 0) in one pass over the flat buffers, in place: block j [start, end)
+    with its own scalars lr[j], momentum[j], weight_decay[j] (the groups of a grid; one block without). Entries
+    where frozen (bool, or empty for none) is set get a zero gradient and momentum. The same bits as
+    `reference.sgd_step`: fp32 scalars and torch's roundings (its add with alpha is a fused multiply-add, its mul_
+    then add_ are not; no fastmath here, so nothing else is fused). One pass instead of torch's four."""
     n = params.shape[0]
     per = -(-n // threads)
     for t in prange(threads):
-        lo, hi = t * per, min(n, (t + 1) * per)
-        p, g, m = params[lo:hi], grads[lo:hi], momentum_buf[lo:hi]
-        f = frozen[lo:hi] if frozen.shape[0] else frozen
-        for k in range(hi - lo):
-            gk = _fma(weight_decay, p[k], g[k]) if weight_decay else g[k]
-            mk = m[k] * momentum + gk
-            if frozen.shape[0] and f[k]:
-                gk, mk = np.float32(0), np.float32(0)
-            g[k] = gk
-            m[k] = mk
-            p[k] = _fma(-lr, _fma(momentum, mk, gk) if nesterov else mk, p[k])
+        for j in range(blocks.shape[0]):
+            lo, hi = _overlap(blocks, j, t * per, min(n, (t + 1) * per))
+            if lo >= hi:
+                continue
+            lr_j, mo, wd = lr[j], momentum[j], weight_decay[j]
+            p, g, m = params[lo:hi], grads[lo:hi], momentum_buf[lo:hi]
+            f = frozen[lo:hi] if frozen.shape[0] else frozen
+            for k in range(hi - lo):
+                gk = _fma(wd, p[k], g[k]) if wd else g[k]
+                mk = m[k] * mo + gk
+                if frozen.shape[0] and f[k]:
+                    gk, mk = np.float32(0), np.float32(0)
+                g[k] = gk
+                m[k] = mk
+                p[k] = _fma(-lr_j, _fma(mo, mk, gk) if nesterov else mk, p[k])
 
 
 @njit(parallel=True, cache=True)
-def adam_kernel(params, grads, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step_size,
-                bc2_sqrt, frozen, threads):
-    """torch.optim.Adam's update (AdamW's with decoupled) in one pass, in place, within fp32 rounding of
-    `reference.adam_step` (torch's lerp and addcdiv round in their own order); step_size = lr / (1 - beta1^t),
-    bc2_sqrt = sqrt(1 - beta2^t). Frozen entries do not move."""
+def adam_kernel(params, grads, exp_avg, exp_avg_sq, blocks, lr, beta1, beta2, eps, weight_decay, decoupled,
+                step_size, bc2_sqrt, frozen, threads):
+    """torch.optim.Adam's update (AdamW's with decoupled) in one pass, in place, block j with its own scalars (see
+    `sgd_kernel`), within fp32 rounding of `reference.adam_step` (torch's lerp and addcdiv round in their own
+    order); step_size[j] = lr[j] / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t). Frozen entries do not move."""
     n = params.shape[0]
     per = -(-n // threads)
     one = np.float32(1)
     for t in prange(threads):
-        lo, hi = t * per, min(n, (t + 1) * per)
-        p, g, m, v = params[lo:hi], grads[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi]
-        f = frozen[lo:hi] if frozen.shape[0] else frozen
-        for k in range(hi - lo):
-            if frozen.shape[0] and f[k]:
-                g[k], m[k], v[k] = np.float32(0), np.float32(0), np.float32(0)
+        for j in range(blocks.shape[0]):
+            lo, hi = _overlap(blocks, j, t * per, min(n, (t + 1) * per))
+            if lo >= hi:
                 continue
-            pk = p[k]
-            gk = g[k]
-            if weight_decay and decoupled:
-                pk = pk * (one - lr * weight_decay)
-            elif weight_decay:
-                gk = _fma(weight_decay, pk, gk)
-            mk = m[k] + (one - beta1) * (gk - m[k])
-            vk = v[k] * beta2 + (one - beta2) * gk * gk
-            g[k], m[k], v[k] = gk, mk, vk
-            p[k] = pk - step_size * mk / (math.sqrt(vk) / bc2_sqrt + eps)
+            lr_j, wd, ss = lr[j], weight_decay[j], step_size[j]
+            p, g, m, v = params[lo:hi], grads[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi]
+            f = frozen[lo:hi] if frozen.shape[0] else frozen
+            for k in range(hi - lo):
+                if frozen.shape[0] and f[k]:
+                    g[k], m[k], v[k] = np.float32(0), np.float32(0), np.float32(0)
+                    continue
+                pk = p[k]
+                gk = g[k]
+                if wd and decoupled:
+                    pk = pk * (one - lr_j * wd)
+                elif wd:
+                    gk = _fma(wd, pk, gk)
+                mk = m[k] + (one - beta1) * (gk - m[k])
+                vk = v[k] * beta2 + (one - beta2) * gk * gk
+                g[k], m[k], v[k] = gk, mk, vk
+                p[k] = pk - ss * mk / (math.sqrt(vk) / bc2_sqrt + eps)

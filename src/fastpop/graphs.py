@@ -41,7 +41,7 @@ class GraphedStep:
         new = ~torch.isfinite(loss) & (pop.diverged_at < 0)
         pop.diverged_at.copy_(torch.where(new, self.step, pop.diverged_at))
         self.frozen.copy_(pop.entry_mask(pop.diverged_at >= 0))
-        self.backend.optimizer_step(pop, self.lr, self.config, self.frozen, 0)
+        self.backend.optimizer_step(pop, [(0, pop.p, self.config, self.lr)], self.frozen, 0)
         return loss
 
     def __call__(self, idx: torch.Tensor, lr: float, step: int) -> torch.Tensor:

@@ -162,7 +162,7 @@ def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Ten
     into pop.grads, with its group's label smoothing and augmentation (drawn from the networks' order seeds [P]
     and the epoch); returns each network's batch loss [P]."""
     losses = []
-    for glo, ghi, cfg in groups:
+    for glo, ghi, cfg in _same_loss(groups):
         augment = Augment.parse(cfg.augment)
         for lo in range(glo, ghi, chunk or ghi - glo):
             hi = min(ghi, lo + (chunk or ghi - glo))
@@ -170,6 +170,17 @@ def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Ten
             losses.append(backend.gradients(pop, lo, hi, data.train.x, idx[lo:hi], data.train.y[idx[lo:hi]],
                                             data.mean, data.std, aug, cfg.label_smoothing))
     return torch.cat(losses)
+
+
+def _same_loss(groups: list[Group]) -> list[Group]:
+    """Consecutive groups that differ only in optimizer scalars joined: the gradient pass runs them at once."""
+    out = []
+    for lo, hi, cfg in groups:
+        if out and (out[-1][2].label_smoothing, out[-1][2].augment) == (cfg.label_smoothing, cfg.augment):
+            out[-1] = (out[-1][0], hi, out[-1][2])
+        else:
+            out.append((lo, hi, cfg))
+    return out
 
 
 def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: float | list[float], config: Config,
@@ -183,8 +194,8 @@ def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: f
     groups = groups or [(0, pop.p, config)]
     loss = accumulate_gradients(pop, backend, data, idx, chunk, groups, epoch, seeds)
     pop.mark_diverged(~torch.isfinite(loss), step)
-    for (lo, hi, cfg), lr_g in zip(groups, lr if isinstance(lr, list) else [lr]):
-        backend.optimizer_step(pop, lr_g, cfg, pop.frozen, step, lo, hi)
+    lrs = lr if isinstance(lr, list) else [lr]
+    backend.optimizer_step(pop, [(lo, hi, cfg, lr_g) for (lo, hi, cfg), lr_g in zip(groups, lrs)], pop.frozen, step)
     return loss
 
 

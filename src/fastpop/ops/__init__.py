@@ -48,10 +48,11 @@ class Backend(Protocol):
         returns (cross-entropy summed over examples with y >= 0 [n], predictions int64 [n, B]). y = -1 marks a
         class the networks were not trained on: wrong, and no loss."""
 
-    def optimizer_step(self, pop, lr, config, frozen, step: int, lo: int = 0, hi: int | None = None) -> None:
-        """Optimizer step number `step` (from 1) of networks lo:hi (default all) in place, with the optimizer and
-        hyperparameters of `config` and learning rate lr; entries where frozen (flat bool, or None) is set do not
-        move."""
+    def optimizer_step(self, pop, groups, frozen, step: int) -> None:
+        """Optimizer step number `step` (from 1) in place. groups: [(lo, hi, config, lr)], blocks of networks that
+        together cover the population, each with the optimizer and hyperparameters of its config and learning
+        rate lr (one block of all networks without a grid); entries where frozen (flat bool, or None) is set do
+        not move."""
 
 
 def _torch(device):

@@ -111,19 +111,19 @@ class ChainBackend:
     def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset):
         return score(arch, self.ops, params, x, idx, y, mean, std, bits, bit_offset)
 
-    def optimizer_step(self, pop, lr, config, frozen, step: int, lo: int = 0, hi: int | None = None) -> None:
-        optimizer_step(pop, lr, config, frozen, step, lo, hi, self.ops.sgd_step)
+    def optimizer_step(self, pop, groups, frozen, step: int) -> None:
+        optimizer_step(pop, groups, frozen, step, self.ops.sgd_step)
 
 
-def optimizer_step(pop, lr, config, frozen, step: int, lo: int = 0, hi: int | None = None,
-                   sgd_step=reference.sgd_step) -> None:
-    """The optimizer's update of networks lo:hi: plain SGD through an op set's `sgd_step`, Nesterov and Adam(W)
-    through the reference's torch ops."""
-    for params, grads, m1, m2, f in pop.blocks(lo, pop.p if hi is None else hi, frozen):
-        if config.optimizer == "sgd" and not config.nesterov:
-            sgd_step(params, grads, m1, lr, config.momentum, config.weight_decay, f)
-        elif config.optimizer == "sgd":
-            reference.sgd_step(params, grads, m1, lr, config.momentum, config.weight_decay, f, nesterov=True)
-        else:
-            reference.adam_step(params, grads, m1, m2, lr, config.betas, config.eps, config.weight_decay,
-                                config.optimizer == "adamw", step, f)
+def optimizer_step(pop, groups, frozen, step: int, sgd_step=reference.sgd_step) -> None:
+    """The optimizer's update of each group's networks: plain SGD through an op set's `sgd_step`, Nesterov and
+    Adam(W) through the reference's torch ops."""
+    for lo, hi, config, lr in groups:
+        for params, grads, m1, m2, f in pop.blocks(lo, hi, frozen):
+            if config.optimizer == "sgd" and not config.nesterov:
+                sgd_step(params, grads, m1, lr, config.momentum, config.weight_decay, f)
+            elif config.optimizer == "sgd":
+                reference.sgd_step(params, grads, m1, lr, config.momentum, config.weight_decay, f, nesterov=True)
+            else:
+                reference.adam_step(params, grads, m1, m2, lr, config.betas, config.eps, config.weight_decay,
+                                    config.optimizer == "adamw", step, f)

@@ -110,32 +110,66 @@ class NumbaBackend:
         return loss, pred
 
     @torch.no_grad()
-    def optimizer_step(self, pop, lr, config, frozen, step: int, lo: int = 0, hi: int | None = None) -> None:
-        """`reference.sgd_step` bit for bit, or `reference.adam_step` within fp32 rounding, one pass per block."""
-        for params, grads, m1, m2, f in pop.blocks(lo, pop.p if hi is None else hi, frozen):
-            if config.optimizer == "sgd":
-                sgd_step(params, grads, m1, lr, config.momentum, config.weight_decay, f, config.nesterov)
-            else:
-                adam_step(params, grads, m1, m2, lr, config.betas, config.eps, config.weight_decay,
-                          config.optimizer == "adamw", step, f)
+    def optimizer_step(self, pop, groups, frozen, step: int) -> None:
+        """`reference.sgd_step` bit for bit, or `reference.adam_step` within fp32 rounding: one pass over all
+        networks, each group's entries with its own scalars."""
+        blocks, owners = _blocks(pop, groups)
+        config = groups[0][2]
+        lr = [groups[g][3] for g in owners]
+        wd = [groups[g][2].weight_decay for g in owners]
+        if config.optimizer == "sgd":
+            sgd_step(pop.params, pop.grads, pop.momentum, lr, [groups[g][2].momentum for g in owners], wd, frozen,
+                     config.nesterov, blocks)
+        else:
+            adam_step(pop.params, pop.grads, pop.momentum, pop.second, lr, config.betas, config.eps, wd,
+                      config.optimizer == "adamw", step, frozen, blocks)
 
 
-def sgd_step(params, grads, momentum_buf, lr, momentum, weight_decay, frozen=None, nesterov=False) -> None:
-    _k.sgd_kernel(params.numpy(), grads.numpy(), momentum_buf.numpy(), np.float32(lr), np.float32(momentum),
-                  np.float32(weight_decay), _mask(frozen), numba.get_num_threads(), nesterov)
+def sgd_step(params, grads, momentum_buf, lr, momentum, weight_decay, frozen=None, nesterov=False, blocks=None
+             ) -> None:
+    """`reference.sgd_step` on flat buffers; lr, momentum and weight_decay are numbers, or one per block of
+    `blocks` [m, 2] (default: one block of everything)."""
+    blocks = _whole(params) if blocks is None else blocks
+    f32 = [np.atleast_1d(np.asarray(v, np.float32)) for v in (lr, momentum, weight_decay)]
+    f32 = [np.broadcast_to(v, len(blocks)).copy() for v in f32]
+    _k.sgd_kernel(params.numpy(), grads.numpy(), momentum_buf.numpy(), blocks, *f32, _mask(frozen),
+                  numba.get_num_threads(), nesterov)
 
 
-def adam_step(params, grads, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, decoupled, step, frozen=None
-              ) -> None:
+def adam_step(params, grads, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, decoupled, step, frozen=None,
+              blocks=None) -> None:
+    """`reference.adam_step` on flat buffers, within fp32 rounding; lr and weight_decay per block as in
+    `sgd_step`."""
+    blocks = _whole(params) if blocks is None else blocks
     beta1, beta2 = betas
+    lr64 = np.broadcast_to(np.asarray(lr, np.float64), len(blocks)).copy()
+    wd = np.broadcast_to(np.asarray(weight_decay, np.float32), len(blocks)).copy()
     f32 = np.float32
-    _k.adam_kernel(params.numpy(), grads.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), f32(lr), f32(beta1),
-                   f32(beta2), f32(eps), f32(weight_decay), decoupled, f32(lr / (1 - beta1**step)),
+    _k.adam_kernel(params.numpy(), grads.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), blocks, lr64.astype(f32),
+                   f32(beta1), f32(beta2), f32(eps), wd, decoupled, (lr64 / (1 - beta1**step)).astype(f32),
                    f32((1 - beta2**step) ** 0.5), _mask(frozen), numba.get_num_threads())
+
+
+def _whole(buf) -> np.ndarray:
+    return np.array([[0, buf.numel()]], np.int64)
 
 
 def _mask(frozen) -> np.ndarray:
     return np.empty(0, np.bool_) if frozen is None else frozen.numpy()
+
+
+def _blocks(pop, groups) -> tuple[np.ndarray, list[int]]:
+    """Flat-buffer blocks [m, 2] (layer-major, then group: each group's networks in each layer) and the group that
+    owns each; one block of everything for one group of all networks."""
+    if len(groups) == 1 and groups[0][:2] == (0, pop.p):
+        return _whole(pop.params), [0]
+    blocks, owners, start = [], [], 0
+    for n in pop.sizes:
+        for g, (lo, hi, _, _) in enumerate(groups):
+            blocks.append((start + lo * n, start + hi * n))
+            owners.append(g)
+        start += pop.p * n
+    return np.array(blocks, np.int64), owners
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

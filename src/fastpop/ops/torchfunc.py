@@ -195,8 +195,8 @@ class TorchFuncBackend:
             out[a:b] = value[:b - a]
         return reference.score_logits(out, y, bits, bit_offset)
 
-    def optimizer_step(self, pop, lr, config, frozen, step: int, lo: int = 0, hi: int | None = None) -> None:
-        optimizer_step(pop, lr, config, frozen, step, lo, hi)
+    def optimizer_step(self, pop, groups, frozen, step: int) -> None:
+        optimizer_step(pop, groups, frozen, step)
 
 
 def _images(x, idx, mean, std, aug=None) -> torch.Tensor:
