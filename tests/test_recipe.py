@@ -251,3 +251,45 @@ def test_bad_grids_get_one_line_and_write_nothing(tmp_path, capsys, flags, messa
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_more_epochs_equal_the_longer_run_trained_in_one_go(tmp_path, monkeypatch):
+    common = dict(seeds=3, batch_size=256, schedule="constant", record_every=3)
+    longer = fastpop.train(fastpop.Config(epochs=3, out=str(tmp_path / "longer"), **common))
+    fastpop.train(fastpop.Config(epochs=1, out=str(tmp_path / "run"), **common))
+    from fastpop import rundir
+
+    real = rundir._new_array
+
+    def crash(path, *args):  # the extension is killed while it grows the first record array
+        if path.name.endswith(".grow"):
+            raise OSError("killed")
+        return real(path, *args)
+
+    monkeypatch.setattr(rundir, "_new_array", crash)
+    with pytest.raises(OSError):
+        fastpop.resume(tmp_path / "run", epochs=3)
+    monkeypatch.setattr(rundir, "_new_array", real)
+    run = fastpop.resume(tmp_path / "run")  # the manifest already plans 3 epochs: resuming grows the arrays
+    assert run.status == "complete" and run.checkpoints == longer.checkpoints
+    assert torch.equal(run.weights(), longer.weights())
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(run.bits(split), longer.bits(split))
+        np.testing.assert_array_equal(run.loss(split), longer.loss(split))
+    assert main(["verify", str(tmp_path / "run")]) == 0
+
+
+def test_a_step_schedule_extends_only_before_its_first_milestone(tmp_path, capsys):
+    common = dict(seeds=2, batch_size=256, schedule="step")
+    steps = []
+    with pytest.raises(fastpop.Interrupted):  # 5 steps per epoch; stopped in epoch 1 of 4 (milestone at step 10)
+        fastpop.train(fastpop.Config(epochs=4, out=str(tmp_path / "early"), **common),
+                      progress=lambda p: steps.append(1), should_stop=lambda: len(steps) == 4)
+    assert fastpop.resume(tmp_path / "early", epochs=6).config.epochs == 6
+    fastpop.train(fastpop.Config(epochs=2, out=str(tmp_path / "late"), **common))
+    assert main(["run", "--resume", str(tmp_path / "late"), "--epochs", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "step schedule the learning rate of step 6" in err and err.count("\n") == 1
+    assert main(["run", "--resume", str(tmp_path / "late"), "--epochs", "1", "--quiet"]) == 2
+    assert "cannot be shortened" in capsys.readouterr().err
+    assert fastpop.load_run(tmp_path / "late").config.epochs == 2 and main(["verify", str(tmp_path / "late")]) == 0

@@ -189,9 +189,9 @@ def _run(args) -> int:
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.grid:
         overrides["grid"] = dict(args.grid)
-    if args.resume and (set(overrides) - {"max_nets_per_chunk"} or args.config):
-        raise UsageError("--resume takes no other options but --max-nets-per-chunk: the run directory holds its "
-                         "config")
+    if args.resume and (set(overrides) - {"max_nets_per_chunk", "epochs"} or args.config):
+        raise UsageError("--resume takes no other options but --max-nets-per-chunk and --epochs: the run directory "
+                         "holds its config")
     config = None
     if not args.resume:
         config = Config.from_toml(args.config, **overrides) if args.config else Config(**overrides)
@@ -203,7 +203,8 @@ def _run(args) -> int:
             if torchrun_world():
                 run = run_torchrun(config, Path(args.resume) if args.resume else None, bar.update, lambda: bool(stop))
             elif args.resume:
-                run = resume(args.resume, bar.update, lambda: bool(stop), overrides.get("max_nets_per_chunk"))
+                run = resume(args.resume, bar.update, lambda: bool(stop), overrides.get("max_nets_per_chunk"),
+                             epochs=overrides.get("epochs"))
             else:
                 run = train(config, bar.update, lambda: bool(stop))
     except Interrupted as e:

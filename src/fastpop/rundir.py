@@ -75,8 +75,8 @@ class RunWriter:
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
-        self.arrays = {(split, kind): _open_array(path / f"{split}.{kind}.npy", shape, dtype)
-                       for split, kind, shape, dtype, _ in record_arrays(manifest)}
+        self.arrays = {(split, kind): _open_array(path / f"{split}.{kind}.npy", shape, dtype, fill)
+                       for split, kind, shape, dtype, fill in record_arrays(manifest)}
 
     @classmethod
     def create(cls, path: Path, manifest: dict) -> "RunWriter":
@@ -170,11 +170,22 @@ def _new_array(path: Path, shape, dtype, fill) -> None:
         os.fsync(f.fileno())
 
 
-def _open_array(path: Path, shape, dtype) -> np.memmap:
+def _open_array(path: Path, shape, dtype, fill) -> np.memmap:
+    """A record array for writing; one with fewer checkpoint rows than the plan (a run given more epochs) is first
+    grown to it, its new rows filled, and swapped in atomically."""
     try:
         arr = np.load(path, mmap_mode="r+")
     except (OSError, ValueError) as e:
         raise UsageError(f"{path} is missing or corrupt ({e})") from None
+    if arr.shape[1:] == tuple(shape[1:]) and arr.shape[0] < shape[0] and arr.dtype == dtype:
+        tmp = path.with_name(path.name + ".grow")
+        _new_array(tmp, shape, dtype, fill)
+        grown = np.load(tmp, mmap_mode="r+")
+        grown[:arr.shape[0]] = arr
+        grown.flush()
+        del grown, arr
+        os.replace(tmp, path)
+        arr = np.load(path, mmap_mode="r+")
     if arr.shape != tuple(shape) or arr.dtype != dtype:
         raise UsageError(f"{path} holds {arr.dtype} {arr.shape}, but run.json says {np.dtype(dtype)} {shape}")
     return arr

@@ -220,10 +220,15 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
 
 def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
            should_stop: Callable[[], bool] | None = None, max_nets_per_chunk: int | str | None = None,
-           model: Callable | None = None) -> Run:
+           model: Callable | None = None, epochs: int | None = None) -> Run:
     """Continue a run directory from its last saved state (from the start if it has none). The chunk size may
-    change: chunks never change results. `model`: the factory of a module arch (else imported from its path)."""
+    change: chunks never change results. `model`: the factory of a module arch (else imported from its path).
+    `epochs`: train a finished or interrupted run on to this many epochs, where its learning rate so far is the one
+    the longer run would have had (the result is the run trained that long in one go)."""
     run = Run(path)
+    if epochs is not None and epochs != run.config.epochs:
+        extend(run, epochs)
+        run = Run(path)
     if run.status == "complete":
         raise UsageError(f"{run.path} is already complete")
     if max_nets_per_chunk is not None:
@@ -241,12 +246,43 @@ def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
     if done > len(run.manifest["checkpoints"]) or done > run.manifest["checkpoints_done"] + 1:
         raise UsageError(f"{run.path / STATE} counts {done} checkpoints; run.json only "
                          f"{run.manifest['checkpoints_done']}: the directory is inconsistent")
+    writer = RunWriter.reopen(run.path, run.manifest)  # grows record arrays an interrupted extend left short
     for split in SPLITS:  # shape checks before anything is written
         run.bits(split), run.loss(split), run.accuracy(split)
-    writer = RunWriter.reopen(run.path, run.manifest)
     writer.adopt_rows(run.manifest["checkpoints_done"], done)  # rows up to `done` were flushed before the state
     writer.commit(done, status="running")
     return _run(setup, pop, writer, step, progress, should_stop)
+
+
+def extend(run: Run, epochs: int) -> None:
+    """Plan `epochs` epochs for a run: the manifest's config, step count and checkpoint plan, then the record arrays
+    grown to the longer plan (a kill in between is mended by the next resume). Refused, with the reason, when the
+    learning rate of a step already taken would differ in the longer run."""
+    old = run.config
+    new = Config.from_dict(dict(old.to_dict(), epochs=epochs))
+    if epochs < old.epochs:
+        raise UsageError(f"--epochs {epochs}: {run.path} already plans {old.epochs}; a run cannot be shortened")
+    spe, done = run.manifest["steps_per_epoch"], _steps_done(run)
+    old_total, new_total = old.epochs * spe, epochs * spe
+    for (_, _, a), (_, _, b) in zip(network_groups(old), network_groups(new)):
+        for step in range(done):
+            if a.lr_at(step, old_total, spe) != b.lr_at(step, new_total, spe):
+                raise UsageError(f"--epochs {epochs}: with the {old.schedule} schedule the learning rate of step "
+                                 f"{step + 1}, already taken, would change ({a.lr_at(step, old_total, spe):.6g} -> "
+                                 f"{b.lr_at(step, new_total, spe):.6g}); a constant schedule, or a step schedule "
+                                 "before its first milestone, can be extended")
+    manifest = dict(run.manifest, config=new.to_dict(), total_steps=new_total,
+                    checkpoints=checkpoint_plan(epochs, spe, new.record_every), status="interrupted")
+    writer = RunWriter.reopen(run.path, run.manifest)
+    writer.manifest = manifest
+    writer.close("interrupted")  # the manifest first: reopening grows the arrays to its plan
+    RunWriter.reopen(run.path, manifest).close("interrupted")
+
+
+def _steps_done(run: Run) -> int:
+    if (run.path / STATE).exists():
+        return int(torch.load(run.path / STATE, map_location="cpu")["step"])
+    return 0
 
 
 def _run(setup: Setup, pop: Population, writer: RunWriter, start: int, progress, should_stop) -> Run:
