@@ -11,7 +11,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastpop.kernels import conv, head, optim  # noqa: E402
+from fastpop.kernels.triton import conv, head, optim  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"idx_ptr": "*i64", "y_ptr": "*i64", "pred_ptr": "*i64", "arg_ptr": "*i8", "bits_ptr": "*u8",

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpop.kernels import conv as K, head as H, optim as O
+from fastpop.kernels.triton import conv as K, head as H, optim as O
 from fastpop.ops import reference as R
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get(

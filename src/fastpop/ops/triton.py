@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpop.kernels import conv as _conv, head as _head, optim as _optim
+from fastpop.kernels.triton import conv as _conv, head as _head, optim as _optim
 
 from . import reference
 from .reference import (cross_entropy, dense, flatten, global_avg_pool, pool2x2,  # noqa: F401 (torch path)
