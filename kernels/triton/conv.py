@@ -1,23 +1,27 @@
-"""Population 3x3 convolution (padding 1) with bias, ReLU and an optional 2x2 max-pool fused, forward and backward.
+"""Population K x K convolution (padding K // 2, K odd) with bias, ReLU and an optional 2x2 max or average pool
+fused, forward and backward.
 
 Layout: activations [P, B, H, W, C] contiguous, channels last within each network, so the C inputs of one pixel
 are one contiguous run (coalesced loads along K of the implicit GEMM). Networks are grid axis 1: one launch
 serves all P. The first layer reads its images straight from the resident data set [N, C, H, W] through the
 batch indices [P, B] and normalizes them on the fly (GATHER), so no [P, B, C, H, W] batch is ever built.
 
-Pooling keeps, per pooled output, which of the 4 window positions won (int8, first maximum wins as in
-nn.MaxPool2d); backward rebuilds the gradient at the pre-activation from it and the pooled value (ReLU mask),
-inside the loads of the input-gradient and weight-gradient kernels. Weight gradients are per-program partial sums
-over slices of the B*H*W output pixels, reduced afterwards in a fixed order: no atomics, reproducible bit for bit.
+Pooling saves one int8 per pooled output: with a max pool, which of the 4 window positions won (the first maximum,
+as nn.MaxPool2d); with an average pool, a 4-bit mask of the positions whose ReLU let the gradient through.
+Backward rebuilds the gradient at the pre-activation from it (and, for max, the pooled value's sign) inside the
+loads of the input-gradient and weight-gradient kernels. Weight gradients are per-program partial sums over slices
+of the B*H*W output pixels, reduced afterwards in a fixed order: no atomics, reproducible bit for bit.
 """
 
 import triton
 import triton.language as tl
 
+POOLS = {None: 0, "max": 1, "avg": 2}  # the POOL constexpr of the kernels here and in pool.py
+
 
 @triton.jit
-def _load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b, hi, wi, ci, ok, B, H, W, CIN, GATHER: tl.constexpr):
-    """x at (network p, example b, pixel hi/wi, channel ci) as fp32 [M, K]; 0 where not ok (zero padding)."""
+def load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b, hi, wi, ci, ok, B, H, W, CIN, GATHER: tl.constexpr):
+    """x at (network p, example b, pixel hi/wi, channel ci) as fp32; 0 where not ok (zero padding)."""
     if GATHER:  # one return for both branches: the compiler types every return, constexpr or not
         n = tl.load(idx_ptr + p * B + b, mask=b < B, other=0)  # int64 example index
         raw = tl.load(x_ptr + n * (CIN * H * W) + ci * (H * W) + (hi * W + wi), mask=ok, other=0).to(tl.float32)
@@ -30,17 +34,38 @@ def _load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b, hi, wi, ci, ok, B, H, W
 
 
 @triton.jit
+def pick(val, best, code, sub, POOL: tl.constexpr):
+    """Fold window position `sub`'s value into the pool: max keeps the first maximum (a NaN wins and stays, as
+    in nn.MaxPool2d) and its position; avg sums, and code collects the positions whose value is > 0."""
+    if POOL == 1:
+        won = (val > best) | (val != val)
+        best = tl.where(won, val, best)
+        code = tl.where(won, sub, code)
+    elif POOL == 2:
+        best = best + val
+        code = code | ((val > 0).to(tl.int32) << sub)
+    else:
+        best = val
+    return best, code
+
+
+@triton.jit
 def _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, H, W, HO, WO, COUT, POOL: tl.constexpr):
-    """Gradient at the pre-activation of conv output (b, h, w, co), fp32 [M, N]: the ReLU mask and, with POOL,
-    the route back through the 2x2 max (only the window position that won gets the pooled gradient)."""
-    if POOL:
+    """Gradient at the pre-activation of conv output (b, h, w, co), fp32: the ReLU mask and, with a pool, the
+    route back through it (max: only the window position that won; avg: a quarter to each position)."""
+    if POOL != 0:
         ho = h // 2
         wo = w // 2
         ok = ok & (ho < HO) & (wo < WO)
         off = (((p * B + b) * HO + ho) * WO + wo) * COUT + co
-        won = tl.load(arg_ptr + off, mask=ok, other=-1).to(tl.int32) == (h % 2) * 2 + (w % 2)
-        alive = tl.load(out_ptr + off, mask=ok, other=0.0) > 0
-        g = tl.where(won & alive & ok, tl.load(dout_ptr + off, mask=ok, other=0.0), 0.0)
+        code = tl.load(arg_ptr + off, mask=ok, other=0).to(tl.int32)
+        sub = (h % 2) * 2 + (w % 2)
+        if POOL == 1:
+            alive = (code == sub) & (tl.load(out_ptr + off, mask=ok, other=0.0) > 0)
+            g = tl.where(alive & ok, tl.load(dout_ptr + off, mask=ok, other=0.0), 0.0)
+        else:
+            alive = ((code >> sub) & 1) != 0
+            g = tl.where(alive & ok, tl.load(dout_ptr + off, mask=ok, other=0.0) * 0.25, 0.0)
     else:
         off = (((p * B + b) * H + h) * W + w) * COUT + co
         alive = tl.load(out_ptr + off, mask=ok, other=0.0) > 0
@@ -49,7 +74,7 @@ def _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, H, W, HO, WO, 
 
 
 @triton.jit
-def _pixel(rows, H, W):
+def pixel(rows, H, W):
     """(b, h, w) of pixels numbered rows = (b * H + h) * W + w."""
     return rows // (H * W), (rows % (H * W)) // W, rows % W
 
@@ -57,7 +82,7 @@ def _pixel(rows, H, W):
 @triton.jit
 def _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, H, W, HO, WO, COUT, POOL: tl.constexpr):
     """_load_dpre for a block of conv-output pixels numbered rows = (b * H + h) * W + w; also returns b, h, w."""
-    b, h, w = _pixel(rows, H, W)
+    b, h, w = pixel(rows, H, W)
     d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
                    row_ok[:, None] & co_ok[None, :], B, H, W, HO, WO, COUT, POOL)
     return d, b, h, w
@@ -67,79 +92,83 @@ def _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, H, W, 
 def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, H, W] with GATHER
                      idx_ptr,  # int64 [P, B] batch indices (GATHER)
                      mean_ptr, std_ptr,  # fp32 [CIN] normalization (GATHER)
-                     w_ptr,  # fp32 [P, COUT, CIN, 3, 3]
+                     w_ptr,  # fp32 [P, COUT, CIN, KS, KS]
                      b_ptr,  # fp32 [P, COUT]
-                     out_ptr,  # fp32 [P, B, HO, WO, COUT]; HO, WO = H//2, W//2 with POOL, else H, W
-                     arg_ptr,  # int8 [P, B, HO, WO, COUT] winning window position (POOL)
+                     out_ptr,  # fp32 [P, B, HO, WO, COUT]; HO, WO = H//2, W//2 with a pool, else H, W
+                     arg_ptr,  # int8 [P, B, HO, WO, COUT] max: winning position; avg: ReLU mask (POOL)
                      B, H, W, HO, WO, CIN, COUT,
-                     GATHER: tl.constexpr, POOL: tl.constexpr, WINDOW: tl.constexpr,
+                     GATHER: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr, WINDOW: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B * HO * WO
-    b, ho, wo = _pixel(rows, HO, WO)
+    b, ho, wo = pixel(rows, HO, WO)
     co = tl.arange(0, BLOCK_N)
     co_ok = co < COUT
     bias = tl.load(b_ptr + p * COUT + co, mask=co_ok, other=0.0)
-    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
-    best_at = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    if POOL == 1:
+        best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    else:
+        best = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    code = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     for sub in tl.static_range(WINDOW):  # the 4 positions of the pool window, or the pixel itself
-        if POOL:
+        if POOL != 0:
             h0 = ho * 2 + sub // 2
             w0 = wo * 2 + sub % 2
         else:
             h0 = ho
             w0 = wo
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for tap in tl.static_range(9):
-            hi = h0 + tap // 3 - 1
-            wi = w0 + tap % 3 - 1
+        for tap in tl.static_range(KS * KS):
+            hi = h0 + tap // KS - KS // 2
+            wi = w0 + tap % KS - KS // 2
             pix_ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             for k0 in range(0, CIN, BLOCK_K):
                 ci = k0 + tl.arange(0, BLOCK_K)
                 ok = pix_ok[:, None] & (ci < CIN)[None, :]
-                xv = _load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], hi[:, None], wi[:, None],
-                                 ci[None, :], ok, B, H, W, CIN, GATHER)
-                wv = tl.load(w_ptr + ((p * COUT + co[None, :]) * CIN + ci[:, None]) * 9 + tap,
+                xv = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], hi[:, None], wi[:, None],
+                                ci[None, :], ok, B, H, W, CIN, GATHER)
+                wv = tl.load(w_ptr + ((p * COUT + co[None, :]) * CIN + ci[:, None]) * (KS * KS) + tap,
                              mask=(ci < CIN)[:, None] & co_ok[None, :], other=0.0)
                 acc += tl.dot(xv, wv, input_precision="ieee")
-        val = tl.maximum(acc + bias[None, :], 0.0)
-        won = val > best  # strict: the first maximum in window order wins, as nn.MaxPool2d
-        best = tl.where(won, val, best)
-        best_at = tl.where(won, sub, best_at)
+        pre = acc + bias[None, :]
+        val = tl.where(pre > 0, pre, tl.where(pre != pre, pre, 0.0))  # ReLU; NaN stays NaN, as torch.relu
+        best, code = pick(val, best, code, sub, POOL)
+    if POOL == 2:
+        best = best * 0.25
     off = (((p * B + b) * HO + ho) * WO + wo)[:, None] * COUT + co[None, :]
     ok = row_ok[:, None] & co_ok[None, :]
     tl.store(out_ptr + off, best, mask=ok)
-    if POOL:
-        tl.store(arg_ptr + off, best_at.to(tl.int8), mask=ok)
+    if POOL != 0:
+        tl.store(arg_ptr + off, code.to(tl.int8), mask=ok)
 
 
 @triton.jit
 def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of the block's output
                            out_ptr,  # fp32 [P, B, HO, WO, COUT] the block's output (ReLU mask)
                            arg_ptr,  # int8 [P, B, HO, WO, COUT] (POOL)
-                           w_ptr,  # fp32 [P, COUT, CIN, 3, 3]
+                           w_ptr,  # fp32 [P, COUT, CIN, KS, KS]
                            dx_ptr,  # fp32 [P, B, H, W, CIN] gradient of the block's input
                            B, H, W, HO, WO, CIN, COUT,
-                           POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           POOL: tl.constexpr, KS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels
     row_ok = rows < B * H * W
-    b, h, w = _pixel(rows, H, W)
+    b, h, w = pixel(rows, H, W)
     ci = tl.arange(0, BLOCK_N)
     ci_ok = ci < CIN
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for tap in tl.static_range(9):
-        hq = h - (tap // 3 - 1)  # the output pixel that saw this input through this tap
-        wq = w - (tap % 3 - 1)
+    for tap in tl.static_range(KS * KS):
+        hq = h - (tap // KS - KS // 2)  # the output pixel that saw this input through this tap
+        wq = w - (tap % KS - KS // 2)
         pix_ok = row_ok & (hq >= 0) & (hq < H) & (wq >= 0) & (wq < W)
         for k0 in range(0, COUT, BLOCK_K):
             co = k0 + tl.arange(0, BLOCK_K)
             ok = pix_ok[:, None] & (co < COUT)[None, :]
             d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], hq[:, None], wq[:, None], co[None, :], ok,
                            B, H, W, HO, WO, COUT, POOL)
-            wv = tl.load(w_ptr + ((p * COUT + co[:, None]) * CIN + ci[None, :]) * 9 + tap,
+            wv = tl.load(w_ptr + ((p * COUT + co[:, None]) * CIN + ci[None, :]) * (KS * KS) + tap,
                          mask=(co < COUT)[:, None] & ci_ok[None, :], other=0.0)
             acc += tl.dot(d, wv, input_precision="ieee")
     off = (((p * B + b) * H + h) * W + w)[:, None] * CIN + ci[None, :]
@@ -149,10 +178,10 @@ def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of th
 @triton.jit
 def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the block's input, as in _conv_fwd_kernel
                             dout_ptr, out_ptr, arg_ptr,  # as in _conv_bwd_input_kernel
-                            dw_ptr,  # fp32 [P, SPLITS, 9, CIN, COUT] partial weight gradients
+                            dw_ptr,  # fp32 [P, SPLITS, KS * KS, CIN, COUT] partial weight gradients
                             db_ptr,  # fp32 [P, SPLITS, COUT] partial bias gradients
                             B, H, W, HO, WO, CIN, COUT, ROWS_PER_SPLIT, SPLITS,
-                            GATHER: tl.constexpr, POOL: tl.constexpr,
+                            GATHER: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     p = tl.program_id(1).to(tl.int64)
@@ -168,7 +197,7 @@ def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the block's in
                                 COUT, POOL)
         db += tl.sum(d, axis=0)
     tl.store(db_ptr + base * COUT + co, db, mask=co_ok)
-    for tap in tl.static_range(9):
+    for tap in tl.static_range(KS * KS):
         for k0 in range(0, CIN, BLOCK_K):
             ci = k0 + tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
@@ -177,33 +206,38 @@ def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the block's in
                 row_ok = rows < hi_rows
                 d, b, h, w = _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, H, W, HO, WO,
                                         COUT, POOL)
-                hi = h + tap // 3 - 1
-                wi = w + tap % 3 - 1
+                hi = h + tap // KS - KS // 2
+                wi = w + tap % KS - KS // 2
                 pix_ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                xv = _load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], hi[:, None], wi[:, None],
-                                 ci[None, :], pix_ok[:, None] & (ci < CIN)[None, :], B, H, W, CIN, GATHER)
+                xv = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], hi[:, None], wi[:, None],
+                                ci[None, :], pix_ok[:, None] & (ci < CIN)[None, :], B, H, W, CIN, GATHER)
                 acc += tl.dot(tl.trans(xv), d, input_precision="ieee")
-            off = ((base * 9 + tap) * CIN + ci[:, None]) * COUT + co[None, :]
+            off = ((base * (KS * KS) + tap) * CIN + ci[:, None]) * COUT + co[None, :]
             tl.store(dw_ptr + off, acc, mask=(ci < CIN)[:, None] & co_ok[None, :])
 
 
 def _blocks(k: int, n: int, rows: int, interpret: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, BLOCK_N). tl.dot wants every side >= 16 on a GPU. The interpreter pays per program, so
-    it gets few, large row blocks (ANCHORS: 64-row blocks 28 s, 1024-row blocks 1.6 s on one conv)."""
+    it gets few, large row blocks (64-row blocks 28 s, 1024-row blocks 1.6 s on one conv, 2-core CPU)."""
     block_m = min(1024, triton.next_power_of_2(rows)) if interpret else 64
     return max(16, block_m), max(16, min(32, triton.next_power_of_2(k))), max(16, triton.next_power_of_2(n))
 
 
+def _input_shape(x, idx, gather):
+    """(B, H, W) of a block's input: activations [P, B, H, W, C], or the data set [N, C, H, W] read by idx."""
+    if gather:
+        return idx.shape[1], x.shape[2], x.shape[3]
+    return x.shape[1], x.shape[2], x.shape[3]
+
+
 def conv_fwd(x, idx, mean, std, w, b, pool, gather, interpret):
     """Launch the forward. x: activations [P, B, H, W, CIN], or the data set [N, CIN, H, W] with gather (then
-    idx [P, B], mean, std [CIN]). Returns (out [P, B, HO, WO, COUT], winning positions int8 or None)."""
+    idx [P, B], mean, std [CIN]); w [P, COUT, CIN, K, K]; pool None, "max" or "avg". Returns
+    (out [P, B, HO, WO, COUT], the pool's int8 record or None)."""
     import torch
 
-    p, cout, cin = w.shape[:3]
-    if gather:
-        bsz, (h, wd) = idx.shape[1], x.shape[2:]
-    else:
-        bsz, h, wd = x.shape[1:4]
+    p, cout, cin, ks = w.shape[:4]
+    bsz, h, wd = _input_shape(x, idx, gather)
     ho, wo = (h // 2, wd // 2) if pool else (h, wd)
     out = torch.empty(p, bsz, ho, wo, cout, device=w.device, dtype=torch.float32)
     arg = torch.empty(out.shape, device=w.device, dtype=torch.int8) if pool else out
@@ -211,20 +245,17 @@ def conv_fwd(x, idx, mean, std, w, b, pool, gather, interpret):
     dummy = w
     grid = (triton.cdiv(bsz * ho * wo, bm), p)
     _conv_fwd_kernel[grid](x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, w, b,
-                           out, arg, bsz, h, wd, ho, wo, cin, cout, GATHER=gather, POOL=pool,
+                           out, arg, bsz, h, wd, ho, wo, cin, cout, GATHER=gather, POOL=POOLS[pool], KS=ks,
                            WINDOW=4 if pool else 1, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
     return out, (arg if pool else None)
 
 
 def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interpret, splits=None):
-    """Launch the backward: (dx [P, B, H, W, CIN] or None, dw [P, COUT, CIN, 3, 3], db [P, COUT])."""
+    """Launch the backward: (dx [P, B, H, W, CIN] or None, dw [P, COUT, CIN, K, K], db [P, COUT])."""
     import torch
 
-    p, cout, cin = w.shape[:3]
-    if gather:
-        bsz, (h, wd) = idx.shape[1], x.shape[2:]
-    else:
-        bsz, h, wd = x.shape[1:4]
+    p, cout, cin, ks = w.shape[:4]
+    bsz, h, wd = _input_shape(x, idx, gather)
     ho, wo = out.shape[2:4]
     arg = arg if pool else out
     dummy = w
@@ -233,18 +264,19 @@ def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interp
         dx = torch.empty(p, bsz, h, wd, cin, device=w.device, dtype=torch.float32)
         bm, bk, bn = _blocks(cout, cin, bsz * h * wd, interpret)
         _conv_bwd_input_kernel[(triton.cdiv(bsz * h * wd, bm), p)](
-            dout, out, arg, w, dx, bsz, h, wd, ho, wo, cin, cout, POOL=pool, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
+            dout, out, arg, w, dx, bsz, h, wd, ho, wo, cin, cout, POOL=POOLS[pool], KS=ks, BLOCK_M=bm, BLOCK_K=bk,
+            BLOCK_N=bn)
     rows = bsz * h * wd
     bm, bk, bn = _blocks(cin, cout, rows, interpret)
     if splits is None:  # enough programs to fill a GPU; one per network under the interpreter
         splits = 1 if interpret else max(1, min(triton.cdiv(rows, bm), triton.cdiv(1024, p)))
     per_split = triton.cdiv(triton.cdiv(rows, splits), bm) * bm
     splits = triton.cdiv(rows, per_split)
-    dw_part = torch.empty(p, splits, 9, cin, cout, device=w.device, dtype=torch.float32)
+    dw_part = torch.empty(p, splits, ks * ks, cin, cout, device=w.device, dtype=torch.float32)
     db_part = torch.empty(p, splits, cout, device=w.device, dtype=torch.float32)
     _conv_bwd_weight_kernel[(splits, p)](
         x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, dout, out, arg,
-        dw_part, db_part, bsz, h, wd, ho, wo, cin, cout, per_split, splits, GATHER=gather, POOL=pool,
+        dw_part, db_part, bsz, h, wd, ho, wo, cin, cout, per_split, splits, GATHER=gather, POOL=POOLS[pool], KS=ks,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
-    dw = dw_part.sum(1).view(p, 3, 3, cin, cout).permute(0, 4, 3, 1, 2).contiguous()  # fixed-order reduction
+    dw = dw_part.sum(1).view(p, ks, ks, cin, cout).permute(0, 4, 3, 1, 2).contiguous()  # fixed-order reduction
     return dx, dw, db_part.sum(1)

@@ -1,5 +1,6 @@
 """Population head: global average pool + linear + cross-entropy, forward and backward; in evaluation the same
-launch emits argmax == label as packed correctness bits in the record's layout, and the predictions.
+launch emits argmax == label as packed correctness bits in the record's layout, and the predictions (the scoring
+helpers of loss.py, shared with the cross-entropy after dense layers).
 
 One program per network walks its whole batch, so each network's loss, weight and bias gradients are reduced
 inside one program: deterministic, no atomics. Labels < 0 (classes the network was not trained on) count as
@@ -8,6 +9,8 @@ wrong and are left out of the loss.
 
 import triton
 import triton.language as tl
+
+from .loss import blocks as _loss_blocks, dlogits, labelled_count, row_loss, store_bits
 
 
 @triton.jit
@@ -41,20 +44,11 @@ def _head_fwd_kernel(h_ptr,  # fp32 [P, B, S, C] last conv output, S = H*W pixel
         logits = tl.dot(g, wt, input_precision="ieee") + bias[None, :]
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
         y = tl.load(y_ptr + p * B + bb, mask=b_ok, other=-1)
-        top = tl.max(logits, axis=1)
-        lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None]), axis=1))
-        picked = tl.sum(tl.where(k[None, :] == y[:, None], logits, 0.0), axis=1)
-        labelled = b_ok & (y >= 0)
-        total += tl.where(labelled, lse - picked, 0.0)
-        count += labelled.to(tl.float32)
+        loss, labelled = row_loss(logits, y, k, b_ok)
+        total += loss
+        count += labelled
         if EVAL:
-            pred = tl.argmax(logits, axis=1)  # first maximum, as torch.argmax
-            tl.store(pred_ptr + p * B + bb, pred.to(tl.int64), mask=b_ok)
-            right = (b_ok & (pred == y)).to(tl.int32)
-            weights = 1 << tl.arange(0, 8)
-            byte = tl.sum(tl.reshape(right, (BLOCK_B // 8, 8)) * weights[None, :], axis=1)
-            nb = b0 // 8 + tl.arange(0, BLOCK_B // 8)
-            tl.store(bits_ptr + p * ROW_BYTES + BIT_OFFSET // 8 + nb, byte.to(tl.uint8), mask=nb * 8 < B)
+            store_bits(bits_ptr, pred_ptr, p, b0, bb, b_ok, logits, y, B, ROW_BYTES, BIT_OFFSET, BLOCK_B)
         else:
             tl.store(g_ptr + (p * B + bb[:, None]) * C + c[None, :], g, mask=b_ok[:, None] & c_ok[None, :])
             tl.store(logits_ptr + (p * B + bb[:, None]) * K + k[None, :], logits,
@@ -79,12 +73,7 @@ def _head_bwd_kernel(g_ptr, logits_ptr, y_ptr,  # saved by the forward: [P, B, C
     k = tl.arange(0, BLOCK_K)
     c_ok, k_ok = c < C, k < K
     w = tl.load(w_ptr + (p * K + k[:, None]) * C + c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-    count = tl.zeros((BLOCK_B,), tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        bb = b0 + tl.arange(0, BLOCK_B)
-        y = tl.load(y_ptr + p * B + bb, mask=bb < B, other=-1)
-        count += ((bb < B) & (y >= 0)).to(tl.float32)
-    scale = tl.load(dloss_ptr + p) / tl.maximum(tl.sum(count, axis=0), 1.0)
+    scale = tl.load(dloss_ptr + p) / labelled_count(y_ptr, p, B, BLOCK_B)
     dw = tl.zeros((BLOCK_K, BLOCK_C), tl.float32)
     db = tl.zeros((BLOCK_K,), tl.float32)
     for b0 in range(0, B, BLOCK_B):
@@ -94,16 +83,11 @@ def _head_bwd_kernel(g_ptr, logits_ptr, y_ptr,  # saved by the forward: [P, B, C
         logits = tl.load(logits_ptr + (p * B + bb[:, None]) * K + k[None, :], mask=b_ok[:, None] & k_ok[None, :],
                          other=0.0)
         logits = tl.where(k_ok[None, :], logits, float("-inf"))  # padded classes; padded rows stay finite
-        top = tl.max(logits, axis=1)
-        e = tl.exp(logits - top[:, None])
-        soft = e / tl.sum(e, axis=1)[:, None]
-        labelled = b_ok & (y >= 0)
-        dlogits = tl.where(labelled[:, None] & k_ok[None, :],
-                           (soft - (k[None, :] == y[:, None]).to(tl.float32)) * scale, 0.0)
+        d = dlogits(logits, y, k, k_ok, b_ok, scale)
         g = tl.load(g_ptr + (p * B + bb[:, None]) * C + c[None, :], mask=b_ok[:, None] & c_ok[None, :], other=0.0)
-        dw += tl.dot(tl.trans(dlogits), g, input_precision="ieee")
-        db += tl.sum(dlogits, axis=0)
-        dg = tl.dot(dlogits, w, input_precision="ieee") / S
+        dw += tl.dot(tl.trans(d), g, input_precision="ieee")
+        db += tl.sum(d, axis=0)
+        dg = tl.dot(d, w, input_precision="ieee") / S
         for s in range(0, S):
             tl.store(dh_ptr + ((p * B + bb[:, None]) * S + s) * C + c[None, :], dg,
                      mask=b_ok[:, None] & c_ok[None, :])
@@ -112,9 +96,9 @@ def _head_bwd_kernel(g_ptr, logits_ptr, y_ptr,  # saved by the forward: [P, B, C
 
 
 def _blocks(b: int, c: int, k: int, interpret: bool) -> tuple[int, int, int]:
-    """BLOCK_B is a multiple of 8 (whole bytes of bits) and, like the others, >= 16 for tl.dot."""
-    block_b = min(1024 if interpret else 64, max(16, triton.next_power_of_2(b)))
-    return block_b, max(16, triton.next_power_of_2(c)), max(16, triton.next_power_of_2(k))
+    """(BLOCK_B, BLOCK_C, BLOCK_K): BLOCK_B as in loss.blocks, every side >= 16 for tl.dot."""
+    block_b, block_k = _loss_blocks(b, k, interpret)
+    return block_b, max(16, triton.next_power_of_2(c)), block_k
 
 
 def head_fwd(h, w, b, y, interpret, bits=None, bit_offset=0):

@@ -1,9 +1,12 @@
-"""The Triton backend: the kernels of `fastpop.kernels` behind autograd functions with the signatures of
-`reference`. Used on CUDA by default (--backend auto), and on the CPU under TRITON_INTERPRET=1 (tests).
+"""The Triton backend's op set: the kernels of `fastpop.kernels.triton` behind autograd functions with the
+signatures and semantics of `reference`. Used on CUDA by default (--backend auto), and on the CPU under
+TRITON_INTERPRET=1 (tests).
 
-Conv blocks, the head (global average pool + linear + cross-entropy, and the evaluation bits) and the optimizer
-step are Triton launches. The mlp architecture and any dense layers other than the head take the torch path
-(`reference.dense`, batched GEMMs), as do their losses.
+Every op of every spec of the grammar is a Triton launch: conv blocks (any odd K, the 2x2 max or average pool
+fused), standalone 2x2 pools, global average pool, flatten, dense layers (ReLU or not), cross-entropy, the fused
+head (global average pool + classifier + loss, and the evaluation bits) and the optimizer step. The first layer,
+whatever it is, reads its images from the resident data set by batch index: `gather_images` returns a `Gathered`
+marker, not a batch.
 """
 
 from __future__ import annotations
@@ -13,11 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpop.kernels.triton import conv as _conv, head as _head, optim as _optim
-
-from . import reference
-from .reference import (cross_entropy, dense, flatten, global_avg_pool, pool2x2,  # noqa: F401 (torch path)
-                        score_logits)
+from fastpop.kernels.triton import conv as _conv, dense as _dense, head as _head, loss as _loss, optim as _optim
+from fastpop.kernels.triton import pool as _pool
 
 
 def _interpret() -> bool:
@@ -26,18 +26,28 @@ def _interpret() -> bool:
 
 @dataclass
 class Gathered:
-    """The first layer's input, left in the data set: read by index inside the conv kernel."""
+    """The first layer's input, left in the data set: read by index inside that layer's kernel."""
 
     x: torch.Tensor  # [N, C, H, W] stored dtype
     idx: torch.Tensor  # int64 [P, B]
     mean: torch.Tensor  # fp32 [C]
     std: torch.Tensor  # fp32 [C]
+    flat: bool  # read as [P, B, C*H*W] (a dense layer's input) rather than [P, B, H, W, C]
+
+    @property
+    def parts(self):
+        return self.x, self.idx, self.mean, self.std
 
 
 def gather_images(x, idx, mean, std, flat):
-    if flat:
-        return reference.gather_images(x, idx, mean, std, flat)
-    return Gathered(x, idx.contiguous(), mean.float().contiguous(), std.float().contiguous())
+    return Gathered(x.contiguous(), idx.contiguous(), mean.float().contiguous(), std.float().contiguous(), flat)
+
+
+def _input(h):
+    """(x, idx, mean, std, gather) for a kernel launch from an activation or a Gathered input."""
+    if isinstance(h, Gathered):
+        return (*h.parts, True)
+    return h.contiguous(), None, None, None, False
 
 
 class _ConvBlock(torch.autograd.Function):
@@ -60,13 +70,119 @@ class _ConvBlock(torch.autograd.Function):
 
 
 def conv_block(h, w, b, pool):
-    if w.shape[-1] != 3 or pool == "avg":  # the kernels are 3x3 with a fused max-pool: the torch path
-        if isinstance(h, Gathered):
-            h = reference.gather_images(h.x, h.idx, h.mean, h.std, False)
-        return reference.conv_block(h, w, b, pool)
-    if isinstance(h, Gathered):
-        return _ConvBlock.apply(h.x, h.idx, h.mean, h.std, w, b, pool == "max")
-    return _ConvBlock.apply(h.contiguous(), None, None, None, w, b, pool == "max")
+    x, idx, mean, std, _ = _input(h)
+    return _ConvBlock.apply(x, idx, mean, std, w, b, pool)
+
+
+class _Pool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, mean, std, kind):
+        gather = idx is not None
+        out, arg = _pool.pool_fwd(x, idx, mean, std, kind, gather, _interpret())
+        ctx.save_for_backward(arg)
+        ctx.kind, ctx.in_shape = kind, None if gather else x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        dx = None
+        if ctx.needs_input_grad[0]:  # never for the images of a Gathered input
+            dx = _pool.pool_bwd(dout.contiguous(), ctx.saved_tensors[0], ctx.kind, ctx.in_shape, _interpret())
+        return dx, None, None, None, None
+
+
+def pool2x2(h, kind):
+    x, idx, mean, std, _ = _input(h)
+    return _Pool.apply(x, idx, mean, std, kind)
+
+
+class _GlobalAvgPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, mean, std):
+        ctx.in_shape = None if idx is not None else x.shape
+        return _pool.gap_fwd(x, idx, mean, std, idx is not None, _interpret())
+
+    @staticmethod
+    def backward(ctx, dout):
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _pool.gap_bwd(dout.contiguous(), ctx.in_shape, _interpret())
+        return dx, None, None, None
+
+
+def global_avg_pool(h):
+    return _GlobalAvgPool.apply(*_input(h)[:4])
+
+
+class _Flatten(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        ctx.in_shape = h.shape
+        return _dense.flatten_fwd(h.contiguous(), _interpret())
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _dense.flatten_bwd(dout.contiguous(), ctx.in_shape, _interpret())
+
+
+def flatten(h):
+    if isinstance(h, Gathered):  # the images flattened are the data set's own rows: the dense kernel reads them
+        return Gathered(*h.parts, flat=True)
+    return _Flatten.apply(h)
+
+
+class _Dense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, mean, std, w, b, relu):
+        gather = idx is not None
+        w, b = w.contiguous(), b.contiguous()
+        out = _dense.dense_fwd(x, idx, mean, std, w, b, relu, gather, _interpret())
+        ctx.save_for_backward(x, idx, mean, std, w, out)
+        ctx.relu, ctx.gather = relu, gather
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, idx, mean, std, w, out = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0] and not ctx.gather
+        dx, dw, db = _dense.dense_bwd(x, idx, mean, std, w, out, dout.contiguous(), ctx.relu, ctx.gather, need_dx,
+                                      _interpret())
+        return dx, None, None, None, dw, db, None
+
+
+def dense(h, w, b, relu):
+    if isinstance(h, Gathered) and not h.flat:
+        raise ValueError("a dense layer reads the images flattened: gather_images(..., flat=True) or flatten")
+    x, idx, mean, std, _ = _input(h)
+    return _Dense.apply(x, idx, mean, std, w, b, relu)
+
+
+def _labels(y, p, bsz):
+    return y.expand(p, bsz).contiguous()
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, y):
+        logits = logits.contiguous()
+        ctx.save_for_backward(logits, y)
+        return _loss.ce_fwd(logits, y, _interpret())
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits, y = ctx.saved_tensors
+        return _loss.ce_bwd(logits, y, dloss, _interpret()), None
+
+
+def cross_entropy(logits, y):
+    p, bsz, _ = logits.shape
+    return _CrossEntropy.apply(logits, _labels(y, p, bsz))
+
+
+@torch.no_grad()
+def score_logits(logits, y, bits, bit_offset):
+    p, bsz, _ = logits.shape
+    return _loss.ce_fwd(logits.contiguous(), _labels(y, p, bsz), _interpret(), bits=bits, bit_offset=bit_offset)
 
 
 class _Head(torch.autograd.Function):
@@ -86,12 +202,12 @@ class _Head(torch.autograd.Function):
 
 
 def head_loss(h, w, b, y):
-    return _Head.apply(h, w, b, y)
+    return _Head.apply(h, w, b, _labels(y, *h.shape[:2]))
 
 
 @torch.no_grad()
 def head_score(h, w, b, y, bits, bit_offset):
-    return _head.head_fwd(h.contiguous(), w.contiguous(), b.contiguous(), y.contiguous(), _interpret(),
+    return _head.head_fwd(h.contiguous(), w.contiguous(), b.contiguous(), _labels(y, *h.shape[:2]), _interpret(),
                           bits=bits, bit_offset=bit_offset)
 
 
