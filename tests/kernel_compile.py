@@ -1,9 +1,12 @@
-"""Compile every Triton kernel, every constexpr variant, to PTX for sm_90 with the real compiler: no GPU needed.
-The interpreter runs kernels as numpy and accepts code that the compiler rejects (it did: a helper with two
-differently typed returns). Run in a process without TRITON_INTERPRET; tests/test_kernels.py does. Prints one
-line per compiled variant."""
+"""Compile a representative set of the Triton kernels' constexpr variants to PTX for sm_90 with the real compiler:
+no GPU needed. The interpreter runs kernels as numpy and accepts code that the compiler rejects (it did: a helper
+with two differently typed returns). Every kernel is compiled at least once, and every constexpr flag both ways
+in some kernel; kernel sizes 1, 3, 5 and 7 across the conv kernels. Run in a process without TRITON_INTERPRET;
+tests/test_kernels.py does. Prints one line per compiled variant."""
 
 import os
+import sys
+import time
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 
@@ -11,13 +14,49 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastpop.kernels.triton import conv, head, optim  # noqa: E402
+from fastpop.kernels.triton import conv, dense, head, loss, optim, pool  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"idx_ptr": "*i64", "y_ptr": "*i64", "pred_ptr": "*i64", "arg_ptr": "*i8", "bits_ptr": "*u8",
             "frozen_ptr": "*i1"}  # every other pointer is fp32
 FLOATS = {"momentum", "weight_decay"}  # every other scalar is i32
 BLOCKS = {"BLOCK_M": 64, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_B": 64, "BLOCK_C": 16, "BLOCK": 1024}
+MAX, AVG = conv.POOLS["max"], conv.POOLS["avg"]
+
+# (kernel, x_ptr type, constexpr flags): uint8 images where the kernel gathers them
+VARIANTS = [
+    (conv._conv_fwd_kernel, "*u8", dict(GATHER=True, POOL=MAX, KS=3, WINDOW=4)),
+    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, POOL=AVG, KS=5, WINDOW=4)),
+    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, POOL=0, KS=7, WINDOW=1)),
+    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=MAX, KS=3)),
+    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=AVG, KS=1)),
+    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=0, KS=5)),
+    (conv._conv_bwd_weight_kernel, "*u8", dict(GATHER=True, POOL=AVG, KS=5)),
+    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, POOL=MAX, KS=3)),
+    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, POOL=0, KS=1)),
+    (pool._pool_fwd_kernel, "*u8", dict(GATHER=True, POOL=MAX)),
+    (pool._pool_fwd_kernel, "*fp32", dict(GATHER=False, POOL=AVG)),
+    (pool._pool_bwd_kernel, "*fp32", dict(POOL=MAX)),
+    (pool._pool_bwd_kernel, "*fp32", dict(POOL=AVG)),
+    (pool._gap_fwd_kernel, "*u8", dict(GATHER=True)),
+    (pool._gap_fwd_kernel, "*fp32", dict(GATHER=False)),
+    (pool._gap_bwd_kernel, "*fp32", {}),
+    (dense._dense_fwd_kernel, "*u8", dict(GATHER=True, RELU=True)),
+    (dense._dense_fwd_kernel, "*fp32", dict(GATHER=False, RELU=False)),
+    (dense._dense_bwd_input_kernel, "*fp32", dict(RELU=True)),
+    (dense._dense_bwd_weight_kernel, "*u8", dict(GATHER=True, RELU=True)),
+    (dense._dense_bwd_weight_kernel, "*fp32", dict(GATHER=False, RELU=False)),
+    (dense._flatten_kernel, "*fp32", dict(TO_FLAT=True)),
+    (dense._flatten_kernel, "*fp32", dict(TO_FLAT=False)),
+    (loss._ce_fwd_kernel, "*fp32", dict(EVAL=False)),
+    (loss._ce_fwd_kernel, "*fp32", dict(EVAL=True)),
+    (loss._ce_bwd_kernel, "*fp32", {}),
+    (head._head_fwd_kernel, "*fp32", dict(EVAL=False)),
+    (head._head_fwd_kernel, "*fp32", dict(EVAL=True)),
+    (head._head_bwd_kernel, "*fp32", {}),
+    (optim._sgd_kernel, "*fp32", dict(HAS_FROZEN=False)),
+    (optim._sgd_kernel, "*fp32", dict(HAS_FROZEN=True)),
+]
 
 
 def compile_variant(fn, x_ptr="*fp32", **flags) -> int:
@@ -37,20 +76,11 @@ def compile_variant(fn, x_ptr="*fp32", **flags) -> int:
 
 
 def main() -> None:
-    for gather in (False, True):
-        for pool in (False, True):
-            x = "*u8" if gather else "*fp32"
-            print("conv fwd", gather, pool, compile_variant(conv._conv_fwd_kernel, x, GATHER=gather, POOL=pool,
-                                                            WINDOW=4 if pool else 1))
-            print("conv bwd weight", gather, pool,
-                  compile_variant(conv._conv_bwd_weight_kernel, x, GATHER=gather, POOL=pool))
-    for pool in (False, True):
-        print("conv bwd input", pool, compile_variant(conv._conv_bwd_input_kernel, POOL=pool))
-    for evaluating in (False, True):
-        print("head fwd", evaluating, compile_variant(head._head_fwd_kernel, EVAL=evaluating, BLOCK_K=16))
-    print("head bwd", compile_variant(head._head_bwd_kernel, BLOCK_K=16))
-    for frozen in (False, True):
-        print("sgd", frozen, compile_variant(optim._sgd_kernel, HAS_FROZEN=frozen))
+    for fn, x_ptr, flags in VARIANTS:
+        start = time.perf_counter()
+        size = compile_variant(fn, x_ptr, **flags)
+        print(fn.__name__, flags, size, f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
+        print(fn.__name__, flags, size)
 
 
 if __name__ == "__main__":

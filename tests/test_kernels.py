@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpop.kernels.triton import conv as K, head as H, optim as O
+from fastpop.kernels.triton import conv as K, dense as D, head as H, loss as L, optim as O, pool as P
 from fastpop.ops import reference as R
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get(
@@ -32,24 +32,30 @@ def poison(fn):
         torch.empty = real
 
 
-@pytest.mark.parametrize("p, bsz, cin, cout, hw, pool, gather", [
-    (1, 3, 5, 7, 7, True, False), (3, 3, 5, 6, 7, False, False), (3, 2, 1, 5, 7, True, True),
-    (1, 3, 3, 4, 6, False, True), (2, 5, 2, 3, 5, True, False)])
-def test_conv_block_forward_and_every_gradient(p, bsz, cin, cout, hw, pool, gather):
-    gen = torch.Generator().manual_seed(p * 100 + cin)
-    w = torch.randn(p, cout, cin, 3, 3, generator=gen).to(DEV)
+def _images(gen, p, bsz, c, h, w, levels=17):
+    """A uint8 data set of 11 images [11, C, H, W], batch indices [P, B] and per-channel mean and std."""
+    data = torch.randint(0, levels, (11, c, h, w), generator=gen, dtype=torch.uint8).to(DEV)
+    idx = torch.randint(0, 11, (p, bsz), generator=gen).to(DEV)
+    mean, std = torch.rand(c, generator=gen).to(DEV) * 8, torch.rand(c, generator=gen).to(DEV) + 2
+    return data, idx, mean, std
+
+
+@pytest.mark.parametrize("p, bsz, cin, cout, hw, k, pool, gather", [
+    (1, 3, 5, 7, (7, 6), 3, "max", False), (3, 3, 5, 6, (7, 7), 1, None, False), (3, 2, 1, 5, (7, 5), 5, "avg", True),
+    (1, 3, 3, 4, (6, 5), 7, None, True), (2, 5, 2, 3, (5, 5), 3, "avg", False), (2, 2, 3, 4, (5, 6), 5, "max", True)])
+def test_conv_block_forward_and_every_gradient(p, bsz, cin, cout, hw, k, pool, gather):
+    gen = torch.Generator().manual_seed(p * 100 + cin + k)
+    w = torch.randn(p, cout, cin, k, k, generator=gen).to(DEV) / k
     b = torch.randn(p, cout, generator=gen).to(DEV) * 0.1
     if gather:
-        data = torch.randint(0, 17, (11, cin, hw, hw), generator=gen, dtype=torch.uint8).to(DEV)
-        idx = torch.randint(0, 11, (p, bsz), generator=gen).to(DEV)
-        mean, std = torch.rand(cin, generator=gen).to(DEV) * 8, torch.rand(cin, generator=gen).to(DEV) + 2
+        data, idx, mean, std = _images(gen, p, bsz, cin, *hw)
         x = R.gather_images(data, idx, mean, std, flat=False)
     else:
-        x = torch.randn(p, bsz, hw, hw, cin, generator=gen).to(DEV)
+        x = torch.randn(p, bsz, *hw, cin, generator=gen).to(DEV)
         data, idx, mean, std = x, None, None, None
     # reference
     xr, wr, br = x.clone().requires_grad_(not gather), w.clone().requires_grad_(), b.clone().requires_grad_()
-    ref = R.conv_block(xr, wr, br, "max" if pool else None)
+    ref = R.conv_block(xr, wr, br, pool)
     g = torch.randn(ref.shape, generator=gen).to(DEV)
     ref.backward(g)
     # kernels
@@ -63,23 +69,126 @@ def test_conv_block_forward_and_every_gradient(p, bsz, cin, cout, hw, pool, gath
         torch.testing.assert_close(dx, xr.grad, **TOL, msg="input gradient")
 
 
-def test_pool_and_relu_ties_route_like_the_reference():
-    """Equal values in a pool window (and zeros after ReLU) send the gradient where nn.MaxPool2d sends it."""
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_pool_and_relu_ties_route_like_the_reference(pool):
+    """Equal values in a pool window (and zeros after ReLU) send the gradient where nn.MaxPool2d / nn.AvgPool2d
+    and ReLU send it."""
     p, bsz, c = 2, 2, 16
     x = torch.zeros(p, bsz, 4, 4, c, device=DEV)
     w = torch.zeros(p, c, c, 3, 3, device=DEV)
     w[:, :, :, 1, 1] = torch.eye(c, device=DEV)  # identity conv: output = relu(x + b)
     b = torch.zeros(p, c, device=DEV)
     x[..., :8] = 1.0  # whole windows of ties; channels 8+ are all zero (ReLU ties at 0)
+    x[:, :, 0, 0, 4:8] = -1.0  # a window with one position cut by the ReLU
     xr, wr, br = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
-    ref = R.conv_block(xr, wr, br, "max")
+    ref = R.conv_block(xr, wr, br, pool)
     g = torch.randn(ref.shape, device=DEV)
     ref.backward(g)
-    out, arg = K.conv_fwd(x, None, None, None, w, b, True, False, INTERPRET)
-    dx, dw, db = K.conv_bwd(x, None, None, None, w, out, arg, g, True, False, True, INTERPRET)
+    out, arg = K.conv_fwd(x, None, None, None, w, b, pool, False, INTERPRET)
+    dx, dw, db = K.conv_bwd(x, None, None, None, w, out, arg, g, pool, False, True, INTERPRET)
     torch.testing.assert_close(out, ref.detach(), msg="pooled output")
     torch.testing.assert_close(dx, xr.grad, **TOL, msg="input gradient with ties")
     torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient with ties")
+
+
+@pytest.mark.parametrize("p, bsz, c, hw, kind, gather", [
+    (2, 3, 5, (7, 5), "max", False), (1, 2, 3, (6, 7), "avg", False), (3, 2, 2, (5, 4), "gap", False),
+    (2, 3, 3, (7, 5), "max", True), (2, 2, 1, (3, 2), "avg", True), (1, 3, 2, (5, 3), "gap", True)])
+def test_pools_forward_and_gradient(p, bsz, c, hw, kind, gather):
+    """Standalone 2x2 pools and the global average pool, on activations or on the images read by index (the
+    first layer). Integer-valued inputs: many ties in the max pool's windows."""
+    gen = torch.Generator().manual_seed(p * 10 + c)
+    if gather:
+        data, idx, mean, std = _images(gen, p, bsz, c, *hw, levels=3)
+        x = R.gather_images(data, idx, mean, std, flat=False)
+    else:
+        x = torch.randint(-2, 3, (p, bsz, *hw, c), generator=gen).float().to(DEV)
+        data, idx, mean, std = x, None, None, None
+    xr = x.clone().requires_grad_(not gather)
+    ref = R.global_avg_pool(xr) if kind == "gap" else R.pool2x2(xr, kind)
+    if kind == "gap":
+        out = poison(lambda: P.gap_fwd(data, idx, mean, std, gather, INTERPRET))
+    else:
+        out, arg = poison(lambda: P.pool_fwd(data, idx, mean, std, kind, gather, INTERPRET))
+    torch.testing.assert_close(out, ref.detach(), **TOL, msg="forward output")
+    if gather:
+        return  # the images need no gradient
+    g = torch.randn(ref.shape, generator=gen).to(DEV)
+    ref.backward(g)
+    if kind == "gap":
+        dx = poison(lambda: P.gap_bwd(g, x.shape, INTERPRET))
+    else:
+        dx = poison(lambda: P.pool_bwd(g, arg, kind, x.shape, INTERPRET))
+    torch.testing.assert_close(dx, xr.grad, **TOL, msg="input gradient")
+
+
+def test_flatten_forward_and_gradient():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 5, 3, 4, generator=gen).to(DEV)
+    xr = x.clone().requires_grad_()
+    ref = R.flatten(xr)
+    out = poison(lambda: D.flatten_fwd(x, INTERPRET))
+    assert torch.equal(out, ref.detach())
+    g = torch.randn(ref.shape, generator=gen).to(DEV)
+    ref.backward(g)
+    assert torch.equal(poison(lambda: D.flatten_bwd(g, x.shape, INTERPRET)), xr.grad)
+
+
+@pytest.mark.parametrize("p, bsz, fin, fout, relu, gather, splits", [
+    (1, 3, 5, 7, True, False, 1), (3, 5, 37, 6, False, False, 2), (2, 33, 20, 3, True, False, 3),
+    (2, 4, (3, 5, 3), 9, True, True, 2), (1, 3, (1, 7, 5), 4, False, True, 1)])
+def test_dense_forward_and_every_gradient(p, bsz, fin, fout, relu, gather, splits):
+    """Dense layers; with gather, the first layer of an mlp on the flattened images read by index."""
+    gen = torch.Generator().manual_seed(p + bsz + fout)
+    if gather:
+        data, idx, mean, std = _images(gen, p, bsz, *fin)
+        x = R.gather_images(data, idx, mean, std, flat=True)
+        fin = x.shape[-1]
+    else:
+        x = torch.randn(p, bsz, fin, generator=gen).to(DEV)
+        data, idx, mean, std = x, None, None, None
+    w = torch.randn(p, fout, fin, generator=gen).to(DEV) / fin ** 0.5
+    b = torch.randn(p, fout, generator=gen).to(DEV) * 0.1
+    xr, wr, br = x.clone().requires_grad_(not gather), w.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = R.dense(xr, wr, br, relu)
+    g = torch.randn(ref.shape, generator=gen).to(DEV)
+    ref.backward(g)
+    out = poison(lambda: D.dense_fwd(data, idx, mean, std, w, b, relu, gather, INTERPRET))
+    torch.testing.assert_close(out, ref.detach(), **TOL, msg="forward output")
+    dx, dw, db = poison(lambda: D.dense_bwd(data, idx, mean, std, w, out, g, relu, gather, not gather, INTERPRET,
+                                            splits=splits))
+    torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient")
+    torch.testing.assert_close(db, br.grad, **TOL, msg="bias gradient")
+    if not gather:
+        torch.testing.assert_close(dx, xr.grad, **TOL, msg="input gradient")
+
+
+@pytest.mark.parametrize("p, bsz, k", [(1, 3, 7), (3, 13, 2), (2, 21, 11)])
+def test_cross_entropy_gradient_and_bits(p, bsz, k):
+    """The loss after dense layers: each network's mean cross-entropy and its gradient; in evaluation the bits
+    at a word offset of a wider row, the predictions and the summed loss, labels -1 wrong and out of the loss."""
+    gen = torch.Generator().manual_seed(bsz)
+    logits = (torch.randn(p, bsz, k, generator=gen) * 3).to(DEV)
+    y = torch.randint(0, k, (p, bsz), generator=gen).to(DEV)
+    lr = logits.clone().requires_grad_()
+    ref = R.cross_entropy(lr, y)
+    dloss = torch.randn(p, generator=gen).to(DEV)
+    ref.backward(dloss)
+    torch.testing.assert_close(poison(lambda: L.ce_fwd(logits, y, INTERPRET)), ref.detach(), **TOL, msg="loss")
+    torch.testing.assert_close(poison(lambda: L.ce_bwd(logits, y, dloss, INTERPRET)), lr.grad, **TOL,
+                               msg="logit gradient")
+    y_eval = y.clone()
+    y_eval[:, 1] = -1
+    logits[0, 0] = 0.5  # every logit equal: ties go to class 0
+    bits = torch.full((p, 16), 0xAB, dtype=torch.uint8, device=DEV)
+    want_bits = torch.zeros_like(bits)
+    want_loss, want_pred = R.score_logits(logits, y_eval, want_bits, 64)
+    summed, pred = poison(lambda: L.ce_fwd(logits, y_eval, INTERPRET, bits=bits, bit_offset=64))
+    n_bytes = -(-bsz // 8)
+    assert torch.equal(bits[:, 8:8 + n_bytes], want_bits[:, 8:8 + n_bytes])
+    assert (bits[:, :8] == 0xAB).all() and (bits[:, 8 + n_bytes:] == 0xAB).all(), "only the batch's bytes written"
+    assert torch.equal(pred, want_pred) and pred[0, 0] == 0
+    torch.testing.assert_close(summed, want_loss, **TOL)
 
 
 @pytest.mark.parametrize("p, bsz, c, hw, k", [(1, 3, 5, 3, 7), (3, 13, 6, 2, 10)])
@@ -203,13 +312,19 @@ def test_cuda_graph_step_equals_eager():
 
 
 def test_every_kernel_compiles_for_a_gpu():
-    """The real Triton compiler (not the interpreter) takes every kernel to PTX for sm_90; no GPU needed."""
+    """The real Triton compiler (not the interpreter) takes every kernel, in a representative set of its constexpr
+    variants, to PTX for sm_90; no GPU needed."""
     import os
+    import re
     import subprocess
     import sys
+    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "tests/kernel_compile.py"], capture_output=True, text=True, timeout=900,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("\n") == 15, proc.stdout
+    compiled = {line.split()[0] for line in proc.stdout.splitlines()}
+    kernels = {name for f in (Path(__file__).parent.parent / "kernels" / "triton").glob("*.py")
+               for name in re.findall(r"^def (_\w+_kernel)\(", f.read_text(), re.M)}
+    assert len(kernels) > 10 and compiled == kernels, sorted(kernels ^ compiled)

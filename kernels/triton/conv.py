@@ -111,7 +111,7 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
     else:
         best = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     code = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-    for sub in tl.static_range(WINDOW):  # the 4 positions of the pool window, or the pixel itself
+    for sub in range(WINDOW):  # the 4 positions of the pool window, or the pixel itself
         if POOL != 0:
             h0 = ho * 2 + sub // 2
             w0 = wo * 2 + sub % 2
@@ -119,7 +119,7 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
             h0 = ho
             w0 = wo
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for tap in tl.static_range(KS * KS):
+        for tap in range(KS * KS):  # a loop, not unrolled: 25-100 unrolled GEMM tiles took minutes to compile
             hi = h0 + tap // KS - KS // 2
             wi = w0 + tap % KS - KS // 2
             pix_ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
@@ -159,7 +159,7 @@ def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of th
     ci = tl.arange(0, BLOCK_N)
     ci_ok = ci < CIN
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for tap in tl.static_range(KS * KS):
+    for tap in range(KS * KS):  # a loop, not unrolled: 25-100 unrolled GEMM tiles took minutes to compile
         hq = h - (tap // KS - KS // 2)  # the output pixel that saw this input through this tap
         wq = w - (tap % KS - KS // 2)
         pix_ok = row_ok & (hq >= 0) & (hq < H) & (wq >= 0) & (wq < W)
@@ -197,7 +197,7 @@ def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the block's in
                                 COUT, POOL)
         db += tl.sum(d, axis=0)
     tl.store(db_ptr + base * COUT + co, db, mask=co_ok)
-    for tap in tl.static_range(KS * KS):
+    for tap in range(KS * KS):  # a loop, not unrolled: 25-100 unrolled GEMM tiles took minutes to compile
         for k0 in range(0, CIN, BLOCK_K):
             ci = k0 + tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
