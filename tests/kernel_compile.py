@@ -14,7 +14,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastpop.kernels.triton import conv, dense, head, loss, optim, pool  # noqa: E402
+from fastpop.kernels.triton import conv, dense, head, loss, optim, pool, reduce  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"idx_ptr": "*i64", "y_ptr": "*i64", "pred_ptr": "*i64", "arg_ptr": "*i8", "bits_ptr": "*u8",
@@ -56,6 +56,7 @@ VARIANTS = [
     (head._head_bwd_kernel, "*fp32", {}),
     (optim._sgd_kernel, "*fp32", dict(HAS_FROZEN=False)),
     (optim._sgd_kernel, "*fp32", dict(HAS_FROZEN=True)),
+    (reduce._sum_splits_kernel, "*fp32", {}),
 ]
 
 

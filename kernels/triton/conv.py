@@ -16,6 +16,8 @@ of the B*H*W output pixels, reduced afterwards in a fixed order: no atomics, rep
 import triton
 import triton.language as tl
 
+from .reduce import rows_per_split, sum_splits
+
 POOLS = {None: 0, "max": 1, "avg": 2}  # the POOL constexpr of the kernels here and in pool.py
 
 
@@ -268,9 +270,10 @@ def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interp
             BLOCK_N=bn)
     rows = bsz * h * wd
     bm, bk, bn = _blocks(cin, cout, rows, interpret)
-    if splits is None:  # enough programs to fill a GPU; one per network under the interpreter
-        splits = 1 if interpret else max(1, min(triton.cdiv(rows, bm), triton.cdiv(1024, p)))
-    per_split = triton.cdiv(triton.cdiv(rows, splits), bm) * bm
+    if splits is None:  # 1024 rows per program on a GPU: 32 programs per network at B = 32 on 32x32 images
+        per_split = rows_per_split(rows, bm, interpret, 1024)
+    else:
+        per_split = triton.cdiv(triton.cdiv(rows, splits), bm) * bm
     splits = triton.cdiv(rows, per_split)
     dw_part = torch.empty(p, splits, ks * ks, cin, cout, device=w.device, dtype=torch.float32)
     db_part = torch.empty(p, splits, cout, device=w.device, dtype=torch.float32)
@@ -278,5 +281,5 @@ def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interp
         x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, dout, out, arg,
         dw_part, db_part, bsz, h, wd, ho, wo, cin, cout, per_split, splits, GATHER=gather, POOL=POOLS[pool], KS=ks,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
-    dw = dw_part.sum(1).view(p, ks, ks, cin, cout).permute(0, 4, 3, 1, 2).contiguous()  # fixed-order reduction
-    return dx, dw, db_part.sum(1)
+    dw = sum_splits(dw_part, interpret).view(p, ks, ks, cin, cout).permute(0, 4, 3, 1, 2).contiguous()
+    return dx, dw, sum_splits(db_part, interpret)

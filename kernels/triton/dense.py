@@ -10,6 +10,8 @@ atomics, reproducible bit for bit.
 import triton
 import triton.language as tl
 
+from .reduce import rows_per_split, sum_splits
+
 
 @triton.jit
 def _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b, f, ok, B, FIN, S, GATHER: tl.constexpr):
@@ -182,9 +184,10 @@ def dense_bwd(x, idx, mean, std, w, out, dout, relu, gather, need_dx, interpret,
             dout, out, w, dx, bsz, fin, fout, RELU=relu, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
     bm, bk, bn = _blocks(bsz, fin, fout, interpret)
     tiles = triton.cdiv(fout, bn) * triton.cdiv(fin, bk)
-    if splits is None:  # enough programs to fill a GPU; one slice per network under the interpreter
-        splits = 1 if interpret else max(1, min(triton.cdiv(bsz, bm), triton.cdiv(1024, p * tiles)))
-    per_split = triton.cdiv(triton.cdiv(bsz, splits), bm) * bm
+    if splits is None:  # 256 examples per program on a GPU: one at B <= 256
+        per_split = rows_per_split(bsz, bm, interpret, 256)
+    else:
+        per_split = triton.cdiv(triton.cdiv(bsz, splits), bm) * bm
     splits = triton.cdiv(bsz, per_split)
     dw_part = torch.empty(p, splits, fout, fin, device=w.device, dtype=torch.float32)
     db_part = torch.empty(p, splits, fout, device=w.device, dtype=torch.float32)
@@ -192,7 +195,7 @@ def dense_bwd(x, idx, mean, std, w, out, dout, relu, gather, need_dx, interpret,
         x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, dout, out, dw_part,
         db_part, bsz, fin, fout, s, per_split, splits, GATHER=gather, RELU=relu, BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_N=bn)
-    return dx, dw_part.sum(1), db_part.sum(1)  # fixed-order reduction over the slices
+    return dx, sum_splits(dw_part, interpret), sum_splits(db_part, interpret)
 
 
 def flatten_fwd(h, interpret):
