@@ -1,0 +1,131 @@
+"""The whole Triton backend against the torch reference on specs of the architecture grammar, under
+TRITON_INTERPRET=1 on the CPU (tests/conftest.py) or on a GPU: loss and every gradient with the gradients poisoned,
+the evaluation's bits, predictions and summed loss; every first layer (conv, pool, gap, flatten, dense) reading
+its images by index; network k bit-identical alone or in company; no op borrowed from the reference."""
+
+import inspect
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from fastpop.archs import build_arch
+from fastpop.ops import chain, get_backend, reference
+from fastpop.ops import triton as triton_ops
+from fastpop.population import Population
+from test_backends import _case, _check_grads, specs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+CPU = torch.device("cpu")
+TRITON = get_backend("triton", CPU)
+
+# every kind of first layer, pools not after a conv, pool chains, every kernel size, dense after gap and flat
+FIRST_LAYERS = ["mp-c3-gap", "ap-ap-c2k5-flat-d4", "gap", "gap-d5", "flat-d6", "d7-d5", "c3k1-mp-mp-c4k7-gap",
+                "c2k5-ap-c3-flat-d5-d4", "mp-flat"]
+
+
+def _check_score(arch, pop, x, y, idx, mean, std, bit_offset=64):
+    """Bits, predictions and summed loss of the Triton evaluation against the reference, where the reference's top
+    two logits differ by more than fp32 noise; bytes outside the batch's are left alone."""
+    p, nb = idx.shape
+    labels = y[idx].clone()
+    labels[:, ::3] = -1  # classes the networks were not trained on: wrong, no loss
+    params = pop.views(pop.params)
+    logits, _ = chain._features(arch, reference, params, x, idx, mean, std, len(arch.ops))
+    top2 = logits.topk(2, -1).values
+    clear = ((top2[..., 0] - top2[..., 1]) > 1e-3 * (logits.abs().amax(-1) + 1)).numpy()
+    row = bit_offset // 8 + 8 * -(-nb // 64)
+    want_bits = torch.zeros(p, row, dtype=torch.uint8)
+    want_loss, want_pred = chain.score(arch, reference, params, x, idx, labels, mean, std, want_bits, bit_offset)
+    bits = torch.full_like(want_bits, 0xAB)
+    loss, pred = TRITON.score(arch, params, x, idx, labels, mean, std, bits, bit_offset)
+    assert (bits[:, :bit_offset // 8] == 0xAB).all(), "bytes before the batch's are untouched"
+    n_bytes = -(-nb // 8)
+    assert (bits[:, bit_offset // 8 + n_bytes:] == 0xAB).all(), "bytes after the batch's are untouched"
+    assert torch.equal(pred[clear], want_pred[clear])
+    got = np.unpackbits(bits[:, bit_offset // 8:].numpy(), axis=-1, count=nb, bitorder="little").astype(bool)
+    want = np.unpackbits(want_bits[:, bit_offset // 8:].numpy(), axis=-1, count=nb, bitorder="little").astype(bool)
+    np.testing.assert_array_equal(got[clear], want[clear])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=1e-4)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=specs(), p=st.integers(1, 2), bsz=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_random_specs_match_reference(arch, p, bsz, seed):
+    pop, x, y, idx, mean, std = _case(arch, p, bsz, seed)
+    pop.params.div_(3)  # deep random nets: default scale, so that activations stay finite
+    _check_grads(arch, pop, x, y, idx, mean, std, backend=TRITON, rtol=2e-3)
+    _check_score(arch, pop, x, y, idx, mean, std)
+
+
+@pytest.mark.parametrize("spec", FIRST_LAYERS)
+def test_every_first_layer_reads_images_by_index(spec):
+    arch = build_arch(spec, (2, 7, 5), 4)
+    pop, x, y, idx, mean, std = _case(arch, 2, 5, 3)
+    _check_grads(arch, pop, x, y, idx, mean, std, backend=TRITON, rtol=1e-3)
+    _check_score(arch, pop, x, y, idx, mean, std)
+
+
+@pytest.mark.parametrize("spec", ["c3-mp-c4-ap-c3-gap", "c3k5-ap-c4-flat-d5"])
+def test_pool_ties_match_reference(spec):
+    """Constant images: every 2x2 window a tie, resolved and routed as nn.MaxPool2d / nn.AvgPool2d do."""
+    arch = build_arch(spec, (1, 8, 6), 3)
+    _check_grads(arch, *_case(arch, 2, 4, 3, constant=True), backend=TRITON)
+
+
+@pytest.mark.parametrize("spec", ["c3k5-ap-c4-flat-d6", "mlp"])
+def test_network_is_bit_identical_alone_or_in_company(spec):
+    arch = build_arch(spec, (1, 8, 8), 10)
+    pop, x, y, idx, mean, std = _case(arch, 3, 5, 8)
+    loss = TRITON.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
+    alone = Population(arch, [0], CPU)
+    alone.set_networks(pop.networks()[1:2])  # network 1, alone
+    loss_alone = TRITON.gradients(alone, 0, 1, x, idx[1:2], y[idx[1:2]], mean, std)
+    assert torch.equal(loss[1:2], loss_alone)
+    assert torch.equal(pop.networks(pop.grads)[1], alone.networks(alone.grads)[0])
+
+
+def test_gpu_sizing_keeps_network_k_alone_or_in_company():
+    """The GPU's block sizes and weight-gradient splits (run here in the interpreter), on a layer big enough for
+    several splits: the reference's gradients, and network k's bits the same alone and in company."""
+    from fastpop.kernels.triton import conv, dense
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 15, 14, 2, generator=gen)  # 1050 rows of pixels: two splits of 1024
+    w, b = torch.randn(2, 3, 2, 3, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    out, arg = conv.conv_fwd(x, None, None, None, w, b, "max", False, False)
+    g = torch.randn(out.shape, generator=gen)
+    full = conv.conv_bwd(x, None, None, None, w, out, arg, g, "max", False, True, False)
+    one = conv.conv_bwd(x[1:2], None, None, None, w[1:2], out[1:2], arg[1:2], g[1:2], "max", False, True, False)
+    for a, c in zip(full, one):
+        assert torch.equal(a[1:2], c)
+    xr, wr, br = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    reference.conv_block(xr, wr, br, "max").backward(g)
+    for got, want in zip(full, (xr.grad, wr.grad, br.grad)):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    h = torch.randn(3, 300, 9, generator=gen)  # 300 examples: two splits of 256
+    wd, bd = torch.randn(3, 4, 9, generator=gen), torch.randn(3, 4, generator=gen)
+    out = dense.dense_fwd(h, None, None, None, wd, bd, True, False, False)
+    g = torch.randn(out.shape, generator=gen)
+    full = dense.dense_bwd(h, None, None, None, wd, out, g, True, False, True, False)
+    one = dense.dense_bwd(h[2:], None, None, None, wd[2:], out[2:], g[2:], True, False, True, False)
+    for a, c in zip(full, one):
+        assert torch.equal(a[2:], c)
+    hr, wr, br = h.clone().requires_grad_(), wd.clone().requires_grad_(), bd.clone().requires_grad_()
+    reference.dense(hr, wr, br, True).backward(g)
+    for got, want in zip(full, (hr.grad, wr.grad, br.grad)):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_every_spec_runs_natively_with_no_reference_op():
+    """native() is None, and the op set defines every op of the reference itself: none is the torch path."""
+    for spec in ["small-cnn", "wide-cnn", "mlp", *FIRST_LAYERS]:
+        assert TRITON.native(build_arch(spec, (3, 9, 7), 10)) is None
+    ops = [name for name, fn in inspect.getmembers(reference, inspect.isfunction)
+           if fn.__module__ == reference.__name__ and name in chain.__doc__]
+    assert len(ops) >= 11, ops
+    for name in ops:
+        assert getattr(triton_ops, name).__module__ == triton_ops.__name__, f"{name} comes from the torch path"
