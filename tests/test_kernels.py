@@ -246,9 +246,10 @@ def test_sgd_step_matches_torch_optim(frozen_net):
     torch.testing.assert_close(flat, want, **TOL, msg="parameters after 3 steps")
 
 
-def test_three_step_population_triton_vs_torch(tmp_path):
+@pytest.mark.parametrize("arch", ["small-cnn", "c4-ap-c6k1-mp-flat-d16"])
+def test_three_step_population_triton_vs_torch(tmp_path, arch):
     """A whole population trained 3 steps through the kernels and through the reference: loss at every step,
-    then the recorded bits."""
+    then the recorded bits. Digits 0 and 1 only, to keep the interpreter's steps and evaluation short."""
     import fastpop
     from fastpop import trainer
 
@@ -264,7 +265,7 @@ def test_three_step_population_triton_vs_torch(tmp_path):
 
         trainer.train_step = spy
         try:
-            run = fastpop.train(fastpop.Config(arch="small-cnn", seeds=[3, 8], epochs=1, batch_size=448,
+            run = fastpop.train(fastpop.Config(arch=arch, seeds=[3, 8], epochs=1, batch_size=96, classes=[0, 1],
                                                backend=backend, out=str(tmp_path / backend)))
         finally:
             trainer.train_step = real
