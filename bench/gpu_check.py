@@ -1,12 +1,14 @@
 """One prepared GPU check (bench/gpu_check.sh runs it): kernels against the torch reference at real shapes, then a
 full training step timed for every provider, with ceilings measured in the same run.
 
-    python bench/gpu_check.py            # on a CUDA GPU: checks P = 1000 (digits and 3x32x32), then timings
+    python bench/gpu_check.py            # on a CUDA GPU: checks at P = 1000 / 200, then timings
     python bench/gpu_check.py --small    # tiny shapes, checks only: runs on the CPU under TRITON_INTERPRET=1 (CI)
 
-Providers: fastpop-triton (CUDA graph and eager), fastpop-torch (the reference: im2col + batched GEMM),
-torch.func vmap (cuDNN grouped convolution), a loop over nn.Modules (P = 100 only). Targets (issue 7): >= 10x
-vmap and >= 5M net-images/s for small-cnn on 3x32x32 at P = 1000.
+Architectures: small-cnn (the fused head), CNN5 (a spec no preset has: five convs with 5x5 and 1x1 kernels,
+max and average pools, a hidden dense layer) and the mlp (dense layers on the flattened image). Providers:
+fastpop-triton (CUDA graph and eager), fastpop-torch (the reference: im2col + batched GEMM), torch.func vmap (cuDNN
+grouped convolution), a loop over nn.Modules (P = 100 only). Targets (issue 7): >= 10x vmap and >= 5M
+net-images/s for small-cnn on 3x32x32 at P = 1000.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from fastpop.ops import chain, get_backend, reference, triton as triton_ops
 from fastpop.population import Population
 from fastpop.trainer import train_step
 
+CNN5 = "c32-c32-mp-c64k5-ap-c64-c64k1-gap-d128"
+
 
 def synthetic(shape, n, classes, device) -> Dataset:
     gen = torch.Generator().manual_seed(0)
@@ -34,9 +38,9 @@ def synthetic(shape, n, classes, device) -> Dataset:
     return Dataset("synthetic", Split(x, y), Split(x[:256], y[:256]), list(range(classes)), mean, std).to(device)
 
 
-def check(data: Dataset, p: int, bsz: int, device) -> None:
+def check(data: Dataset, p: int, bsz: int, device, spec: str = "small-cnn") -> None:
     """Loss and every gradient of one population step, triton against reference, and the eval bits."""
-    arch = build_arch("small-cnn", data.in_shape, data.classes)
+    arch = build_arch(spec, data.in_shape, data.classes)
     pop = Population(arch, list(range(p)), device)
     idx = epoch_orders(list(range(p)), 0, len(data.train))[:, :bsz].to(device)
     grads = {}
@@ -56,14 +60,17 @@ def check(data: Dataset, p: int, bsz: int, device) -> None:
             for name in ("torch", "triton")}
     agree = (bits["torch"] == bits["triton"]).float().mean().item()
     assert agree > 0.999, f"eval bits agree on {agree:.5f} of bytes"
-    print(f"ok: P={p} B={bsz} input {data.in_shape}: loss, {len(arch.param_shapes())} gradients, eval bits")
+    print(f"ok: P={p} B={bsz} {spec} input {data.in_shape}: loss, {len(arch.param_shapes())} gradients, eval bits")
+    del pop, grads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def check_graph(data: Dataset, p: int, bsz: int, device) -> None:
+def check_graph(data: Dataset, p: int, bsz: int, device, spec: str = "small-cnn") -> None:
     """Five steps replayed from a CUDA graph equal five eager steps."""
     from fastpop.graphs import GraphedStep
 
-    arch = build_arch("small-cnn", data.in_shape, data.classes)
+    arch = build_arch(spec, data.in_shape, data.classes)
     config = Config(seeds=p, batch_size=bsz)
     pops = [Population(arch, list(range(p)), device) for _ in range(2)]
     graphed = GraphedStep(pops[1], get_backend("triton", device), data, config, p, (p, bsz))
@@ -74,7 +81,7 @@ def check_graph(data: Dataset, p: int, bsz: int, device) -> None:
         replay = graphed(idx, 0.05, s + 1)
         torch.testing.assert_close(replay, eager, msg=f"graph loss at step {s}")
     torch.testing.assert_close(pops[1].params, pops[0].params, msg="graph parameters after 5 steps")
-    print(f"ok: CUDA graph == eager over 5 steps, P={p}")
+    print(f"ok: CUDA graph == eager over 5 steps, P={p} {spec}")
 
 
 def ceilings(device) -> dict:
@@ -104,10 +111,11 @@ def _time(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps / 1e3
 
 
-def timings(data: Dataset, p: int, bsz: int, device, ceil: dict) -> None:
+def timings(data: Dataset, p: int, bsz: int, device, ceil: dict, spec: str = "small-cnn",
+            reference_too: bool = True) -> None:
     from fastpop.graphs import GraphedStep
 
-    arch = build_arch("small-cnn", data.in_shape, data.classes)
+    arch = build_arch(spec, data.in_shape, data.classes)
     config = Config(seeds=p, batch_size=bsz)
     seeds = list(range(p))
     idx = epoch_orders(seeds, 0, len(data.train))[:, :bsz].to(device)
@@ -118,8 +126,10 @@ def timings(data: Dataset, p: int, bsz: int, device, ceil: dict) -> None:
     providers["fastpop-triton (graph)"] = lambda: graphed(idx, 0.05, 1)
     pop_t = Population(arch, seeds, device)
     providers["fastpop-triton (eager)"] = lambda: train_step(pop_t, get_backend("triton", device), data, idx, 0.05, config, p, 1)
-    pop_r = Population(arch, seeds, device)
-    providers["fastpop-torch"] = lambda: train_step(pop_r, get_backend("torch", device), data, idx, 0.05, config, p, 1)
+    if reference_too:  # im2col of a wide CNN at P = 1000 needs tens of GB
+        pop_r = Population(arch, seeds, device)
+        providers["fastpop-torch"] = lambda: train_step(pop_r, get_backend("torch", device), data, idx, 0.05, config,
+                                                        p, 1)
     vmap_step = _vmap_step(arch, seeds, x_all, data.train.y)
     providers["torch.func vmap"] = lambda: vmap_step(idx)
     if p <= 100:
@@ -134,11 +144,13 @@ def timings(data: Dataset, p: int, bsz: int, device, ceil: dict) -> None:
             print(f"{name}: failed ({type(e).__name__}: {e})")
             continue
         rates[name] = p * bsz / dt
-        print(f"{name:24s} P={p:5d} {data.in_shape}: {rates[name]:14,.0f} net-images/s  "
+        print(f"{name:24s} {spec} P={p:5d} {data.in_shape}: {rates[name]:14,.0f} net-images/s  "
               f"{flops / dt / 1e12:6.2f} TFLOP/s ({100 * flops / dt / 1e12 / ceil['fp32']:.1f}% of fp32 matmul)")
     if "fastpop-triton (graph)" in rates:
         for name, r in rates.items():
             print(f"  fastpop-triton (graph) / {name}: {rates['fastpop-triton (graph)'] / r:.2f}x")
+    providers.clear()
+    torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -153,6 +165,8 @@ def main() -> int:
     if args.small:
         for shape in ((1, 8, 8), (3, 9, 9)):
             check(synthetic(shape, 64, 10, device), 3, 8, device)
+        check(synthetic((3, 9, 7), 64, 10, device), 3, 5, device, CNN5)
+        check(synthetic((1, 8, 8), 64, 10, device), 3, 8, device, "mlp")
         return 0
     if device.type != "cuda":
         print("no CUDA device: run with --small for the interpreter checks")
@@ -160,7 +174,11 @@ def main() -> int:
     digits, cifar = synthetic((1, 8, 8), 2048, 10, device), synthetic((3, 32, 32), 4096, 10, device)
     for data in (digits, cifar):
         check(data, 1000, 32, device)
+        check(data, 1000, 32, device, "mlp")
+    check(digits, 1000, 32, device, CNN5)
+    check(cifar, 200, 32, device, CNN5)
     check_graph(cifar, 64, 32, device)
+    check_graph(cifar, 64, 32, device, CNN5)
     ceil = ceilings(device)
     print(f"ceilings: fp32 matmul {ceil['fp32']:.1f} TFLOP/s, tf32 {ceil['tf32']:.1f} TFLOP/s, "
           f"device copy {ceil['copy_TBps']:.2f} TB/s")
@@ -168,6 +186,10 @@ def main() -> int:
         for p in (100, 1000):
             timings(data, p, 32, device, ceil)
             sys.stdout.flush()
+    for data in (cifar, digits):
+        timings(data, 1000, 32, device, ceil, "mlp")
+    timings(digits, 1000, 32, device, ceil, CNN5)
+    timings(cifar, 1000, 32, device, ceil, CNN5, reference_too=False)
     return 0
 
 
