@@ -19,7 +19,7 @@ from fastpop.kernels.triton import conv, dense, head, loss, optim, pool, reduce 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"idx_ptr": "*i64", "y_ptr": "*i64", "pred_ptr": "*i64", "arg_ptr": "*i8", "bits_ptr": "*u8",
             "frozen_ptr": "*i1"}  # every other pointer is fp32
-FLOATS = {"momentum", "weight_decay"}  # every other scalar is i32
+FLOATS = {"momentum", "weight_decay", "smoothing"}  # every other scalar is i32
 BLOCKS = {"BLOCK_M": 64, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_B": 64, "BLOCK_C": 16, "BLOCK": 1024}
 MAX, AVG = conv.POOLS["max"], conv.POOLS["avg"]
 

@@ -163,19 +163,20 @@ def test_dense_forward_and_every_gradient(p, bsz, fin, fout, relu, gather, split
         torch.testing.assert_close(dx, xr.grad, **TOL, msg="input gradient")
 
 
-@pytest.mark.parametrize("p, bsz, k", [(1, 3, 7), (3, 13, 2), (2, 21, 11)])
-def test_cross_entropy_gradient_and_bits(p, bsz, k):
+@pytest.mark.parametrize("p, bsz, k, smoothing", [(1, 3, 7, 0.0), (3, 13, 2, 0.2), (2, 21, 11, 0.1)])
+def test_cross_entropy_gradient_and_bits(p, bsz, k, smoothing):
     """The loss after dense layers: each network's mean cross-entropy and its gradient; in evaluation the bits
     at a word offset of a wider row, the predictions and the summed loss, labels -1 wrong and out of the loss."""
     gen = torch.Generator().manual_seed(bsz)
     logits = (torch.randn(p, bsz, k, generator=gen) * 3).to(DEV)
     y = torch.randint(0, k, (p, bsz), generator=gen).to(DEV)
     lr = logits.clone().requires_grad_()
-    ref = R.cross_entropy(lr, y)
+    ref = R.cross_entropy(lr, y, smoothing)
     dloss = torch.randn(p, generator=gen).to(DEV)
     ref.backward(dloss)
-    torch.testing.assert_close(poison(lambda: L.ce_fwd(logits, y, INTERPRET)), ref.detach(), **TOL, msg="loss")
-    torch.testing.assert_close(poison(lambda: L.ce_bwd(logits, y, dloss, INTERPRET)), lr.grad, **TOL,
+    torch.testing.assert_close(poison(lambda: L.ce_fwd(logits, y, INTERPRET, smoothing)), ref.detach(), **TOL,
+                               msg="loss")
+    torch.testing.assert_close(poison(lambda: L.ce_bwd(logits, y, dloss, INTERPRET, smoothing)), lr.grad, **TOL,
                                msg="logit gradient")
     y_eval = y.clone()
     y_eval[:, 1] = -1
@@ -191,8 +192,8 @@ def test_cross_entropy_gradient_and_bits(p, bsz, k):
     torch.testing.assert_close(summed, want_loss, **TOL)
 
 
-@pytest.mark.parametrize("p, bsz, c, hw, k", [(1, 3, 5, 3, 7), (3, 13, 6, 2, 10)])
-def test_head_loss_gradients_and_bits(p, bsz, c, hw, k):
+@pytest.mark.parametrize("p, bsz, c, hw, k, smoothing", [(1, 3, 5, 3, 7, 0.0), (3, 13, 6, 2, 10, 0.15)])
+def test_head_loss_gradients_and_bits(p, bsz, c, hw, k, smoothing):
     gen = torch.Generator().manual_seed(bsz)
     h = torch.randn(p, bsz, hw, hw, c, generator=gen).to(DEV)
     w = torch.randn(p, k, c, generator=gen).to(DEV)
@@ -200,12 +201,12 @@ def test_head_loss_gradients_and_bits(p, bsz, c, hw, k):
     y = torch.randint(0, k, (p, bsz), generator=gen).to(DEV)
     hr, wr, br = h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
     logits = R.dense(R.global_avg_pool(hr), wr, br, False)
-    ref = torch.stack([F.cross_entropy(logits[i], y[i]) for i in range(p)])
+    ref = torch.stack([F.cross_entropy(logits[i], y[i], label_smoothing=smoothing) for i in range(p)])
     dloss = torch.randn(p, generator=gen).to(DEV)
     ref.backward(dloss)
-    loss, g, saved = poison(lambda: H.head_fwd(h, w, b, y, INTERPRET))
+    loss, g, saved = poison(lambda: H.head_fwd(h, w, b, y, INTERPRET, smoothing))
     torch.testing.assert_close(loss, ref.detach(), **TOL, msg="loss")
-    dh, dw, db = poison(lambda: H.head_bwd(g, saved, y, w, dloss, h.shape, INTERPRET))
+    dh, dw, db = poison(lambda: H.head_bwd(g, saved, y, w, dloss, h.shape, INTERPRET, smoothing))
     torch.testing.assert_close(dh, hr.grad, **TOL, msg="feature gradient")
     torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient")
     torch.testing.assert_close(db, br.grad, **TOL, msg="bias gradient")

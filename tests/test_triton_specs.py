@@ -76,6 +76,17 @@ def test_pool_ties_match_reference(spec):
     _check_grads(arch, *_case(arch, 2, 4, 3, constant=True), backend=TRITON)
 
 
+@pytest.mark.parametrize("spec", ["c3-mp-c4-gap", "c3k5-ap-c4-flat-d6"])
+def test_augmentation_and_label_smoothing_match_reference(spec):
+    """An augmented batch (gathered by the reference's transform, as the chain does) through the kernels, and label
+    smoothing in the cross-entropy kernel (the chain leaves the fused head out when smoothing)."""
+    from fastpop.data.augment import Augment, AugmentBatch
+
+    arch = build_arch(spec, (2, 8, 7), 5)
+    aug = AugmentBatch(Augment.parse("flip,crop:2,cutout:3"), torch.tensor([4, 2**33]), 3)
+    _check_grads(arch, *_case(arch, 2, 5, 7), backend=TRITON, rtol=1e-3, aug=aug, smoothing=0.1)
+
+
 @pytest.mark.parametrize("spec", ["c3k5-ap-c4-flat-d6", "mlp"])
 def test_network_is_bit_identical_alone_or_in_company(spec):
     arch = build_arch(spec, (1, 8, 8), 10)

@@ -23,7 +23,7 @@ def _head_fwd_kernel(h_ptr,  # fp32 [P, B, S, C] last conv output, S = H*W pixel
                      loss_ptr,  # fp32 [P] mean loss over labelled examples; with EVAL their summed loss
                      bits_ptr,  # uint8 [P, ROW_BYTES] correctness bits, bit n of byte n // 8 (EVAL)
                      pred_ptr,  # int64 [P, B] argmax (EVAL)
-                     B, S, C, K, ROW_BYTES, BIT_OFFSET,
+                     B, S, C, K, ROW_BYTES, BIT_OFFSET, smoothing,
                      EVAL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
@@ -44,7 +44,7 @@ def _head_fwd_kernel(h_ptr,  # fp32 [P, B, S, C] last conv output, S = H*W pixel
         logits = tl.dot(g, wt, input_precision="ieee") + bias[None, :]
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
         y = tl.load(y_ptr + p * B + bb, mask=b_ok, other=-1)
-        loss, labelled = row_loss(logits, y, k, b_ok)
+        loss, labelled = row_loss(logits, y, k, k_ok, b_ok, K, smoothing)
         total += loss
         count += labelled
         if EVAL:
@@ -66,7 +66,7 @@ def _head_bwd_kernel(g_ptr, logits_ptr, y_ptr,  # saved by the forward: [P, B, C
                      dh_ptr,  # fp32 [P, B, S, C]
                      dw_ptr,  # fp32 [P, K, C]
                      db_ptr,  # fp32 [P, K]
-                     B, S, C, K,
+                     B, S, C, K, smoothing,
                      BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
@@ -83,7 +83,7 @@ def _head_bwd_kernel(g_ptr, logits_ptr, y_ptr,  # saved by the forward: [P, B, C
         logits = tl.load(logits_ptr + (p * B + bb[:, None]) * K + k[None, :], mask=b_ok[:, None] & k_ok[None, :],
                          other=0.0)
         logits = tl.where(k_ok[None, :], logits, float("-inf"))  # padded classes; padded rows stay finite
-        d = dlogits(logits, y, k, k_ok, b_ok, scale)
+        d = dlogits(logits, y, k, k_ok, b_ok, scale, K, smoothing)
         g = tl.load(g_ptr + (p * B + bb[:, None]) * C + c[None, :], mask=b_ok[:, None] & c_ok[None, :], other=0.0)
         dw += tl.dot(tl.trans(d), g, input_precision="ieee")
         db += tl.sum(d, axis=0)
@@ -101,8 +101,9 @@ def _blocks(b: int, c: int, k: int, interpret: bool) -> tuple[int, int, int]:
     return block_b, max(16, triton.next_power_of_2(c)), block_k
 
 
-def head_fwd(h, w, b, y, interpret, bits=None, bit_offset=0):
-    """h [P, B, H, W, C]; w [P, K, C]; b [P, K]; y int64 [P, B]. Training: (loss [P], g, logits). With `bits`
+def head_fwd(h, w, b, y, interpret, smoothing=0.0, bits=None, bit_offset=0):
+    """h [P, B, H, W, C]; w [P, K, C]; b [P, K]; y int64 [P, B]. Training: (loss [P] label-smoothed by
+    `smoothing`, g, logits). With `bits`
     (uint8 [P, R], evaluation): writes the batch's bits at bit_offset (a multiple of 8) and returns
     (summed loss [P], predictions int64 [P, B])."""
     import torch
@@ -115,17 +116,17 @@ def head_fwd(h, w, b, y, interpret, bits=None, bit_offset=0):
     if evaluating:
         assert bit_offset % 8 == 0
         pred = torch.empty(p, bsz, device=h.device, dtype=torch.int64)
-        _head_fwd_kernel[(p,)](h, w, b, y, h, h, loss, bits, pred, bsz, s, c, k, bits.shape[1], bit_offset,
+        _head_fwd_kernel[(p,)](h, w, b, y, h, h, loss, bits, pred, bsz, s, c, k, bits.shape[1], bit_offset, 0.0,
                                EVAL=True, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk)
         return loss, pred
     g = torch.empty(p, bsz, c, device=h.device, dtype=torch.float32)
     logits = torch.empty(p, bsz, k, device=h.device, dtype=torch.float32)
-    _head_fwd_kernel[(p,)](h, w, b, y, g, logits, loss, h, h, bsz, s, c, k, 0, 0, EVAL=False,
+    _head_fwd_kernel[(p,)](h, w, b, y, g, logits, loss, h, h, bsz, s, c, k, 0, 0, float(smoothing), EVAL=False,
                            BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk)
     return loss, g, logits
 
 
-def head_bwd(g, logits, y, w, dloss, h_shape, interpret):
+def head_bwd(g, logits, y, w, dloss, h_shape, interpret, smoothing=0.0):
     """(dh [P, B, H, W, C], dw [P, K, C], db [P, K])."""
     import torch
 
@@ -136,6 +137,6 @@ def head_bwd(g, logits, y, w, dloss, h_shape, interpret):
     dh = torch.empty(h_shape, device=g.device, dtype=torch.float32)
     dw = torch.empty_like(w)
     db = torch.empty(p, k, device=g.device, dtype=torch.float32)
-    _head_bwd_kernel[(p,)](g, logits, y, w, dloss.contiguous(), dh, dw, db, bsz, s, c, k,
+    _head_bwd_kernel[(p,)](g, logits, y, w, dloss.contiguous(), dh, dw, db, bsz, s, c, k, float(smoothing),
                            BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk)
     return dh, dw, db

@@ -11,14 +11,16 @@ import triton.language as tl
 
 
 @triton.jit
-def row_loss(logits, y, k, b_ok):
-    """Cross-entropy of each row of logits [BLOCK_B, BLOCK_K] (padded classes at -inf) against labels y; 0 for
-    padded rows and labels < 0. Returns (loss, labelled as fp32)."""
+def row_loss(logits, y, k, k_ok, b_ok, K, smoothing):
+    """Cross-entropy of each row of logits [BLOCK_B, BLOCK_K] (padded classes at -inf) against labels y, with
+    F.cross_entropy's label smoothing (target (1 - smoothing) one-hot + smoothing / K); 0 for padded rows and
+    labels < 0. Returns (loss, labelled as fp32)."""
     top = tl.max(logits, axis=1)
     lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None]), axis=1))
     picked = tl.sum(tl.where(k[None, :] == y[:, None], logits, 0.0), axis=1)
+    mean = tl.sum(tl.where(k_ok[None, :], logits, 0.0), axis=1) / K
     labelled = b_ok & (y >= 0)
-    return tl.where(labelled, lse - picked, 0.0), labelled.to(tl.float32)
+    return tl.where(labelled, lse - (1.0 - smoothing) * picked - smoothing * mean, 0.0), labelled.to(tl.float32)
 
 
 @triton.jit
@@ -35,14 +37,15 @@ def store_bits(bits_ptr, pred_ptr, p, b0, bb, b_ok, logits, y, B, ROW_BYTES, BIT
 
 
 @triton.jit
-def dlogits(logits, y, k, k_ok, b_ok, scale):
-    """(softmax - one-hot) * scale for labelled rows, 0 elsewhere; logits [BLOCK_B, BLOCK_K], padded at -inf."""
+def dlogits(logits, y, k, k_ok, b_ok, scale, K, smoothing):
+    """(softmax - target) * scale for labelled rows, 0 elsewhere, the target as in row_loss; logits
+    [BLOCK_B, BLOCK_K], padded at -inf."""
     top = tl.max(logits, axis=1)
     e = tl.exp(logits - top[:, None])
     soft = e / tl.sum(e, axis=1)[:, None]
+    target = (k[None, :] == y[:, None]).to(tl.float32) * (1.0 - smoothing) + smoothing / K
     labelled = b_ok & (y >= 0)
-    return tl.where(labelled[:, None] & k_ok[None, :], (soft - (k[None, :] == y[:, None]).to(tl.float32)) * scale,
-                    0.0)
+    return tl.where(labelled[:, None] & k_ok[None, :], (soft - target) * scale, 0.0)
 
 
 @triton.jit
@@ -62,7 +65,7 @@ def _ce_fwd_kernel(logits_ptr,  # fp32 [P, B, K]
                    loss_ptr,  # fp32 [P] mean loss over labelled examples; with EVAL their summed loss
                    bits_ptr,  # uint8 [P, ROW_BYTES] correctness bits (EVAL)
                    pred_ptr,  # int64 [P, B] argmax (EVAL)
-                   B, K, ROW_BYTES, BIT_OFFSET,
+                   B, K, ROW_BYTES, BIT_OFFSET, smoothing,
                    EVAL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
@@ -76,7 +79,7 @@ def _ce_fwd_kernel(logits_ptr,  # fp32 [P, B, K]
                          other=0.0)
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
         y = tl.load(y_ptr + p * B + bb, mask=b_ok, other=-1)
-        loss, labelled = row_loss(logits, y, k, b_ok)
+        loss, labelled = row_loss(logits, y, k, k_ok, b_ok, K, smoothing)
         total += loss
         count += labelled
         if EVAL:
@@ -92,7 +95,7 @@ def _ce_bwd_kernel(logits_ptr,  # fp32 [P, B, K]
                    y_ptr,  # int64 [P, B]
                    dloss_ptr,  # fp32 [P] gradient of each network's mean loss
                    dlogits_ptr,  # fp32 [P, B, K]
-                   B, K,
+                   B, K, smoothing,
                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
@@ -105,7 +108,7 @@ def _ce_bwd_kernel(logits_ptr,  # fp32 [P, B, K]
         logits = tl.load(logits_ptr + (p * B + bb[:, None]) * K + k[None, :], mask=ok, other=0.0)
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
         y = tl.load(y_ptr + p * B + bb, mask=b_ok, other=-1)
-        tl.store(dlogits_ptr + (p * B + bb[:, None]) * K + k[None, :], dlogits(logits, y, k, k_ok, b_ok, scale),
+        tl.store(dlogits_ptr + (p * B + bb[:, None]) * K + k[None, :], dlogits(logits, y, k, k_ok, b_ok, scale, K, smoothing),
                  mask=ok)
 
 
@@ -114,31 +117,32 @@ def blocks(b: int, k: int, interpret: bool) -> tuple[int, int]:
     return min(1024 if interpret else 64, max(16, triton.next_power_of_2(b))), max(16, triton.next_power_of_2(k))
 
 
-def ce_fwd(logits, y, interpret, bits=None, bit_offset=0):
-    """logits [P, B, K]; y int64 [P, B]. Training: each network's mean loss [P]. With `bits` (uint8 [P, R],
-    evaluation): writes the batch's bits at bit_offset (a multiple of 8) and returns (summed loss [P],
-    predictions int64 [P, B])."""
+def ce_fwd(logits, y, interpret, smoothing=0.0, bits=None, bit_offset=0):
+    """logits [P, B, K]; y int64 [P, B]. Training: each network's mean loss [P], label-smoothed by `smoothing`.
+    With `bits` (uint8 [P, R], evaluation): writes the batch's bits at bit_offset (a multiple of 8) and returns
+    (summed loss [P], predictions int64 [P, B])."""
     import torch
 
     p, bsz, k = logits.shape
     bb, bk = blocks(bsz, k, interpret)
     loss = torch.empty(p, device=logits.device, dtype=torch.float32)
     if bits is None:
-        _ce_fwd_kernel[(p,)](logits, y, loss, logits, logits, bsz, k, 0, 0, EVAL=False, BLOCK_B=bb, BLOCK_K=bk)
+        _ce_fwd_kernel[(p,)](logits, y, loss, logits, logits, bsz, k, 0, 0, float(smoothing), EVAL=False, BLOCK_B=bb, BLOCK_K=bk)
         return loss
     assert bit_offset % 8 == 0
     pred = torch.empty(p, bsz, device=logits.device, dtype=torch.int64)
-    _ce_fwd_kernel[(p,)](logits, y, loss, bits, pred, bsz, k, bits.shape[1], bit_offset, EVAL=True, BLOCK_B=bb,
+    _ce_fwd_kernel[(p,)](logits, y, loss, bits, pred, bsz, k, bits.shape[1], bit_offset, float(smoothing),
+                         EVAL=True, BLOCK_B=bb,
                          BLOCK_K=bk)
     return loss, pred
 
 
-def ce_bwd(logits, y, dloss, interpret):
+def ce_bwd(logits, y, dloss, interpret, smoothing=0.0):
     """The gradient of the logits [P, B, K] from dloss [P], the gradient of each network's mean loss."""
     import torch
 
     p, bsz, k = logits.shape
     bb, bk = blocks(bsz, k, interpret)
     dlog = torch.empty_like(logits)
-    _ce_bwd_kernel[(p,)](logits, y, dloss.contiguous(), dlog, bsz, k, BLOCK_B=bb, BLOCK_K=bk)
+    _ce_bwd_kernel[(p,)](logits, y, dloss.contiguous(), dlog, bsz, k, float(smoothing), BLOCK_B=bb, BLOCK_K=bk)
     return dlog

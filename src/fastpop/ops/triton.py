@@ -163,46 +163,48 @@ def _labels(y, p, bsz):
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, y):
+    def forward(ctx, logits, y, smoothing):
         logits = logits.contiguous()
         ctx.save_for_backward(logits, y)
-        return _loss.ce_fwd(logits, y, _interpret())
+        ctx.smoothing = smoothing
+        return _loss.ce_fwd(logits, y, _interpret(), smoothing)
 
     @staticmethod
     def backward(ctx, dloss):
         logits, y = ctx.saved_tensors
-        return _loss.ce_bwd(logits, y, dloss, _interpret()), None
+        return _loss.ce_bwd(logits, y, dloss, _interpret(), ctx.smoothing), None, None
 
 
-def cross_entropy(logits, y):
+def cross_entropy(logits, y, smoothing=0.0):
     p, bsz, _ = logits.shape
-    return _CrossEntropy.apply(logits, _labels(y, p, bsz))
+    return _CrossEntropy.apply(logits, _labels(y, p, bsz), smoothing)
 
 
 @torch.no_grad()
 def score_logits(logits, y, bits, bit_offset):
     p, bsz, _ = logits.shape
-    return _loss.ce_fwd(logits.contiguous(), _labels(y, p, bsz), _interpret(), bits=bits, bit_offset=bit_offset)
+    return _loss.ce_fwd(logits.contiguous(), _labels(y, p, bsz), _interpret(), bits=bits,
+                        bit_offset=bit_offset)
 
 
 class _Head(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, y):
+    def forward(ctx, h, w, b, y, smoothing):
         loss, g, logits = _head.head_fwd(h.contiguous(), w.contiguous(), b.contiguous(), y.contiguous(),
-                                         _interpret())
+                                         _interpret(), smoothing)
         ctx.save_for_backward(g, logits, y.contiguous(), w.contiguous())
-        ctx.h_shape = h.shape
+        ctx.h_shape, ctx.smoothing = h.shape, smoothing
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         g, logits, y, w = ctx.saved_tensors
-        dh, dw, db = _head.head_bwd(g, logits, y, w, dloss, ctx.h_shape, _interpret())
-        return dh, dw, db, None
+        dh, dw, db = _head.head_bwd(g, logits, y, w, dloss, ctx.h_shape, _interpret(), ctx.smoothing)
+        return dh, dw, db, None, None
 
 
-def head_loss(h, w, b, y):
-    return _Head.apply(h, w, b, _labels(y, *h.shape[:2]))
+def head_loss(h, w, b, y, smoothing=0.0):
+    return _Head.apply(h, w, b, _labels(y, *h.shape[:2]), smoothing)
 
 
 @torch.no_grad()
