@@ -108,8 +108,8 @@ def _ce_bwd_kernel(logits_ptr,  # fp32 [P, B, K]
         logits = tl.load(logits_ptr + (p * B + bb[:, None]) * K + k[None, :], mask=ok, other=0.0)
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
         y = tl.load(y_ptr + p * B + bb, mask=b_ok, other=-1)
-        tl.store(dlogits_ptr + (p * B + bb[:, None]) * K + k[None, :], dlogits(logits, y, k, k_ok, b_ok, scale, K, smoothing),
-                 mask=ok)
+        d = dlogits(logits, y, k, k_ok, b_ok, scale, K, smoothing)
+        tl.store(dlogits_ptr + (p * B + bb[:, None]) * K + k[None, :], d, mask=ok)
 
 
 def blocks(b: int, k: int, interpret: bool) -> tuple[int, int]:
@@ -127,7 +127,8 @@ def ce_fwd(logits, y, interpret, smoothing=0.0, bits=None, bit_offset=0):
     bb, bk = blocks(bsz, k, interpret)
     loss = torch.empty(p, device=logits.device, dtype=torch.float32)
     if bits is None:
-        _ce_fwd_kernel[(p,)](logits, y, loss, logits, logits, bsz, k, 0, 0, float(smoothing), EVAL=False, BLOCK_B=bb, BLOCK_K=bk)
+        _ce_fwd_kernel[(p,)](logits, y, loss, logits, logits, bsz, k, 0, 0, float(smoothing), EVAL=False,
+                             BLOCK_B=bb, BLOCK_K=bk)
         return loss
     assert bit_offset % 8 == 0
     pred = torch.empty(p, bsz, device=logits.device, dtype=torch.int64)

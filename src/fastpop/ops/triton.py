@@ -6,7 +6,8 @@ Every op of every spec of the grammar is a Triton launch: conv blocks (any odd K
 fused), standalone 2x2 pools, global average pool, flatten, dense layers (ReLU or not), cross-entropy, the fused
 head (global average pool + classifier + loss, and the evaluation bits) and the optimizer step. The first layer,
 whatever it is, reads its images from the resident data set by batch index: `gather_images` returns a `Gathered`
-marker, not a batch.
+marker, not a batch. Every op also takes plain activations: an augmented batch comes gathered by the reference's
+transform (`chain`), as a tensor.
 """
 
 from __future__ import annotations
