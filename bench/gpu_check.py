@@ -153,6 +153,15 @@ def timings(data: Dataset, p: int, bsz: int, device, ceil: dict, spec: str = "sm
     torch.cuda.empty_cache()
 
 
+def attempt(failures: list, fn, *args) -> None:
+    """Run one check; a mismatch is printed and counted, and the checks and timings after it still run."""
+    try:
+        fn(*args)
+    except AssertionError as e:
+        failures.append(f"{fn.__name__}{args[1:]}")
+        print(f"FAILED: {fn.__name__} {args[1:]}: {str(e)[:2000]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="tiny shapes, correctness only (CPU interpreter)")
@@ -172,13 +181,14 @@ def main() -> int:
         print("no CUDA device: run with --small for the interpreter checks")
         return 2
     digits, cifar = synthetic((1, 8, 8), 2048, 10, device), synthetic((3, 32, 32), 4096, 10, device)
+    failures: list[str] = []
     for data in (digits, cifar):
-        check(data, 1000, 32, device)
-        check(data, 1000, 32, device, "mlp")
-    check(digits, 1000, 32, device, CNN5)
-    check(cifar, 200, 32, device, CNN5)
-    check_graph(cifar, 64, 32, device)
-    check_graph(cifar, 64, 32, device, CNN5)
+        attempt(failures, check, data, 1000, 32, device)
+        attempt(failures, check, data, 1000, 32, device, "mlp")
+    attempt(failures, check, digits, 1000, 32, device, CNN5)
+    attempt(failures, check, cifar, 200, 32, device, CNN5)
+    attempt(failures, check_graph, cifar, 64, 32, device)
+    attempt(failures, check_graph, cifar, 64, 32, device, CNN5)
     ceil = ceilings(device)
     print(f"ceilings: fp32 matmul {ceil['fp32']:.1f} TFLOP/s, tf32 {ceil['tf32']:.1f} TFLOP/s, "
           f"device copy {ceil['copy_TBps']:.2f} TB/s")
@@ -190,7 +200,8 @@ def main() -> int:
         timings(data, 1000, 32, device, ceil, "mlp")
     timings(digits, 1000, 32, device, ceil, CNN5)
     timings(cifar, 1000, 32, device, ceil, CNN5, reference_too=False)
-    return 0
+    print(f"{len(failures)} checks failed: {failures}" if failures else "all checks passed")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
