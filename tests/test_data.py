@@ -110,8 +110,8 @@ def test_npz_reader_and_validation(tmp_path):
     assert data.in_shape == (1, 6, 6) and data.classes == 3
     cases = {"lacks y_test": {k: v for k, v in good.items() if k != "y_test"},
              "must be \\[N\\] with N": dict(good, y_train=good["y_train"][:5]),
-             "labels must be in 0..255": dict(good, y_test=-good["y_test"] - 1),
-             "must hold integers": dict(good, y_train=good["y_train"].astype(float)),
+             "labels must be in 0..65535": dict(good, y_test=-good["y_test"] - 1),
+             "must hold integer labels": dict(good, y_train=good["y_train"].astype(float)),
              "NaN": dict(good, x_test=np.full((9, 6, 6), np.nan, np.float32)),
              "differ in shape": dict(good, x_test=np.zeros((9, 5, 5), np.float32))}
     for what, arrays in cases.items():

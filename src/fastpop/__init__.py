@@ -10,8 +10,9 @@ __version__ = "0.1.0"
 
 from .archs import Arch  # noqa: E402
 from .config import Config  # noqa: E402
+from .data.arrays import ArrayData  # noqa: E402
 from .errors import UsageError  # noqa: E402
 from .run import Run, load_run  # noqa: E402
 from .trainer import Interrupted, Progress, resume, train  # noqa: E402
 
-__all__ = ["Arch", "Config", "Interrupted", "Progress", "Run", "UsageError", "load_run", "resume", "train", "__version__"]
+__all__ = ["Arch", "ArrayData", "Config", "Interrupted", "Progress", "Run", "UsageError", "load_run", "resume", "train", "__version__"]

@@ -48,8 +48,11 @@ def parse_grid_item(text: str) -> tuple[str, list]:
 RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the same name
     "arch": (str, "a preset (small-cnn, wide-cnn, mlp), a spec such as c8-mp-c16-mp-c16-gap, or "
                   "module:package.module:function (see `fastpop archs`)"),
-    "dataset": (str, "digits, mnist, fashion-mnist, cifar10, cifar100, gaussian or npz:PATH"),
+    "dataset": (str, "digits, mnist, fashion-mnist, cifar10, cifar100, gaussian, npz:PATH or hf:PATH (a saved "
+                     "Hugging Face dataset)"),
     "data-dir": (str, "folder with the data files (default $FASTPOP_DATA or ./data)"),
+    "image-column": (str, "hf:PATH data sets: the image column"),
+    "label-column": (str, "hf:PATH data sets: the label column"),
     "classes": (parse_classes, "train (and test) only on these classes, e.g. 0,1,2,3,4"),
     "test-dataset": (str, "test on another data set's test split, or noise"),
     "test-classes": (parse_classes, "test only on these classes; unseen ones record predictions"),

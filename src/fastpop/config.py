@@ -23,7 +23,9 @@ STEP_MILESTONES = (0.5, 0.75)  # the step schedule multiplies lr by 0.1 at these
 @dataclass
 class Config:
     arch: str = "small-cnn"  # a preset, a spec ("c8-mp-c16-gap"), a fastpop.Arch, or module:package.module:function
-    dataset: str = "digits"  # digits, mnist, fashion-mnist, cifar10, cifar100, gaussian or npz:PATH
+    dataset: str = "digits"  # digits, mnist, fashion-mnist, cifar10, cifar100, gaussian, npz:PATH or hf:PATH
+    image_column: str = "image"  # hf: the image column
+    label_column: str = "label"  # hf: the label column
     data_dir: str | None = None  # where the data files are (default $FASTPOP_DATA or ./data)
     classes: list[int] | None = None  # train (and, by default, test) only on these classes
     test_dataset: str | None = None  # test on another data set's test split, or "noise"
@@ -72,7 +74,9 @@ class Config:
             arch = parse_arch(self.arch)
             self.arch = arch.name or arch.spec
         if not valid_name(self.dataset):
-            raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}, npz:PATH")
+            raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}, npz:PATH, hf:PATH")
+        if not (isinstance(self.image_column, str) and isinstance(self.label_column, str)):
+            raise UsageError("image_column and label_column must be column names")
         if self.test_dataset is not None and not valid_name(self.test_dataset, test=True):
             raise UsageError(f"unknown test dataset {self.test_dataset!r}; valid: "
                              f"{', '.join(DATASETS + TEST_ONLY)}, npz:PATH")
@@ -82,7 +86,7 @@ class Config:
                 if not isinstance(v, (list, tuple)) or not v:
                     raise UsageError(f"{name} must be a non-empty list of class labels")
                 for c in v:
-                    _check_int(name, c, 0, 255)
+                    _check_int(name, c, 0, 65_535)
                 if len(set(v)) < len(v):
                     raise UsageError(f"{name}: duplicated class")
                 setattr(self, name, sorted(v))

@@ -10,7 +10,7 @@ from .archs import Arch
 from .data import Split
 from .ops.reference import pack_into
 from .population import Population
-from .rundir import bytes_per_row
+from .rundir import bytes_per_row, pred_dtype
 
 # Evaluation runs EVAL_EXAMPLES examples at a time (fixed, so that each network's loss is summed over the same
 # partition of the split whatever P is: bit-identical alone or in company) for as many networks as keep the
@@ -61,10 +61,10 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
 def record(bits: torch.Tensor, loss: torch.Tensor, n: int, pred: torch.Tensor | None = None,
            class_ids: list[int] | None = None) -> dict[str, np.ndarray]:
     """One split's checkpoint row as numpy: packed bits, loss, accuracy, and, when asked, the predicted labels
-    as original class ids (uint8)."""
+    as original class ids (`rundir.pred_dtype`)."""
     packed = bits.cpu().numpy()
     rows = {"bits": packed, "loss": loss.cpu().numpy(),
             "acc": (np.bitwise_count(packed).sum(1) / n).astype(np.float32)}
     if pred is not None:
-        rows["pred"] = torch.tensor(class_ids, dtype=torch.uint8, device=pred.device)[pred].cpu().numpy()
+        rows["pred"] = np.asarray(class_ids, pred_dtype(class_ids))[pred.cpu().numpy()]
     return rows

@@ -10,7 +10,7 @@ import torch
 
 from .config import Config
 from .errors import UsageError
-from .rundir import MANIFEST, SPLITS, STATE
+from .rundir import MANIFEST, SPLITS, STATE, pred_dtype
 
 
 class Run:
@@ -92,10 +92,11 @@ class Run:
         return np.unpackbits(bits, axis=-1, count=self.n(split), bitorder="little").astype(bool)
 
     def predictions(self, split: str = "test") -> np.ndarray | None:
-        """uint8 [T, P, N] predicted labels (original class ids), where the run recorded them, else None."""
+        """uint8 [T, P, N] predicted labels (original class ids; uint16 beyond 256 classes), where the run
+        recorded them, else None."""
         if split != "test" or not self.manifest.get("predictions"):
             return None
-        return self._array("test.pred.npy", (self.n("test"),), np.uint8)
+        return self._array("test.pred.npy", (self.n("test"),), pred_dtype(self.manifest.get("class_ids")))
 
     def member_bits(self) -> np.ndarray | None:
         """uint8 [P, R]: which train examples each network trained on (--subset-fraction), packed in the record's

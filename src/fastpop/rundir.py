@@ -105,8 +105,8 @@ class RunWriter:
             raise
 
     def write_rows(self, t: int, records: dict[str, dict[str, np.ndarray]]) -> None:
-        """records: split -> {"bits": uint8 [P, R], "loss": [P], "acc": [P], and "pred": uint8 [P, N] where
-        predictions are recorded}, flushed to disk. They count only once `commit` says so."""
+        """records: split -> {"bits": uint8 [P, R], "loss": [P], "acc": [P], and "pred": uint8 or uint16 [P, N]
+        where predictions are recorded}, flushed to disk. They count only once `commit` says so."""
         for split, rows in records.items():
             for kind, row in rows.items():
                 arr = self.arrays[split, kind]
@@ -152,8 +152,13 @@ def record_arrays(manifest: dict) -> list[tuple[str, str, tuple, type, float]]:
         out += [(split, "bits", (t, p, info["bytes_per_row"]), np.uint8, 0),
                 (split, "loss", (t, p), np.float32, np.nan), (split, "acc", (t, p), np.float32, np.nan)]
         if split == "test" and manifest.get("predictions"):
-            out.append((split, "pred", (t, p, info["n"]), np.uint8, 0))
+            out.append((split, "pred", (t, p, info["n"]), pred_dtype(manifest.get("class_ids")), 0))
     return out
+
+
+def pred_dtype(class_ids) -> type:
+    """Predicted labels are stored as original class ids in the smallest unsigned type that holds them."""
+    return np.uint8 if not class_ids or max(class_ids) < 256 else np.uint16
 
 
 def row_checksum(row: np.ndarray) -> str:

@@ -25,6 +25,7 @@ from . import __version__
 from .archs import MODULE_PREFIX, Arch, build_arch
 from .config import Config
 from .data import Dataset, load_dataset
+from .data.arrays import ArrayData
 from .data.augment import Augment, AugmentBatch
 from .data.orders import epoch_orders, subsets
 from .errors import ResourceError, UsageError
@@ -74,11 +75,13 @@ class Setup:
         return self.config.epochs * self.steps_per_epoch
 
 
-def prepare(config: Config, out: Path | None = None, model: Callable | None = None) -> Setup:
+def prepare(config: Config, out: Path | None = None, model: Callable | None = None, data: ArrayData | None = None
+            ) -> Setup:
     """Resolve and check everything a run needs; raises UsageError before anything is written. With `out`, the
-    run directory exists already (resume). `model`: the factory of a module arch (else imported from its path)."""
+    run directory exists already (resume). `model`: the factory of a module arch (else imported from its path);
+    `data`: the arrays of a data set given in memory."""
     device = resolve_device(config.device)
-    data = load_dataset(config, device)
+    data = load_dataset(config, device, data)
     arch, backend = resolve_arch(config, data, device, model)
     for _, _, cfg in network_groups(config):
         Augment.parse(cfg.augment).check(*data.in_shape[1:])
@@ -200,14 +203,18 @@ def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: f
 
 
 def train(config: Config, progress: Callable[[Progress], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, model: Callable | None = None) -> Run:
+          should_stop: Callable[[], bool] | None = None, model: Callable | None = None,
+          data: ArrayData | None = None) -> Run:
     """Train the population that `config` describes into a new run directory; returns it as a Run.
     `should_stop` is polled after every step: when it returns True the state is saved and Interrupted raised.
     `model`: a function returning an nn.Module, to train P copies of it (config.arch becomes its
-    module:package.module:function path)."""
+    module:package.module:function path). `data`: an ArrayData to train on (config.dataset becomes arrays:NAME;
+    resuming takes the same data again, checked by its hash)."""
     if model is not None:
         config = Config.from_dict(dict(config.to_dict(), arch=f"module:{model.__module__}:{model.__qualname__}"))
-    setup = prepare(config, model=model)
+    if data is not None:
+        config = Config.from_dict(dict(config.to_dict(), dataset=f"arrays:{data.name}"))
+    setup = prepare(config, model=model, data=data)
     setup.config.out = str(setup.out)
     pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device, config.optimizer != "sgd")
     writer = RunWriter.create(setup.out, _manifest(setup))
@@ -220,7 +227,7 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
 
 def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
            should_stop: Callable[[], bool] | None = None, max_nets_per_chunk: int | str | None = None,
-           model: Callable | None = None, epochs: int | None = None) -> Run:
+           model: Callable | None = None, epochs: int | None = None, data: ArrayData | None = None) -> Run:
     """Continue a run directory from its last saved state (from the start if it has none). The chunk size may
     change: chunks never change results. `model`: the factory of a module arch (else imported from its path).
     `epochs`: train a finished or interrupted run on to this many epochs, where its learning rate so far is the one
@@ -233,7 +240,7 @@ def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
         raise UsageError(f"{run.path} is already complete")
     if max_nets_per_chunk is not None:
         run.config = Config.from_dict(dict(run.config.to_dict(), max_nets_per_chunk=max_nets_per_chunk))
-    setup = prepare(run.config, out=run.path, model=model)
+    setup = prepare(run.config, out=run.path, model=model, data=data)
     for split in SPLITS:
         if run.manifest["splits"][split].get("labels_sha256") != _labels_sha(setup.data, split):
             raise UsageError(f"the {split} data of {run.path} differ from the data found now; cannot resume")

@@ -31,6 +31,7 @@ NOISE_N = 1000
 class Split:
     x: torch.Tensor  # [N, C, H, W], stored dtype
     y: torch.Tensor  # int64 [N]: index into the network's classes, -1 outside them
+    index: torch.Tensor | None = None  # int64 [N]: each example's index in the source data set's split
 
     def __len__(self) -> int:
         return len(self.y)
@@ -62,62 +63,77 @@ class Dataset:
         return {"train": self.train, "test": self.test}[name]
 
     def to(self, device: torch.device) -> "Dataset":
-        move = lambda s: Split(s.x.to(device), s.y.to(device))  # noqa: E731
+        move = lambda s: Split(s.x.to(device), s.y.to(device), s.index)  # noqa: E731
         return Dataset(self.name, move(self.train), move(self.test), self.class_ids, self.mean.to(device),
                        self.std.to(device))
 
 
+PREFIXES = ("npz:", "hf:", "arrays:")  # a file, a saved Hugging Face dataset, arrays given to fastpop.train
+
+
 def valid_name(name: str, test: bool = False) -> bool:
-    return name in DATASETS or (test and name in TEST_ONLY) or (isinstance(name, str) and name.startswith("npz:"))
+    return name in DATASETS or (test and name in TEST_ONLY) or (isinstance(name, str) and name.startswith(PREFIXES))
 
 
 def data_dir(setting: str | None) -> Path:
     return Path(setting or os.environ.get("FASTPOP_DATA", "data")).expanduser()
 
 
-def load_base(name: str, folder: Path, separation: float = 1.0) -> dict:
-    """split -> (x numpy [N, C, H, W], y int64 [N], coarse labels or None)."""
+def load_base(name: str, folder: Path, config=None, arrays=None) -> dict:
+    """split -> (x numpy [N, C, H, W], y int64 [N], coarse labels or None, each example's index in the source
+    split int64 [N])."""
     from . import digits, files, synthetic
+    from .arrays import ArrayData
 
     if name == "digits":
         return digits.load_arrays()
     if name in ("mnist", "fashion-mnist"):
-        return {s: (x, y, None) for s, (x, y) in files.load_idx_pair(name, folder).items()}
-    if name in ("cifar10", "cifar100"):
-        return files.load_cifar(name, folder)
-    if name == "gaussian":
-        return synthetic.gaussian(separation)
-    if name.startswith("npz:"):
-        return {s: (x, y, None) for s, (x, y) in files.load_npz(Path(name[4:]).expanduser()).items()}
-    raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, npz:PATH")
+        base = {s: (x, y, None) for s, (x, y) in files.load_idx_pair(name, folder).items()}
+    elif name in ("cifar10", "cifar100"):
+        base = files.load_cifar(name, folder)
+    elif name == "gaussian":
+        base = synthetic.gaussian(config.separation if config else 1.0)
+    elif name.startswith("npz:"):
+        base = {s: (x, y, None) for s, (x, y) in files.load_npz(Path(name[4:]).expanduser()).items()}
+    elif name.startswith("hf:"):
+        data = ArrayData.from_hf(str(Path(name[3:]).expanduser()), config.image_column, config.label_column,
+                                 name=Path(name[3:]).name or "hf")
+        base = {s: (x, y, None) for s, (x, y) in data.splits().items()}
+    elif name.startswith("arrays:"):
+        if arrays is None:
+            raise UsageError(f"dataset {name} was given in memory: pass the same data again (data=ArrayData(...))")
+        base = {s: (x, y, None) for s, (x, y) in arrays.splits().items()}
+    else:
+        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, npz:PATH, hf:PATH")
+    return {s: (x, y, c, np.arange(len(y))) for s, (x, y, c) in base.items()}
 
 
-def load_dataset(config, device: torch.device) -> Dataset:
-    """The data set a config describes, on `device`."""
+def load_dataset(config, device: torch.device, arrays=None) -> Dataset:
+    """The data set a config describes, on `device`; `arrays` (an ArrayData) for a dataset given in memory."""
     from . import synthetic
 
     folder = data_dir(config.data_dir)
-    base = load_base(config.dataset, folder, config.separation)
-    (xtr, ytr, ctr), (xte, yte, cte) = base["train"], base["test"]
+    base = load_base(config.dataset, folder, config, arrays)
+    (xtr, ytr, ctr, itr), (xte, yte, cte, ite) = base["train"], base["test"]
     if config.superclass is not None:
         if ctr is None:
             raise UsageError("--superclass needs --dataset cifar100")
-        xtr, ytr, xte, yte = xtr[ctr == config.superclass], ytr[ctr == config.superclass], \
-            xte[cte == config.superclass], yte[cte == config.superclass]
+        keep_tr, keep_te = ctr == config.superclass, cte == config.superclass
+        xtr, ytr, itr, xte, yte, ite = xtr[keep_tr], ytr[keep_tr], itr[keep_tr], xte[keep_te], yte[keep_te], \
+            ite[keep_te]
     if config.test_dataset == "noise":
-        xte, yte = synthetic.noise(xtr, NOISE_N), np.full(NOISE_N, -1, np.int64)
+        xte, yte, ite = synthetic.noise(xtr, NOISE_N), np.full(NOISE_N, -1, np.int64), np.arange(NOISE_N)
     elif config.test_dataset:
-        other = load_base(config.test_dataset, folder, config.separation)["test"]
-        xte, yte = other[0], other[1]
+        xte, yte, _, ite = load_base(config.test_dataset, folder, config, arrays)["test"]
         if xte.shape[1:] != xtr.shape[1:]:
             raise UsageError(f"--test-dataset {config.test_dataset} has images {xte.shape[1:]}, the train set "
                              f"{xtr.shape[1:]}")
     if config.classes is not None:
-        xtr, ytr = _keep(xtr, ytr, config.classes, "--classes")
+        xtr, ytr, itr = _keep(xtr, ytr, itr, config.classes, "--classes")
     test_classes = config.test_classes if config.test_classes is not None else (
         config.classes if not config.test_dataset else None)
     if test_classes is not None:
-        xte, yte = _keep(xte, yte, test_classes, "--test-classes")
+        xte, yte, ite = _keep(xte, yte, ite, test_classes, "--test-classes")
     class_ids = sorted(int(c) for c in np.unique(ytr))
     if len(class_ids) < 2:
         raise UsageError(f"the train split has {len(class_ids)} class(es); at least 2 are needed")
@@ -133,18 +149,19 @@ def load_dataset(config, device: torch.device) -> Dataset:
         raise UsageError("the test split is empty after filtering")
     x_train = torch.from_numpy(np.ascontiguousarray(xtr))
     mean, std = channel_stats(x_train)
-    train = Split(x_train, torch.from_numpy(ytr))
-    test = Split(torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte))
+    train = Split(x_train, torch.from_numpy(ytr), torch.from_numpy(itr.astype(np.int64)))
+    test = Split(torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte),
+                 torch.from_numpy(ite.astype(np.int64)))
     return Dataset(config.dataset, train, test, class_ids, mean, std).to(device)
 
 
-def _keep(x, y, classes, flag):
+def _keep(x, y, index, classes, flag):
     present = set(np.unique(y).tolist())
     unknown = sorted(set(classes) - present)
     if unknown:
-        raise UsageError(f"{flag}: unknown class(es) {unknown}; the data have {sorted(present)}")
+        raise UsageError(f"{flag}: unknown class(es) {unknown[:10]}; the data have {len(present)} classes")
     mask = np.isin(y, classes)
-    return x[mask], y[mask]
+    return x[mask], y[mask], index[mask]
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

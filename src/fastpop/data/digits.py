@@ -27,4 +27,4 @@ def load_arrays() -> dict:
     x = bunch.images.astype(np.uint8)[:, None]  # [1797, 1, 8, 8]
     y = bunch.target.astype(np.int64)
     train, test = stratified_split(y, TEST_FRACTION)
-    return {"train": (x[train], y[train], None), "test": (x[test], y[test], None)}
+    return {"train": (x[train], y[train], None, train), "test": (x[test], y[test], None, test)}

@@ -125,8 +125,9 @@ def load_cifar(name: str, data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndar
 
 
 def load_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """User arrays x_train, y_train, x_test, y_test: images [N, H, W] or [N, C, H, W] (uint8 or float), integer
-    labels."""
+    """User arrays x_train, y_train, x_test, y_test, checked as `arrays.check_split` checks in-memory arrays."""
+    from .arrays import ArrayData
+
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -135,25 +136,4 @@ def load_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise UsageError(f"npz {path} lacks {', '.join(missing)}")
-    out = {}
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim == 3:
-            x = x[:, None]
-        if x.ndim != 4 or min(x.shape) == 0:
-            raise UsageError(f"npz x_{split} must be [N, H, W] or [N, C, H, W], got {x.shape}")
-        if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
-            raise UsageError(f"npz x_{split} must be uint8 or float, got {x.dtype}")
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise UsageError(f"npz x_{split} has NaN or infinite values")
-        if y.ndim != 1 or len(y) != len(x):
-            raise UsageError(f"npz y_{split} must be [N] with N = {len(x)} like x_{split}, got {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise UsageError(f"npz y_{split} must hold integers, got {y.dtype}")
-        if y.min() < 0 or y.max() > 255:
-            raise UsageError(f"npz y_{split} labels must be in 0..255, got {y.min()}..{y.max()}")
-        out[split] = (x if x.dtype == np.uint8 else x.astype(np.float32), y.astype(np.int64))
-    if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
-        raise UsageError(f"npz train images {out['train'][0].shape[1:]} and test images "
-                         f"{out['test'][0].shape[1:]} differ in shape")
-    return out
+    return ArrayData(*(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))).splits()
