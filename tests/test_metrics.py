@@ -4,19 +4,24 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from scipy.stats import spearmanr
 
 from fastpop import metrics as M
 from fastpop.errors import UsageError
+from fastpop.metrics import agree as agree_module, record as record_module
+
+pack = M.pack
 
 
-def pack(c: np.ndarray) -> np.ndarray:
-    """Dense bool [..., N] -> the record layout uint8 [..., 8 * ceil(N / 64)]."""
-    n = c.shape[-1]
-    out = np.zeros(c.shape[:-1] + (8 * -(-n // 64),), np.uint8)
-    out[..., : -(-n // 8)] = np.packbits(c, axis=-1, bitorder="little")
-    return out
+@pytest.fixture(params=["numpy", "numba"])
+def path(request, monkeypatch):
+    """Every metric runs once on its numpy path and once on its numba kernels (thresholds forced to zero). The
+    patch holds for all of a test's hypothesis examples, which is what is wanted here."""
+    if request.param == "numba":
+        monkeypatch.setattr(record_module, "NUMPY_MAX_CELLS", 0)
+        monkeypatch.setattr(agree_module, "KAPPA_NUMPY_MAX_MACS", 0)
+    return request.param
 
 
 @st.composite
@@ -43,19 +48,22 @@ def naive_learned_at(c):
     return out
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(records())
-def test_counts_order_and_forgetting(c):
+def test_counts_order_and_forgetting(path, c):
     t, p, n = c.shape
-    bits = pack(c)
-    np.testing.assert_array_equal(M.tpa_counts(bits, n), c.sum(1))
-    np.testing.assert_array_equal(M.speed_counts(bits, n), c.sum(0))
-    np.testing.assert_allclose(M.accessibility(bits, n), c.mean((0, 1)))
-    np.testing.assert_allclose(M.accuracy(bits, n), c.mean(-1))
-    np.testing.assert_array_equal(M.learned_at(bits, n), naive_learned_at(c))
-    events, never = M.forgetting(bits, n)
-    np.testing.assert_array_equal(events, (c[:-1] & ~c[1:]).sum(0))
-    np.testing.assert_array_equal(never, ~c.any(0))
+    for src, kw in ((pack(c), {"n": n}), (c, {})):  # the packed record and any trainer's bool array
+        assert M.tpa_counts(src, **kw).split == "test"
+        np.testing.assert_array_equal(M.tpa_counts(src, **kw).counts, c.sum(1))
+        np.testing.assert_array_equal(M.speed_counts(src, **kw).counts, c.sum(0))
+        np.testing.assert_allclose(M.accessibility(src, **kw).values, c.mean((0, 1)))
+        np.testing.assert_allclose(M.accuracy(src, **kw).values, c.mean(-1))
+        np.testing.assert_array_equal(M.learned_at(src, **kw).checkpoint, naive_learned_at(c))
+        f = M.forgetting(src, **kw)
+        assert f.split == "test"
+        np.testing.assert_array_equal(f.events, (c[:-1] & ~c[1:]).sum(0))
+        np.testing.assert_array_equal(f.never, ~c.any(0))
+    assert M.speed_counts(c).counts.dtype == np.uint16 and M.tpa_counts(c).counts.dtype == np.int32
 
 
 def naive_kappa(c):
@@ -69,12 +77,15 @@ def naive_kappa(c):
     return out
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(records())
-def test_error_consistency(c):
+def test_error_consistency(path, c):
     n = c.shape[-1]
     for t in (0, -1):
-        np.testing.assert_allclose(M.error_consistency(pack(c), n, t=t), naive_kappa(c[t]), atol=1e-12)
+        got = M.error_consistency(pack(c), n, t=t)
+        assert got.checkpoint == t % len(c) and got.split == "test"
+        np.testing.assert_allclose(got.kappa, naive_kappa(c[t]), atol=1e-12)
+    np.testing.assert_allclose(M.error_consistency(c[-1]).kappa, naive_kappa(c[-1]), atol=1e-12)
 
 
 def naive_fleiss(c):
@@ -110,7 +121,7 @@ def test_identical_networks_give_tpa_0_or_1_and_rho_1():
     rng = np.random.default_rng(1)
     one = rng.random(777) < 0.7
     c = np.broadcast_to(one, (3, 40, 777)).copy()
-    counts = M.tpa_counts(pack(c), 777)[-1]
+    counts = M.tpa_counts(pack(c), 777).counts[-1]
     assert set(np.unique(counts)) <= {0, 40}
     s = M.agreement_summary(counts, c[-1].mean(1))
     assert s["rho"] == pytest.approx(1.0) and s["fleiss_kappa"] == pytest.approx(1.0)
@@ -121,7 +132,8 @@ def test_independent_networks_give_rho_near_0():
     rng = np.random.default_rng(2)
     acc = rng.uniform(0.5, 0.95, 60)
     c = rng.random((1, 60, 20_000)) < acc[None, :, None]
-    s = M.agreement_summary(M.tpa_counts(pack(c), 20_000)[0], c[0].mean(1))
+    s = M.agreement(c, split="mine").summary
+    assert M.agreement(c, split="mine").split == "mine"
     assert abs(s["rho"]) < 0.03  # sampling sd ~ 1/sqrt(N) = 0.007
     assert s["tv_poisson_binomial"] < 0.05 and abs(s["fleiss_kappa"]) < 0.03
 
@@ -164,7 +176,7 @@ def test_containment():
     b = np.array([1.0, 0.7, 0.2, 0.0])
     c = M.containment(a, b)
     assert c["a_in_b"] == pytest.approx(0.5) and c["b_in_a"] == pytest.approx(0.5)
-    assert c["learned_a"] == 2 and c["learned_b"] == 2
+    assert c["learned_a"] == 2 and c["learned_b"] == 2 and c["learned_both"] == 1 and c["examples"] == 4
 
 
 @settings(max_examples=30, deadline=None)
@@ -172,19 +184,101 @@ def test_containment():
 def test_consensus_agreement(t, p, n, k, seed):
     labels = np.random.default_rng(seed).integers(0, k, (t, p, n)).astype(np.uint8)
     want = np.array([[np.bincount(labels[i, :, j]).max() / p for j in range(n)] for i in range(t)])
-    np.testing.assert_allclose(M.consensus_agreement(labels), want)
+    np.testing.assert_allclose(M.consensus_agreement(labels).agreement, want)
+    np.testing.assert_allclose(M.consensus_agreement(labels.astype(np.uint16) * 300).agreement, want)
 
 
 def test_bad_records_are_refused():
     c = np.ones((2, 3, 70), bool)
     bits = pack(c)
-    with pytest.raises(UsageError, match="uint8"):
+    with pytest.raises(UsageError, match="bool array"):
         M.tpa_counts(bits.astype(np.int16), 70)
+    with pytest.raises(UsageError, match="needs n"):
+        M.tpa_counts(bits)
+    with pytest.raises(UsageError, match="n = 71"):
+        M.tpa_counts(c, 71)
     with pytest.raises(UsageError, match="needs R"):
         M.tpa_counts(bits[..., :8], 70)
     with pytest.raises(UsageError, match="padding"):
         M.tpa_counts(bits, 65)
     with pytest.raises(UsageError, match="T, P, R"):
-        M.tpa_counts(bits[0], 70)
+        M.tpa_counts(bits[0, 0], 70)
     with pytest.raises(UsageError, match="out of range"):
         M.error_consistency(bits, 70, t=5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 5), st.integers(0, 2**32 - 1))
+def test_rank_matches_scipy(rows, n, levels, seed):
+    from scipy.stats import rankdata
+
+    x = np.random.default_rng(seed).integers(0, levels + 1, (rows, n))
+    np.testing.assert_allclose(M.rank(x, axis=1), rankdata(x, axis=1))
+    np.testing.assert_allclose(M.rank(x.T, axis=0), rankdata(x.T, axis=0))
+
+
+@pytest.mark.parametrize("p, q", [(1, 0.3), (30, 0.01), (1000, 0.97), (5, 0.0), (5, 1.0)])
+def test_binomial_pmf_matches_scipy(p, q):
+    from scipy.stats import binom
+
+    np.testing.assert_allclose(M.binomial_pmf(p, q), binom.pmf(np.arange(p + 1), p, q), rtol=1e-9, atol=1e-300)
+
+
+def test_cscore_from_bool_packed_and_words():
+    rng = np.random.default_rng(5)
+    p, n = 7, 90
+    correct, member = rng.random((p, n)) < 0.6, rng.random((p, n)) < 0.5
+    member[:, 0] = True  # example 0 is seen by every network
+    held = ~member
+    with np.errstate(invalid="ignore"):
+        want = (correct & held).sum(0) / held.sum(0)
+    for got in (M.cscore(correct, member), M.cscore(pack(correct), pack(member), n),
+                M.cscore(pack(correct).view(np.uint64), pack(member).view(np.uint64), n)):
+        assert got.split == "train"
+        np.testing.assert_allclose(got.values, want)
+        np.testing.assert_array_equal(got.held_out, held.sum(0))
+    with pytest.raises(UsageError, match="same shape"):
+        M.cscore(correct, member[:3])
+
+
+def test_numba_path_gives_the_same_counts_under_any_thread_count(monkeypatch):
+    monkeypatch.setattr(record_module, "NUMPY_MAX_CELLS", 0)
+    c = np.random.default_rng(6).random((4, 13, 300)) < 0.5
+    results = []
+    for k in ("1", "3", "5"):
+        monkeypatch.setenv("NUMBA_NUM_THREADS", k)
+        results.append((M.speed_counts(c).counts, M.learned_at(c).checkpoint, M.accuracy(c).values))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+FIRST_CALLS = """
+import sys, time
+t0 = time.perf_counter()
+import numpy as np
+import fastpop.metrics as M
+c = np.random.default_rng(0).random((3, 100, 359)) < 0.9
+bits = M.pack(c)
+for src, kw in ((c, {}), (bits, {"n": 359})):
+    for f in (M.tpa_counts, M.accuracy, M.agreement, M.error_consistency, M.speed_counts, M.accessibility,
+              M.learned_at, M.forgetting):
+        assert f(src, **kw).split == "test"
+M.split_half(M.speed_counts(c)), M.pairwise_spearman(M.speed_counts(c))
+M.consensus_agreement(np.zeros((3, 100, 359), np.uint8))
+m = np.random.default_rng(1).normal(size=(3, 100, 359)).astype(np.float16)
+M.aum(m), M.margin_forgetting(m), M.cartography(np.abs(m), correct=c), M.el2n(np.abs(m))
+print(time.perf_counter() - t0, sorted(k for k in ("torch", "numba", "scipy", "matplotlib") if k in sys.modules))
+"""
+
+
+def test_metrics_stand_alone_and_answer_at_once(tmp_path):
+    """In a fresh process: no torch, numba or scipy loaded, and every metric's first call on a 100 x 359 x 3
+    record (bool and packed) within 1 s, import included."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, check=True).stdout
+    seconds, loaded = out.split(" ", 1)
+    assert loaded.strip() == "[]"
+    assert float(seconds) < 1.0

@@ -8,11 +8,21 @@
 
 __version__ = "0.1.0"
 
-from .archs import Arch  # noqa: E402
-from .config import Config  # noqa: E402
-from .data.arrays import ArrayData  # noqa: E402
-from .errors import UsageError  # noqa: E402
-from .run import Run, load_run  # noqa: E402
-from .trainer import Interrupted, Progress, resume, train  # noqa: E402
+# Imported on first use, so `import fastpop.metrics` (numpy only) does not pay for torch and the trainer.
+_LAZY = {"Arch": "archs", "ArrayData": "data.arrays", "Config": "config", "UsageError": "errors", "Run": "run",
+         "load_run": "run", "Interrupted": "trainer", "Progress": "trainer", "resume": "trainer", "train": "trainer"}
 
-__all__ = ["Arch", "ArrayData", "Config", "Interrupted", "Progress", "Run", "UsageError", "load_run", "resume", "train", "__version__"]
+__all__ = ["Arch", "ArrayData", "Config", "Interrupted", "Progress", "Run", "UsageError", "load_run", "resume",
+           "train", "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'fastpop' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

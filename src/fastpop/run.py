@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import Config
 from .errors import UsageError
@@ -92,11 +91,28 @@ class Run:
         return np.unpackbits(bits, axis=-1, count=self.n(split), bitorder="little").astype(bool)
 
     def predictions(self, split: str = "test") -> np.ndarray | None:
-        """uint8 [T, P, N] predicted labels (original class ids; uint16 beyond 256 classes), where the run
-        recorded them, else None."""
-        if split != "test" or not self.manifest.get("predictions"):
+        """uint8 [T, P, N] predicted labels (original class ids; uint16 beyond 256 classes), where the run recorded
+        them (--record pred, or --record-predictions for the test split), else None."""
+        _check_split(split)
+        if "pred" not in self.recorded and not (split == "test" and self.manifest.get("predictions")):
             return None
-        return self._array("test.pred.npy", (self.n("test"),), pred_dtype(self.manifest.get("class_ids")))
+        return self._array(f"{split}.pred.npy", (self.n(split),), pred_dtype(self.manifest.get("class_ids")))
+
+    @property
+    def recorded(self) -> set[str]:
+        """The per-example arrays --record stored besides the bits: a subset of {"margin", "loss", "pred"}."""
+        return set(self.manifest["config"].get("record") or [])
+
+    def margins(self, split: str = "test") -> np.ndarray | None:
+        """float16 [T, P, N] true-class logit minus the largest other logit (memory-mapped), or None when the run
+        did not record margins."""
+        _check_split(split)
+        return self._array(f"{split}.margin.npy", (self.n(split),), np.float16) if "margin" in self.recorded else None
+
+    def example_losses(self, split: str = "test") -> np.ndarray | None:
+        """float16 [T, P, N] per-example cross-entropy (memory-mapped), or None when the run did not record them."""
+        _check_split(split)
+        return self._array(f"{split}.xent.npy", (self.n(split),), np.float16) if "loss" in self.recorded else None
 
     def member_bits(self) -> np.ndarray | None:
         """uint8 [P, R]: which train examples each network trained on (--subset-fraction), packed in the record's
@@ -139,8 +155,10 @@ class Run:
         wrong on every example, NaN loss)."""
         return {int(k): v for k, v in self.manifest.get("diverged", {}).items()}
 
-    def weights(self) -> torch.Tensor:
+    def weights(self) -> "torch.Tensor":  # noqa: F821
         """float32 [P, D]: each network's parameters at the last saved state, in arch.param_shapes order."""
+        import torch  # here, so reading a record (analysis, metrics) does not load torch
+
         return torch.load(self.path / STATE, map_location="cpu")["params"]
 
     def __repr__(self) -> str:

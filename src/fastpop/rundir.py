@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import UsageError
 
@@ -131,6 +130,8 @@ class RunWriter:
         write_json(self.path / MANIFEST, self.manifest)
 
     def save_state(self, state: dict) -> None:
+        import torch  # here, so readers of run directories do not load torch
+
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write(self.path / STATE, buf.getvalue())

@@ -12,8 +12,6 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ..errors import UsageError
-
 
 @intrinsic
 def popcount(typingctx, x):
@@ -73,17 +71,3 @@ def swar_flush(acc, out, n):
     for i in range(n):
         out[i] += counts[i]
     acc[:] = 0
-
-
-def as_words(bits: np.ndarray, n: int) -> np.ndarray:
-    """Validate a packed record (uint8 [..., R], R = 8 * ceil(N / 64), padding zero) and view it as uint64."""
-    bits = np.asarray(bits)
-    if bits.dtype != np.uint8:
-        raise UsageError(f"bits must be uint8, got {bits.dtype}")
-    r = 8 * -(-n // 64)
-    if bits.shape[-1] != r:
-        raise UsageError(f"bits rows have {bits.shape[-1]} bytes; N = {n} needs R = {r}")
-    words = np.ascontiguousarray(bits).view(np.uint64)
-    if n % 64 and words.size and (words[..., -1] >> np.uint64(n % 64)).any():
-        raise UsageError("bits have nonzero padding past N: not a fastpop record, or the wrong N")
-    return words

@@ -2,19 +2,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import UsageError
+from .record import DEFAULT_SPLIT, is_run
 
 
-def consensus_agreement(labels: np.ndarray) -> np.ndarray:
-    """float64 [T, N]: fraction of networks whose predicted label equals the plurality label of the example.
-    labels: uint8 [T, P, N]. (Which label wins a tie does not change the fraction.)"""
+@dataclass(frozen=True)
+class Consensus:
+    """agreement float64 [T, N]: fraction of networks whose predicted label is the example's plurality label."""
+    split: str
+    agreement: np.ndarray
+    networks: int
+
+
+def consensus_agreement(labels, split: str = DEFAULT_SPLIT) -> Consensus:
+    """labels: uint8 or uint16 [T, P, N] (or [P, N]) predicted class ids, or a Run that recorded predictions.
+    (Which label wins a tie does not change the fraction.)"""
+    if is_run(labels):
+        run, labels = labels, labels.predictions(split)
+        if labels is None:
+            raise UsageError(f"{run.path} recorded no predictions on its {split} split")
     labels = np.asarray(labels)
-    if labels.ndim != 3 or labels.dtype != np.uint8:
-        raise UsageError(f"predicted labels must be uint8 [T, P, N], got {labels.dtype} {labels.shape}")
-    t, p, n = labels.shape
-    counts = np.zeros((t, 256, n), np.int32)
-    for k in range(p):  # one pass over networks; memory stays [T, 256, N]
-        np.add.at(counts, (np.arange(t)[:, None], labels[:, k], np.arange(n)[None, :]), 1)
-    return counts.max(1) / p
+    labels = labels[None] if labels.ndim == 2 else labels
+    if labels.ndim != 3 or labels.dtype not in (np.uint8, np.uint16) or min(labels.shape) == 0:
+        raise UsageError(f"predicted labels must be uint8 or uint16 [T, P, N], got {labels.dtype} {labels.shape}")
+    p = labels.shape[1]
+    s = np.sort(labels, axis=1)  # equal labels are now runs along the network axis
+    idx = np.arange(p)[None, :, None]
+    new = np.ones(s.shape, bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    run_start = np.maximum.accumulate(np.where(new, idx, 0), axis=1)
+    longest = (idx - run_start + 1).max(1)
+    return Consensus(split, longest / p, p)
+
+
+def chance_agreement(classes: int, networks: int, draws: int = 4000, seed: int = 0) -> float:
+    """The mean plurality agreement of `networks` independent uniform guesses among `classes` labels (Monte Carlo
+    with a fixed seed): the level consensus_agreement shows when networks agree only by chance."""
+    if classes < 1 or networks < 1:
+        raise UsageError("chance agreement needs at least one class and one network")
+    guesses = np.random.default_rng(seed).integers(0, classes, (draws, networks))
+    counts = np.zeros((draws, classes), np.int64)
+    np.add.at(counts, (np.arange(draws)[:, None], guesses), 1)
+    return float(counts.max(1).mean() / networks)

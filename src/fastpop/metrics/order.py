@@ -3,69 +3,129 @@ learned at, forgetting events, and how consistent the order is within and across
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from scipy.stats import rankdata
 
 from ..errors import UsageError
-from .kernels import _forgetting_kernel, _learned_at_kernel, _speed_counts_kernel, counts_out
-from .record import words_of
+from .record import DEFAULT_SPLIT, as_record, is_run, pack, row_bytes
+from .stats import rank, spearman
 
 
-def speed_counts(src, n: int | None = None, split: str = "test") -> np.ndarray:
-    """[P, N] (uint16; int32 from T = 65,536 on): at how many checkpoints network p is right on example n.
-    Speed s = counts / T."""
-    words, n = words_of(src, n, split)
-    return _speed_counts_kernel(words, counts_out(words.shape[1], n, words.shape[0]))
+@dataclass(frozen=True)
+class Speed:
+    """counts [P, N] (uint16; int32 from T = 65,536 on): at how many of the `checkpoints` T network p is right on
+    example n. Speed = counts / T."""
+    split: str
+    counts: np.ndarray
+    checkpoints: int
 
 
-def accessibility(src, n: int | None = None, split: str = "test") -> np.ndarray:
-    """float64 [N]: mean over checkpoints and networks of correctness: how early and widely an example is learned."""
-    words, n = words_of(src, n, split)
-    t, p = words.shape[:2]
-    return speed_counts(words.view(np.uint8), n).sum(0, dtype=np.int64) / (t * p)
+@dataclass(frozen=True)
+class Accessibility:
+    """values float64 [N]: mean correctness over checkpoints and networks."""
+    split: str
+    values: np.ndarray
 
 
-def learned_at(src, n: int | None = None, split: str = "test") -> np.ndarray:
-    """[P, N] (uint16; int32 from T = 65,536 on): first checkpoint from which network p stays right on example n;
-    T when it never does."""
-    words, n = words_of(src, n, split)
-    return _learned_at_kernel(words, counts_out(words.shape[1], n, words.shape[0]))
+@dataclass(frozen=True)
+class LearnedAt:
+    """checkpoint [P, N] (uint16; int32 from T = 65,536 on): the first checkpoint from which network p stays right
+    on example n; `checkpoints` (T) when it never does."""
+    split: str
+    checkpoint: np.ndarray
+    checkpoints: int
 
 
-def forgetting(src, n: int | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """([P, N] forgetting events (uint16; int32 from T = 65,536 on), bool [P, N] never learned). An event is right
-    at checkpoint t-1 and wrong at t; an example a network never gets right has zero events and is flagged in the
-    second array instead."""
-    words, n = words_of(src, n, split)
-    events = counts_out(words.shape[1], n, words.shape[0])
-    never = np.empty(events.shape, np.bool_)
-    never.fill(False)
-    _forgetting_kernel(words, events, never)
-    return events, never
+@dataclass(frozen=True)
+class Forgetting:
+    """events [P, N] (uint16; int32 from T = 65,536 on): right at checkpoint t-1 and wrong at t; never bool [P, N]:
+    never right (those have zero events and are counted here instead, as Toneva et al. do)."""
+    split: str
+    events: np.ndarray
+    never: np.ndarray
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
-    ra, rb = rankdata(a), rankdata(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+@dataclass(frozen=True)
+class CScore:
+    """values float64 [N]: accuracy on each example of the networks that did not train on it (NaN where every
+    network did); held_out int64 [N]: how many networks that is."""
+    split: str
+    values: np.ndarray
+    held_out: np.ndarray
 
 
-def split_half(speed: np.ndarray, seed: int = 0) -> dict:
+def _counts_dtype(t: int):
+    return np.uint16 if t < 1 << 16 else np.int32
+
+
+def speed_counts(src, n: int | None = None, split: str = DEFAULT_SPLIT) -> Speed:
+    """At how many checkpoints each network is right on each example."""
+    rec = as_record(src, n, split)
+    if rec.small:
+        counts = rec.dense().sum(0, dtype=_counts_dtype(rec.t))
+    else:
+        from . import _numba
+
+        counts = _numba.counts_out(rec.p, rec.n, rec.t)
+        _numba.run_sliced(_numba.speed_counts, rec.p, rec.words(), counts)
+    return Speed(rec.split, counts, rec.t)
+
+
+def accessibility(src, n: int | None = None, split: str = DEFAULT_SPLIT) -> Accessibility:
+    """How early and widely each example is learned: mean correctness over checkpoints and networks."""
+    speed = speed_counts(src, n, split)
+    p = len(speed.counts)
+    return Accessibility(speed.split, speed.counts.sum(0, dtype=np.int64) / (speed.checkpoints * p))
+
+
+def learned_at(src, n: int | None = None, split: str = DEFAULT_SPLIT) -> LearnedAt:
+    """The first checkpoint from which each network stays right on each example (T when never)."""
+    rec = as_record(src, n, split)
+    if rec.small:
+        stays = np.logical_and.accumulate(rec.dense()[::-1], axis=0)  # right at every checkpoint from here on
+        out = (rec.t - stays.sum(0)).astype(_counts_dtype(rec.t))
+    else:
+        from . import _numba
+
+        out = _numba.counts_out(rec.p, rec.n, rec.t)
+        _numba.run_sliced(_numba.learned_at, rec.p, rec.words(), out)
+    return LearnedAt(rec.split, out, rec.t)
+
+
+def forgetting(src, n: int | None = None, split: str = DEFAULT_SPLIT) -> Forgetting:
+    """Forgetting events (right at checkpoint t-1, wrong at t) per network and example, and never-learned flags."""
+    rec = as_record(src, n, split)
+    if rec.small:
+        c = rec.dense()
+        events = (c[:-1] & ~c[1:]).sum(0, dtype=_counts_dtype(rec.t))
+        never = ~c.any(0)
+    else:
+        from . import _numba
+
+        events = _numba.counts_out(rec.p, rec.n, rec.t)
+        never = np.empty(events.shape, np.bool_)
+        never.fill(False)
+        _numba.run_sliced(_numba.forgetting, rec.p, rec.words(), events, never)
+    return Forgetting(rec.split, events, never)
+
+
+def split_half(speed, seed: int = 0) -> dict:
     """Spearman of accessibility computed from two disjoint random halves of the networks, and its
-    Spearman-Brown correction 2r / (1 + r) for the full population. speed: counts [P, N]."""
+    Spearman-Brown correction 2r / (1 + r) for the full population. speed: a Speed or its counts [P, N]."""
+    speed = speed.counts if isinstance(speed, Speed) else np.asarray(speed)
     p = len(speed)
     if p < 2:
         raise UsageError("split-half needs at least 2 networks")
     perm = np.random.default_rng(seed).permutation(p)
-    r = spearman(speed[perm[: p // 2]].sum(0), speed[perm[p // 2:]].sum(0))
-    return {"r": r, "spearman_brown": 2 * r / (1 + r) if r > -1 else float("nan")}
+    r = spearman(speed[perm[: p // 2]].sum(0, dtype=np.int64), speed[perm[p // 2:]].sum(0, dtype=np.int64))
+    return {"r": r, "spearman_brown": 2 * r / (1 + r) if r > -1 else float("nan"), "halves": [p // 2, p - p // 2]}
 
 
-def pairwise_spearman(speed: np.ndarray, max_pairs: int = 2000, seed: int = 0) -> dict:
+def pairwise_spearman(speed, max_pairs: int = 2000, seed: int = 0) -> dict:
     """Spearman between per-network speeds s[i, :] and s[j, :] over network pairs: all pairs when there are at
-    most max_pairs, else max_pairs distinct random pairs."""
+    most max_pairs, else max_pairs distinct random pairs. speed: a Speed or its counts [P, N]."""
+    speed = speed.counts if isinstance(speed, Speed) else np.asarray(speed)
     p = len(speed)
     if p < 2:
         raise UsageError("pairwise Spearman needs at least 2 networks")
@@ -73,36 +133,68 @@ def pairwise_spearman(speed: np.ndarray, max_pairs: int = 2000, seed: int = 0) -
     if len(i) > max_pairs:
         pick = np.random.default_rng(seed).choice(len(i), max_pairs, replace=False)
         i, j = i[pick], j[pick]
-    ranks = rankdata(speed, axis=1)
+    used, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)  # rank only the networks in a pair
+    i, j = inverse[: len(i)], inverse[len(i):]
+    ranks = rank(speed[used], axis=1)
     z = ranks - ranks.mean(1, keepdims=True)
     norm = np.sqrt((z * z).sum(1))
     with np.errstate(divide="ignore", invalid="ignore"):
         r = (z[i] * z[j]).sum(1) / (norm[i] * norm[j])
-    return {"mean": float(np.nanmean(r)) if np.isfinite(r).any() else float("nan"), "pairs": int(len(r))}
+    finite = np.isfinite(r)
+    return {"mean": float(r[finite].mean()) if finite.any() else float("nan"), "pairs": int(len(r)),
+            "defined_pairs": int(finite.sum())}
 
 
 def containment(final_tpa_a: np.ndarray, final_tpa_b: np.ndarray, threshold: float = 0.5) -> dict:
-    """Of the examples population A learns (final TPA >= threshold), the fraction B learns too, and the reverse.
-    With A the weaker population, a_in_b near 1 says the stronger one learns what the weaker learns, and more."""
-    if final_tpa_a.shape != final_tpa_b.shape:
+    """Of the examples population A learns (final TPA >= threshold), the fraction B learns too, and the reverse,
+    with the counts behind both. With A the weaker population, a_in_b near 1 says the stronger one learns what
+    the weaker learns, and more."""
+    if np.shape(final_tpa_a) != np.shape(final_tpa_b):
         raise UsageError("containment needs the same examples in both populations")
-    la, lb = final_tpa_a >= threshold, final_tpa_b >= threshold
-    frac = lambda x, y: float((x & y).sum() / x.sum()) if x.any() else float("nan")  # noqa: E731
-    return {"a_in_b": frac(la, lb), "b_in_a": frac(lb, la), "learned_a": int(la.sum()), "learned_b": int(lb.sum())}
+    la, lb = np.asarray(final_tpa_a) >= threshold, np.asarray(final_tpa_b) >= threshold
+    both = int((la & lb).sum())
+    frac = lambda k, m: k / m if m else float("nan")  # noqa: E731
+    return {"a_in_b": frac(both, int(la.sum())), "b_in_a": frac(both, int(lb.sum())), "learned_a": int(la.sum()),
+            "learned_b": int(lb.sum()), "learned_both": both, "examples": int(la.size)}
 
 
-def cscore(correct_words: np.ndarray, member_words: np.ndarray, n: int) -> np.ndarray:
-    """float64 [N]: the accuracy, on each example, of the networks that did not train on it (NaN where every
-    network did). correct_words, member_words: uint64 [P, W], the final checkpoint's bits and the membership."""
-    from .kernels import _tpa_counts_kernel
+def cscore(correct, member=None, n: int | None = None, split: str = "train") -> CScore:
+    """The C-score estimate of each example from one population: the accuracy of the networks that did not train
+    on it. correct and member: bool [P, N], or packed uint8 [P, R] (or their uint64 words [P, W]) with n; or a
+    Run trained with --subset-fraction (its last train checkpoint and membership record)."""
+    if is_run(correct):
+        run = correct
+        member = run.member_bits()
+        if member is None:
+            raise UsageError(f"{run.path} was trained without --subset-fraction: it has no membership record")
+        if len(run.bits(split)) == 0:
+            raise UsageError(f"{run.path} has no completed checkpoint")
+        correct, n = run.bits(split)[-1], run.n(split)
+    if n is None and np.asarray(correct).dtype == np.bool_:
+        n = np.asarray(correct).shape[-1]
+    c, m = (_as_packed_rows(x, n, name) for x, name in ((correct, "correct"), (member, "member")))
+    if c.shape != m.shape:
+        raise UsageError(f"correct {c.shape} and member {m.shape} must have the same shape")
+    from .agree import tpa_counts
 
-    valid = np.zeros(member_words.shape[1], np.uint64)
-    full, rest = divmod(n, 64)
-    valid[:full] = np.uint64(0xFFFFFFFFFFFFFFFF)
-    if rest:
-        valid[full] = np.uint64((1 << rest) - 1)
-    held_out = ~member_words & valid
-    right = _tpa_counts_kernel((correct_words & held_out)[None], n)[0]
-    total = _tpa_counts_kernel(held_out[None], n)[0]
+    held = pack(np.ones(n, bool)) & ~m  # padding stays zero
+    right = tpa_counts(c & held, n).counts[0]
+    total = tpa_counts(held, n).counts[0]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, right / np.maximum(total, 1), np.nan)
+        values = np.where(total > 0, right / np.maximum(total, 1), np.nan)
+    return CScore(split, values, total.astype(np.int64))
+
+
+def _as_packed_rows(x, n: int | None, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype == np.uint64:
+        x = x.view(np.uint8)
+    if x.dtype == np.bool_:
+        return pack(x)
+    if x.dtype != np.uint8 or x.ndim != 2:
+        raise UsageError(f"{name} must be bool [P, N], or packed uint8 [P, R] with n; got {x.dtype} {x.shape}")
+    if n is None:
+        raise UsageError(f"packed {name} rows need n, the number of examples")
+    if x.shape[-1] != row_bytes(n):
+        raise UsageError(f"packed {name} rows have {x.shape[-1]} bytes; N = {n} needs R = {row_bytes(n)}")
+    return x
