@@ -141,7 +141,7 @@ def test_class_filters_and_out_of_sample(tmp_path):
     assert run.manifest["predictions"] and not np.unpackbits(run.bits("test")).any()
     pred = run.predictions()
     assert pred.shape == (1, 3, run.n("test")) and set(np.unique(pred)) <= {0, 1, 2, 3, 4}
-    agree = M.consensus_agreement(np.ascontiguousarray(pred))
+    agree = M.consensus_agreement(np.ascontiguousarray(pred)).agreement
     assert agree.shape == (1, run.n("test")) and (agree >= 1 / 3).all()
 
 
@@ -189,7 +189,7 @@ def test_cscore_against_a_naive_computation(tmp_path):
         out[:, : -(-n // 8)] = np.packbits(b, axis=-1, bitorder="little")
         return out.view(np.uint64)
 
-    got = M.cscore(words(correct), words(member), n)
+    got = M.cscore(words(correct), words(member), n).values
     held = ~member
     with np.errstate(invalid="ignore"):
         want = (correct & held).sum(0) / held.sum(0)

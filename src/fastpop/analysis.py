@@ -1,84 +1,212 @@
-"""`fastpop analyze` and `fastpop compare` as library calls: metrics of a run directory, written next to its record.
+"""`fastpop analyze` and `fastpop compare` as library calls, returning typed results that the console, the report,
+the export (`save`) and JSON all render. Nothing is written anywhere unless `save` is called.
 
-Outputs in RUN/ (per split): {split}.metrics.json (per-checkpoint scalars and order consistency),
-{split}.tpa.npy float32 [T, N] (TP-agreement per checkpoint), {split}.accessibility.npy float64 [N],
-{split}.forgetting.npy int32 [N] (forgetting events summed over networks) and {split}.never_learned.npy float32 [N]
-(fraction of networks that never get the example right).
+An Analysis saved into a folder is `{split}.metrics.json` (every scalar, and the run's identity with a fingerprint
+of the record it was computed from) and per-example arrays `{split}.{name}.npy`: tpa float32 [T, N],
+accessibility float64 [N], forgetting int32 [N] (events summed over networks), never_learned float32 [N] (fraction
+of networks never right), and where recorded consensus float32 [T, N], cscore float64 [N], aum, confidence,
+variability, el2n float64 [N].
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from . import metrics as M
 from .errors import UsageError
-from .run import Run
 from .rundir import atomic_write, write_npy
+from .run import Run
 
+FORMAT = 1  # bump when what an Analysis holds changes, so saved ones stop counting as current
 KAPPA_MAX_NETS = 2000  # all-pairs kappa over at most this many networks (a fixed random subset above it)
 
 
-def analyze(run: Run, split: str = "test", checkpoint: int = -1, write: bool = True) -> dict:
-    """Compute every metric of one split (all of it before anything is written), then write them when `write`."""
+@dataclass
+class Analysis:
+    """Every metric of one split of a run. `identity`: run, arch, dataset, split, P, N, T, checkpoint (the one the
+    scalars describe), epoch, fingerprint."""
+    identity: dict
+    accuracy: dict
+    agreement: dict
+    per_checkpoint: list[dict]
+    kappa: dict
+    split_half: dict | None
+    pairwise_spearman: dict | None
+    forgetting: dict
+    extra: dict = field(default_factory=dict)  # consensus, cscore_mean, margins: where the run recorded them
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def title(self) -> str:
+        i = self.identity
+        return f"{i['arch']} on {i['dataset']}, {i['split']} split, P = {i['P']}"
+
+    def to_json(self) -> dict:
+        out = {"format": FORMAT, **self.identity}
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name not in ("identity", "extra", "arrays")})
+        out.update(self.extra)
+        return out
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write the JSON and the arrays into `folder` (created if missing); returns the paths written."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        split = self.identity["split"]
+        paths = []
+        for name, arr in self.arrays.items():
+            paths.append(folder / f"{split}.{name}.npy")
+            write_npy(paths[-1], arr)
+        paths.append(folder / f"{split}.metrics.json")
+        atomic_write(paths[-1], (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        return paths
+
+    @classmethod
+    def load(cls, folder: str | Path, split: str) -> "Analysis | None":
+        """A saved Analysis, or None when the folder holds none (or a damaged or older one)."""
+        folder = Path(folder)
+        try:
+            d = json.loads((folder / f"{split}.metrics.json").read_text())
+            if d.get("format") != FORMAT:
+                return None
+            arrays = {name: np.load(folder / f"{split}.{name}.npy") for name in ARRAYS
+                      if (folder / f"{split}.{name}.npy").exists()}
+        except (OSError, ValueError):
+            return None
+        names = {f.name for f in dataclasses.fields(cls)} - {"identity", "extra", "arrays"}
+        ident = {k: d[k] for k in IDENTITY if k in d}
+        return cls(identity=ident, **{k: d.get(k) for k in names},
+                   extra={k: v for k, v in d.items() if k not in names | set(IDENTITY) | {"format"}}, arrays=arrays)
+
+
+ARRAYS = ("tpa", "accessibility", "forgetting", "never_learned", "consensus", "cscore", "aum", "confidence",
+          "variability", "el2n")
+IDENTITY = ("run", "arch", "dataset", "split", "P", "N", "T", "checkpoint", "epoch", "fingerprint")
+
+
+def fingerprint(run: Run, split: str, checkpoint: int) -> str:
+    """Names the record an analysis was computed from: the run, the split, the checkpoint, and the checksums of the
+    completed rows (the bits file's size and modification time where the manifest has no checksums)."""
+    sums = run.manifest.get("checksums", {}).get(f"{split}.bits")
+    if sums:
+        record = [sums.get(str(t)) for t in range(len(run.checkpoints))]
+    else:
+        st = (run.path / f"{split}.bits.npy").stat()
+        record = [st.st_size, st.st_mtime_ns]
+    key = json.dumps([FORMAT, str(run.path.resolve()), split, checkpoint, len(run.checkpoints), record])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def identity(run: Run, split: str, checkpoint: int) -> dict:
+    return {"run": str(run.path), "arch": run.config.arch, "dataset": run.manifest.get("dataset", {}).get(
+        "name", run.config.dataset), "split": split, "P": len(run.seeds), "N": run.n(split),
+        "T": len(run.checkpoints), "checkpoint": checkpoint, "epoch": run.checkpoints[checkpoint]["epoch"],
+        "fingerprint": fingerprint(run, split, checkpoint)}
+
+
+def analyze(run: Run, split: str = "test", checkpoint: int = -1) -> Analysis:
+    """Every metric of one split, at every checkpoint where it has one and at `checkpoint` (default the last)."""
     run.require_checkpoint()
-    bits, n = run.bits(split), run.n(split)
-    t_done, p = bits.shape[:2]
-    if not -t_done <= checkpoint < t_done:
-        raise UsageError(f"--checkpoint {checkpoint} out of range: {t_done} completed checkpoints")
-    t_sel = checkpoint % t_done
-    counts = M.tpa_counts(bits, n)
-    acc = M.accuracy(bits, n)
-    per_checkpoint = [dict(run.checkpoints[t], **M.agreement_summary(counts[t], acc[t])) for t in range(t_done)]
-    kappa_nets = _kappa_subset(p)
-    kappa = M.error_consistency(bits[:, kappa_nets] if kappa_nets is not None else bits, n, t=t_sel)
-    speed = M.speed_counts(bits, n)
-    events, never = M.forgetting(bits, n)
-    result = {
-        "split": split, "P": p, "N": n, "T": t_done, "checkpoint": t_sel,
-        "accuracy": _spread(acc[t_sel]),
-        "agreement": per_checkpoint[t_sel],
-        "kappa": dict(M.kappa_summary(kappa), networks=len(kappa)),
-        "split_half": M.split_half(speed) if p > 1 else None,
-        "pairwise_spearman": M.pairwise_spearman(speed) if p > 1 else None,
-        "per_checkpoint": per_checkpoint,
-    }
-    arrays = {"tpa": (counts / p).astype(np.float32), "accessibility": speed.sum(0) / (t_done * p),
-              "forgetting": events.sum(0, dtype=np.int32), "never_learned": never.mean(0, dtype=np.float32),
-              "kappa": kappa}
-    if split == "train" and run.member_bits() is not None:
-        arrays["cscore"] = run_cscore(run)
-        result["cscore_mean"] = float(np.nanmean(arrays["cscore"])) if np.isfinite(arrays["cscore"]).any() else None
-    labels = run.predictions(split)
-    if labels is not None:
-        consensus = M.consensus_agreement(np.ascontiguousarray(labels))
-        arrays["consensus"] = consensus.astype(np.float32)
-        result["consensus"] = {"mean": float(consensus[t_sel].mean()),
-                               "histogram": np.histogram(consensus[t_sel], bins=10, range=(0, 1))[0].tolist()}
-    result["arrays"] = arrays
-    if write:
-        write_analysis(run, result)
+    rec = M.as_record(run, split=split)
+    if not -rec.t <= checkpoint < rec.t:
+        raise UsageError(f"--checkpoint {checkpoint} out of range: {rec.t} completed checkpoints")
+    t_sel = checkpoint % rec.t
+    if rec.small:
+        rec.dense()  # unpacked once, shared by every metric below
+    counts = M.tpa_counts(rec).counts
+    acc = M.accuracy(rec).values
+    per_checkpoint = [dict(run.checkpoints[t], **M.agreement_summary(counts[t], acc[t])) for t in range(rec.t)]
+    nets = _kappa_subset(rec.p)
+    kappa = M.error_consistency(rec if nets is None else rec.networks(nets), t=t_sel).kappa
+    speed = M.speed_counts(rec)
+    forget = M.forgetting(rec)
+    never = forget.never.mean(0, dtype=np.float32)
+    result = Analysis(
+        identity=identity(run, split, t_sel), accuracy=_spread(acc[t_sel]), agreement=per_checkpoint[t_sel],
+        per_checkpoint=per_checkpoint, kappa=_kappa(kappa),
+        split_half=M.split_half(speed) if rec.p > 1 else None,
+        pairwise_spearman=M.pairwise_spearman(speed) if rec.p > 1 else None,
+        forgetting={"events": int(forget.events.sum(dtype=np.int64)),
+                    "never_learned_pairs": int(forget.never.sum()), "never_learned_by_all": int((never == 1).sum()),
+                    "pairs": rec.p * rec.n},
+        arrays={"tpa": (counts / rec.p).astype(np.float32), "accessibility": speed.counts.sum(0) / (rec.t * rec.p),
+                "forgetting": forget.events.sum(0, dtype=np.int32), "never_learned": never})
+    _extras(run, split, t_sel, result)
     return result
 
 
-def write_analysis(run: Run, result: dict) -> None:
-    split = result["split"]
-    for name, arr in result["arrays"].items():
-        if name != "kappa":
-            write_npy(run.path / f"{split}.{name}.npy", arr)
-    summary = {k: v for k, v in result.items() if k != "arrays"}
-    atomic_write(run.path / f"{split}.metrics.json", (json.dumps(summary, indent=1) + "\n").encode())
+def _extras(run: Run, split: str, t_sel: int, result: Analysis) -> None:
+    """The C-score, the consensus of predictions and the margin scores, where the run recorded what they need."""
+    if split == "train" and run.member_bits() is not None:
+        cs = M.cscore(run)
+        result.arrays["cscore"] = cs.values
+        result.extra["cscore_mean"] = float(np.nanmean(cs.values)) if np.isfinite(cs.values).any() else None
+    labels = run.predictions(split)
+    if labels is not None:
+        consensus = M.consensus_agreement(np.asarray(labels), split).agreement
+        result.arrays["consensus"] = consensus.astype(np.float32)
+        classes = run.config.classes or run.manifest.get("dataset", {}).get("classes") or 0
+        k = len(classes) if isinstance(classes, list) else int(classes)
+        result.extra["consensus"] = {
+            "mean": float(consensus[t_sel].mean()), "classes": k,
+            "chance": M.chance_agreement(k, len(run.seeds)) if k else None,
+            "histogram": np.histogram(consensus[t_sel], bins=10, range=(0, 1))[0].tolist()}
+    margins = {}
+    if run.margins(split) is not None:
+        result.arrays["aum"] = M.aum(run, split).values
+        margins["aum_mean"] = _nanmean(result.arrays["aum"])
+    if run.example_losses(split) is not None:
+        cart = M.cartography(run, split)
+        result.arrays.update(confidence=cart.confidence, variability=cart.variability,
+                             el2n=M.el2n(run, split, checkpoint=0).values)
+        margins.update(confidence_mean=_nanmean(cart.confidence), variability_mean=_nanmean(cart.variability))
+    if margins:
+        result.extra["margins"] = margins
+
+
+def _nanmean(x: np.ndarray) -> float | None:
+    return float(np.nanmean(x)) if np.isfinite(x).any() else None
+
+
+def current_analysis(run: Run, split: str, checkpoint: int, folders: list[Path]) -> Analysis | None:
+    """A saved Analysis of exactly this record and checkpoint in one of `folders`, or None."""
+    t_sel = checkpoint % max(len(run.checkpoints), 1)
+    want = fingerprint(run, split, t_sel)
+    for folder in folders:
+        found = Analysis.load(folder, split)
+        if found is not None and found.identity.get("fingerprint") == want and "tpa" in found.arrays:
+            return found
+    return None
+
+
+def _kappa_subset(p: int) -> np.ndarray | None:
+    if p <= KAPPA_MAX_NETS:
+        return None
+    return np.sort(np.random.default_rng(0).choice(p, KAPPA_MAX_NETS, replace=False))
+
+
+def _kappa(kappa: np.ndarray) -> dict:
+    """The summary of the pairs' kappa, and its histogram (40 bins over [-1, 1]) for the report."""
+    pairs = kappa[np.triu_indices(len(kappa), 1)]
+    counts, edges = np.histogram(pairs[np.isfinite(pairs)], bins=40, range=(-1, 1))
+    return dict(M.kappa_summary(kappa), networks=len(kappa), histogram=counts.tolist(), edges=edges.tolist())
+
+
+def _spread(values: np.ndarray) -> dict:
+    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
+            "max": float(values.max())}
 
 
 def run_cscore(run: Run) -> np.ndarray:
     """C-score estimate of each train example from one run: held-out networks' accuracy at the last checkpoint."""
-    member = run.member_bits()
-    if member is None:
-        raise UsageError(f"{run.path} was trained without --subset-fraction: it has no membership record")
-    correct = np.ascontiguousarray(run.bits("train")[-1])
-    return M.cscore(correct.view(np.uint64), member.view(np.uint64), run.n("train"))
+    return M.cscore(run).values
 
 
 def combined_cscore(runs: list[Run]) -> tuple[np.ndarray, list[float]]:
@@ -98,40 +226,76 @@ def combined_cscore(runs: list[Run]) -> tuple[np.ndarray, list[float]]:
         return np.nanmean(np.stack(scores), 0), fractions
 
 
-def _kappa_subset(p: int) -> np.ndarray | None:
-    if p <= KAPPA_MAX_NETS:
-        return None
-    return np.sort(np.random.default_rng(0).choice(p, KAPPA_MAX_NETS, replace=False))
+@dataclass
+class Comparison:
+    """Order agreement of two or more populations on the same examples. runs: per run its path, arch, P, T,
+    final mean accuracy and checkpoint epochs; pairs: per pair (i < j) the Spearman of accessibility and
+    containment with its counts (the weaker population, by final mean accuracy, as A); warnings: e.g. that the
+    checkpoint plans differ (accessibility then averages over different moments of training)."""
+    split: str
+    n: int
+    threshold: float
+    runs: list[dict]
+    pairs: list[dict]
+    warnings: list[str]
+    accessibility: np.ndarray = field(repr=False)  # float64 [runs, N]
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "accessibility"}
 
 
-def _spread(values: np.ndarray) -> dict:
-    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
-            "max": float(values.max())}
-
-
-def compare(run_a: Run, run_b: Run, split: str = "test", threshold: float = 0.5) -> dict:
-    """Cross-population order agreement on the same examples: Spearman of accessibility, and containment with the
-    weaker population (lower final mean accuracy) as A."""
-    for run in (run_a, run_b):
+def compare(runs: list[Run], split: str = "test", threshold: float = 0.5) -> Comparison:
+    """Cross-population order agreement on the same examples, for every pair of `runs`."""
+    if len(runs) < 2:
+        raise UsageError("compare needs at least two runs")
+    first = runs[0]
+    for run in runs:
         run.require_checkpoint()
-    sa, sb = run_a.manifest["splits"][split], run_b.manifest["splits"][split]
-    if run_a.manifest["dataset"] != run_b.manifest["dataset"] or sa.get("labels_sha256") != sb.get("labels_sha256"):
-        raise UsageError(f"{run_a.path} and {run_b.path} were not trained on the same data; "
-                         f"their {split} splits cannot be compared")
-    n = run_a.n(split)
-    acc = {}
-    final = {}
-    for key, run in (("a", run_a), ("b", run_b)):
-        acc[key] = M.accessibility(run, split=split)
-        final[key] = M.tpa_counts(run.bits(split)[-1:], n)[0] / len(run.seeds)
-    mean_acc = {key: float(final[key].mean()) for key in final}
-    weak, strong = ("a", "b") if mean_acc["a"] <= mean_acc["b"] else ("b", "a")
-    cont = M.containment(final[weak], final[strong], threshold)
-    names = {"a": str(run_a.path), "b": str(run_b.path)}
-    return {"split": split, "N": n, "a": names["a"], "b": names["b"],
-            "mean_final_accuracy": {names[k]: v for k, v in mean_acc.items()},
-            "spearman_accessibility": M.spearman(acc["a"], acc["b"]),
-            "weaker": names[weak], "stronger": names[strong], "threshold": threshold,
-            "weak_learned_also_by_strong": cont["a_in_b"], "strong_learned_also_by_weak": cont["b_in_a"],
-            "learned_by_weak": cont["learned_a"], "learned_by_strong": cont["learned_b"],
-            "arrays": {"accessibility_a": acc["a"], "accessibility_b": acc["b"]}}
+        sa, sb = first.manifest["splits"][split], run.manifest["splits"][split]
+        if first.manifest["dataset"] != run.manifest["dataset"] or sa.get("labels_sha256") != sb.get("labels_sha256"):
+            raise UsageError(f"{first.path} and {run.path} were not trained on the same data; their {split} splits "
+                             "cannot be compared")
+    n = first.n(split)
+    access, final, info = [], [], []
+    for run in runs:
+        rec = M.as_record(run, split=split)
+        access.append(M.accessibility(rec).values)
+        final.append(M.tpa_counts(rec.checkpoint(-1)).counts[0] / rec.p)
+        info.append({"run": str(run.path), "arch": run.config.arch, "P": rec.p, "T": rec.t,
+                     "mean_final_accuracy": float(final[-1].mean()),
+                     "epochs": [c["epoch"] for c in run.checkpoints]})
+    warns = []
+    if len({tuple(i["epochs"]) for i in info}) > 1:
+        warns.append("the checkpoint plans differ (" + "; ".join(
+            f"{i['run']}: {i['T']} checkpoints, epochs {_epochs_text(i['epochs'])}" for i in info)
+                     + "): accessibility averages over different moments of training")
+    pairs = []
+    for a in range(len(runs)):
+        for b in range(a + 1, len(runs)):
+            weak, strong = (a, b) if info[a]["mean_final_accuracy"] <= info[b]["mean_final_accuracy"] else (b, a)
+            c = M.containment(final[weak], final[strong], threshold)
+            pairs.append({"a": a, "b": b, "spearman_accessibility": M.spearman(access[a], access[b]),
+                          "examples": n, "weaker": info[weak]["run"], "stronger": info[strong]["run"],
+                          "weak_learned_also_by_strong": c["a_in_b"], "strong_learned_also_by_weak": c["b_in_a"],
+                          "learned_by_weak": c["learned_a"], "learned_by_strong": c["learned_b"],
+                          "learned_by_both": c["learned_both"]})
+    return Comparison(split, n, threshold, info, pairs, warns, np.stack(access))
+
+
+def _epochs_text(epochs: list[float]) -> str:
+    shown = [f"{e:g}" for e in epochs[:6]]
+    return ", ".join(shown) + (", ..." if len(epochs) > 6 else "")
+
+
+def default_compare_out(runs: list[Run]) -> Path:
+    """compare-NAME-NAME-...-HASH: the hash of the runs' resolved paths keeps two runs both named `run` (in
+    different folders) from colliding with another comparison."""
+    names = "-".join(r.path.resolve().name for r in runs[:3]) + ("-etc" if len(runs) > 3 else "")
+    key = hashlib.sha256("\0".join(str(r.path.resolve()) for r in runs).encode()).hexdigest()[:8]
+    return Path(f"compare-{names}-{key}")
+
+
+def default_report_out(run: Run, split: str) -> Path:
+    """report-NAME-SPLIT-HASH in the current folder (outside the run directory, which may be read-only)."""
+    key = hashlib.sha256(str(run.path.resolve()).encode()).hexdigest()[:8]
+    return Path(f"report-{run.path.resolve().name}-{split}-{key}")

@@ -123,10 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("run", metavar="RUN")
     analyze.add_argument("--split", default="test", choices=("test", "train"))
     analyze.add_argument("--checkpoint", type=int, default=-1, help="checkpoint of the table (default: last)")
+    analyze.add_argument("--out", help="folder for {split}.metrics.json and the per-example arrays (default: none "
+                         "written)")
+    analyze.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
 
-    report = sub.add_parser("report", help="figures and report.html in RUN/report/")
+    report = sub.add_parser("report", help="figures and report.html (reuses a current analysis)")
     report.add_argument("run", metavar="RUN")
     report.add_argument("--split", default="test", choices=("test", "train"))
+    report.add_argument("--checkpoint", type=int, default=-1, help="checkpoint of the table (default: last)")
+    report.add_argument("--out", help="folder for the report (default report-NAME-SPLIT-HASH here)")
+    report.add_argument("--json", action="store_true", help="print the analysis and the paths as JSON")
 
     experiment = sub.add_parser("experiment", help="reproduce a study end to end")
     experiment.add_argument("name", choices=["paper"])
@@ -141,12 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     cscore.add_argument("runs", metavar="RUN", nargs="+")
     cscore.add_argument("--out", required=True, help="file for the float64 [N] C-scores (.npy)")
 
-    compare = sub.add_parser("compare", help="learning order of two populations on the same examples")
-    compare.add_argument("run_a", metavar="RUN_A")
-    compare.add_argument("run_b", metavar="RUN_B")
+    compare = sub.add_parser("compare", help="learning order of two or more populations on the same examples")
+    compare.add_argument("runs", metavar="RUN", nargs="+", help="two or more run directories")
     compare.add_argument("--split", default="test", choices=("test", "train"))
     compare.add_argument("--threshold", type=float, default=0.5, help="final TPA at which an example counts as learned")
-    compare.add_argument("--out", help="folder for compare.json and the figure (default compare-A-vs-B)")
+    compare.add_argument("--out", help="folder for compare.json and the figures (default compare-NAMES-HASH here)")
+    compare.add_argument("--json", action="store_true", help="print the result as JSON")
 
     bench = sub.add_parser("bench", help="training throughput: fastpop vs torch.func vmap, a grouped conv and a "
                            "loop of modules")
@@ -282,12 +288,18 @@ def _bench(args) -> int:
 
 def _analyze(args) -> int:
     from .analysis import analyze
-    from .console import print_analysis
     from .run import load_run
 
-    result = analyze(load_run(args.run), args.split, args.checkpoint)
+    result = analyze(load_run(args.run), args.split, args.checkpoint)  # all computed before anything is written
+    written = result.save(args.out) if args.out else []
+    if args.json:
+        _print_json(dict(result.to_json(), written=[str(p) for p in written]))
+        return 0
+    from .console import print_analysis
+
     print_analysis(result)
-    print(f"wrote {args.run}/{args.split}.metrics.json and per-example arrays")
+    if written:
+        print(f"wrote {written[-1]} and {len(written) - 1} per-example arrays")
     return 0
 
 
@@ -295,32 +307,56 @@ def _report(args) -> int:
     from .report import write_report
     from .run import load_run
 
-    print(f"wrote {write_report(load_run(args.run), args.split)}")
+    path, reused = write_report(load_run(args.run), args.split, args.out, args.checkpoint)
+    if args.json:
+        from .analysis import Analysis
+
+        _print_json({"report": str(path), "reused_analysis": reused,
+                     "analysis": Analysis.load(path.parent, args.split).to_json()})
+        return 0
+    print(f"wrote {path}" + (" (reused the current analysis)" if reused else ""))
     return 0
 
 
 def _compare(args) -> int:
     import json
-    from pathlib import Path
 
-    from .analysis import compare
-    from .report import write_compare_figure
+    from .analysis import compare, default_compare_out
     from .run import load_run
 
     if not 0 < args.threshold <= 1:
         raise UsageError("--threshold must be in (0, 1]")
-    a, b = load_run(args.run_a), load_run(args.run_b)
-    result = compare(a, b, args.split, args.threshold)
-    out = Path(args.out or f"compare-{a.path.name}-vs-{b.path.name}")
-    figure = write_compare_figure(result, out)
-    summary = {k: v for k, v in result.items() if k != "arrays"}
-    (out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"Spearman of accessibility: {result['spearman_accessibility']:.4f}")
-    print(f"weaker {result['weaker']}, stronger {result['stronger']} (final TPA >= {args.threshold} counts as learned)")
-    print(f"  learned by the weaker and also by the stronger: {result['weak_learned_also_by_strong']:.4f}")
-    print(f"  learned by the stronger and also by the weaker: {result['strong_learned_also_by_weak']:.4f}")
-    print(f"wrote {out / 'compare.json'} and {out / figure}")
+    if len(args.runs) < 2:
+        raise UsageError("compare needs at least two run directories")
+    runs = [load_run(p) for p in args.runs]
+    result = compare(runs, args.split, args.threshold)
+    out = Path(args.out) if args.out else default_compare_out(runs)
+    from .report import write_compare_figure
+
+    figures = write_compare_figure(result, out)
+    (out / "compare.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    if args.json:
+        _print_json(dict(result.to_json(), written=[str(out / "compare.json"), *(str(out / f) for f in figures)]))
+        return 0
+    from .console import print_comparison
+
+    print_comparison(result)
+    print(f"wrote {out / 'compare.json'} and {len(figures)} figure(s) in {out}")
     return 0
+
+
+def _print_json(obj: dict) -> None:
+    import json
+
+    print(json.dumps(obj, indent=1, default=_json_default))
+
+
+def _json_default(v):
+    import numpy as np
+
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"not JSON: {type(v).__name__}")
 
 
 def _cscore(args) -> int:

@@ -35,6 +35,7 @@ class Config:
     separation: float = 1.0  # class separation of the gaussian data set
     superclass: int | None = None  # CIFAR-100: only this superclass (e.g. 16, small mammals)
     record_predictions: bool = False  # store predicted test labels (on by itself for unseen test classes)
+    record: list[str] = field(default_factory=list)  # per-example arrays to store: any of margin, loss, pred
     subset_fraction: float = 1.0  # each network trains on its own random subset of this fraction (C-score)
     seeds: int | list[int] = 100  # a count (seed_offset, seed_offset+1, ...) or an explicit list
     seed_offset: int = 0
@@ -102,6 +103,8 @@ class Config:
             raise UsageError("cuda_graphs must be true or false")
         if not isinstance(self.record_predictions, bool):
             raise UsageError("record_predictions must be true or false")
+        if not isinstance(self.record, list) or not set(self.record) <= {"margin", "loss", "pred"}:
+            raise UsageError(f"record takes a list of margin, loss, pred; got {self.record!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise UsageError("data_dir must be a path string")
         _check_int("seed_offset", self.seed_offset, 0, 2**62)

@@ -7,8 +7,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .run import Run
-from .trainer import Progress
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the analysis commands print through here: they should not load torch and the trainer
+    from .analysis import Analysis, Comparison
+    from .run import Run
+    from .trainer import Progress
 
 
 class ProgressBar:
@@ -58,30 +62,35 @@ def print_summary(run: Run, console: Console | None = None) -> None:
     console.print(f"run directory: {run.path}")
 
 
-def print_analysis(result: dict, console: Console | None = None) -> None:
+def print_analysis(result: "Analysis", console: Console | None = None) -> None:
+    from .report import summary_rows
+
     console = console or Console()
-    a, g, k = result["accuracy"], result["agreement"], result["kappa"]
-    table = Table(title=f"{result['split']} split, checkpoint {result['checkpoint']} of {result['T']}: "
-                        f"P={result['P']}, N={result['N']}")
+    table = Table(title=result.title)
     table.add_column("measure")
-    for col in ("observed", "binomial null", "Poisson-binomial null"):
-        table.add_column(col, justify="right")
-    table.add_row("accuracy mean (std, min, max)",
-                  f"{a['mean']:.4f} ({a['std']:.4f}, {a['min']:.4f}, {a['max']:.4f})", "", "")
-    table.add_row("mass at TPA = 0", f"{g['mass0']:.4f}", f"{g['mass0_binomial']:.3g}",
-                  f"{g['mass0_poisson_binomial']:.3g}")
-    table.add_row("mass at TPA = 1", f"{g['mass1']:.4f}", f"{g['mass1_binomial']:.3g}",
-                  f"{g['mass1_poisson_binomial']:.3g}")
-    table.add_row("TV distance to the null", "", f"{g['tv_binomial']:.4f}", f"{g['tv_poisson_binomial']:.4f}")
-    table.add_row("over-dispersion rho", f"{g['rho']:.4f}", "", "")
-    table.add_row("Fleiss kappa", f"{g['fleiss_kappa']:.4f}", "", "")
-    table.add_row(f"mean pairwise kappa ({k['networks']} nets)", f"{k['mean']:.4f}", "", "")
-    if "consensus" in result:
-        table.add_row("agreement with the plurality prediction", f"{result['consensus']['mean']:.4f}", "", "")
-    if result.get("cscore_mean") is not None:
-        table.add_row("mean C-score (held-out networks' accuracy)", f"{result['cscore_mean']:.4f}", "", "")
-    if result["split_half"]:
-        sh = result["split_half"]
-        table.add_row("split-half Spearman (Spearman-Brown)", f"{sh['r']:.4f} ({sh['spearman_brown']:.4f})", "", "")
-        table.add_row("mean pairwise Spearman of speed", f"{result['pairwise_spearman']['mean']:.4f}", "", "")
+    table.add_column("value", justify="right")
+    for name, value in summary_rows(result):
+        table.add_row(name, value)
     console.print(table)
+
+
+def print_comparison(result: "Comparison", console: Console | None = None) -> None:
+    console = console or Console()
+    for i, r in enumerate(result.runs):
+        console.print(f"[{i}] {r['run']}: {r['arch']}, P = {r['P']}, T = {r['T']}, final mean accuracy "
+                      f"{r['mean_final_accuracy']:.4f}")
+    for w in result.warnings:
+        console.print(f"warning: {w}", style="yellow")
+    for pair in result.pairs:
+        weak = pair["weaker"]
+        console.print(f"[{pair['a']}] vs [{pair['b']}] on {result.n} {result.split} examples: Spearman of "
+                      f"accessibility {pair['spearman_accessibility']:.4f}; weaker {weak} "
+                      f"(final TPA >= {result.threshold} counts as learned)")
+        console.print(f"  learned by the weaker and also by the stronger: "
+                      f"{_fraction(pair['weak_learned_also_by_strong'], pair['learned_by_both'], pair['learned_by_weak'])}")
+        console.print(f"  learned by the stronger and also by the weaker: "
+                      f"{_fraction(pair['strong_learned_also_by_weak'], pair['learned_by_both'], pair['learned_by_strong'])}")
+
+
+def _fraction(value: float, k: int, m: int) -> str:
+    return f"{value:.4f} ({k} of {m})" if m else "undefined (0 of 0)"

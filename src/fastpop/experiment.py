@@ -72,7 +72,7 @@ def summarize(runs: dict[str, Run]) -> dict:
         if name == "out-of-sample":
             continue
         for split in ("test", "train") if name == "random-labels" else ("test",):
-            r = analyze(run, split, write=False)
+            r = analyze(run, split).to_json()
             g = r["agreement"]
             rows[f"{name} ({split})"] = {
                 "networks": r["P"], "examples": r["N"], "mean_accuracy": r["accuracy"]["mean"],
@@ -82,11 +82,11 @@ def summarize(runs: dict[str, Run]) -> dict:
                 "split_half_spearman": r["split_half"]["spearman_brown"] if r["split_half"] else None}
     pairs = {}
     for a, b in (("mlp", "small-cnn"), ("small-cnn", "wide-cnn"), ("mlp", "wide-cnn")):
-        c = compare(runs[a], runs[b])
+        c = compare([runs[a], runs[b]]).pairs[0]
         pairs[f"{a} vs {b}"] = {"spearman_accessibility": c["spearman_accessibility"], "weaker": Path(c["weaker"]).name,
                                 "weak_learned_also_by_strong": c["weak_learned_also_by_strong"],
                                 "strong_learned_also_by_weak": c["strong_learned_also_by_weak"]}
-    oos = analyze(runs["out-of-sample"], "test", write=False)
+    oos = analyze(runs["out-of-sample"], "test").to_json()
     return {"populations": rows, "cross_architecture": pairs,
             "out_of_sample": {"networks": oos["P"], "examples": oos["N"], **oos.get("consensus", {})}}
 
@@ -100,8 +100,8 @@ def draw(runs: dict[str, Run], summary: dict, out: Path) -> list[tuple[str, str]
     for ax, name in zip(axes[0], names):
         run = runs[name]
         p = len(run.seeds)
-        counts = M.tpa_counts(run.bits("test")[-1:], run.n("test"))[0]
-        acc = M.accuracy(run.bits("test")[-1:], run.n("test"))[0]
+        counts = M.tpa_counts(run.bits("test")[-1:], run.n("test")).counts[0]
+        acc = M.accuracy(run.bits("test")[-1:], run.n("test")).values[0]
         k = np.arange(p + 1) / p
         ax.bar(k, np.bincount(counts, minlength=p + 1) / len(counts), width=1 / p, label="observed")
         ax.plot(k, M.poisson_binomial_pmf(acc), "--", color="tab:red", label="independent-error null")
@@ -112,18 +112,20 @@ def draw(runs: dict[str, Run], summary: dict, out: Path) -> list[tuple[str, str]
                 _save(fig, out, "tpa_by_population"))]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     for ax, (a, b) in zip(axes, (("mlp", "small-cnn"), ("small-cnn", "wide-cnn"), ("mlp", "wide-cnn"))):
-        ax.scatter(M.accessibility(runs[a]), M.accessibility(runs[b]), s=4, alpha=0.5)
+        ax.scatter(M.accessibility(runs[a]).values, M.accessibility(runs[b]).values, s=4, alpha=0.5)
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
         rho = summary["cross_architecture"][f"{a} vs {b}"]["spearman_accessibility"]
         ax.set(xlabel=f"accessibility, {a}", ylabel=f"accessibility, {b}", title=f"Spearman {rho:.3f}")
     figures.append(("Learning order across architectures (test examples)", _save(fig, out, "order_across_archs")))
     labels = runs["out-of-sample"].predictions()
     if labels is not None:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.hist(M.consensus_agreement(np.ascontiguousarray(labels[-1:]))[0], bins=20, range=(0, 1))
-        ax.set(xlabel="fraction of networks agreeing with the plurality label", ylabel="unseen-class test images")
-        figures.append(("Out-of-sample: agreement of predictions on classes never trained on",
-                        _save(fig, out, "out_of_sample_consensus")))
+        from .report import draw_consensus
+
+        oos = summary["out_of_sample"]
+        figures.append(("Out-of-sample: agreement of predictions on classes never trained on", draw_consensus(
+            M.consensus_agreement(np.asarray(labels[-1:])).agreement[0], oos.get("chance"),
+            f"{runs['out-of-sample'].config.arch} on unseen classes, P = {oos['networks']}", out,
+            "out_of_sample_consensus")))
     return figures
 
 

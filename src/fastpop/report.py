@@ -1,4 +1,8 @@
-"""Figures (PNG and SVG) and report.html for a run, and the scatter figure of `fastpop compare`."""
+"""Figures (PNG and SVG) and report.html for a run, rendered from an Analysis; and the figure of `fastpop compare`.
+
+Every figure names the run it shows (arch, data, split, P) in its title, uses constrained layout, and marks
+epochs with integer ticks.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .analysis import analyze, write_analysis
+from .analysis import Analysis, Comparison, analyze, current_analysis, default_report_out
 from .run import Run
 from .rundir import SPLITS
+
+SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange"}
 
 
 def _plt():
@@ -24,93 +30,133 @@ def _plt():
 
 def _save(fig, folder: Path, name: str) -> str:
     for ext in ("png", "svg"):
-        fig.savefig(folder / f"{name}.{ext}", dpi=110, bbox_inches="tight")
+        fig.savefig(folder / f"{name}.{ext}", dpi=110)
     _plt().close(fig)
     return f"{name}.png"
 
 
-def write_report(run: Run, split: str = "test") -> Path:
-    """RUN/report/: the figures and report.html. Returns the html path."""
+def _epoch(e: float) -> str:
+    return f"{e:g}" if float(e).is_integer() else f"{e:.2f}"
+
+
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def write_report(run: Run, split: str = "test", out: str | Path | None = None,
+                 checkpoint: int = -1) -> tuple[Path, bool]:
+    """The figures and report.html in `out` (default: report-NAME-SPLIT-HASH in the current folder), with the
+    analysis saved beside them. A current analysis of the same record, saved in `out` or in the run directory,
+    is reused instead of recomputed. Returns (html path, whether an analysis was reused)."""
+    folder = Path(out) if out is not None else default_report_out(run, split)
+    run.require_checkpoint()
+    result = current_analysis(run, split, checkpoint, [folder, run.path])
+    reused = result is not None
+    if result is None:
+        result = analyze(run, split, checkpoint)
+    accuracy = {s: np.asarray(run.accuracy(s), np.float64) for s in SPLITS}  # read before anything is written
+    folder.mkdir(parents=True, exist_ok=True)
+    if not reused or Analysis.load(folder, split) is None:
+        result.save(folder)
+    figures = draw_run(run, result, accuracy, folder)
+    path = folder / "report.html"
+    path.write_text(_html(run, result, figures))
+    return path, reused
+
+
+def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[tuple[str, str]]:
     plt = _plt()
-    result = analyze(run, split, write=False)  # everything is read and checked before anything is written
-    accuracy = {s: np.asarray(run.accuracy(s), np.float64) for s in SPLITS}
-    write_analysis(run, result)
-    arrays = result["arrays"]
-    folder = run.path / "report"
-    folder.mkdir(exist_ok=True)
-    p, n, t_done = result["P"], result["N"], result["T"]
+    ident, arrays = result.identity, result.arrays
+    p, n, t_done = ident["P"], ident["N"], ident["T"]
+    epochs = [c["epoch"] for c in run.checkpoints]
     counts = np.rint(arrays["tpa"] * p).astype(np.int64)
-    acc = accuracy[split]
+    acc = accuracy[ident["split"]]
     figures = []
 
     picks = sorted({0, t_done // 2, t_done - 1})
-    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.6), squeeze=False, layout="constrained")
+    k = np.arange(p + 1) / p
     for ax, t in zip(axes[0], picks):
-        k = np.arange(p + 1)
-        ax.bar(k / p, np.bincount(counts[t], minlength=p + 1) / n, width=1 / max(p, 1), color="tab:blue",
+        ax.bar(k, np.bincount(counts[t], minlength=p + 1) / n, width=1 / max(p, 1), color="tab:blue",
                label="observed")
-        ax.plot(k / p, M.binomial_pmf(p, acc[t].mean()), color="tab:orange", label="binomial null")
-        ax.plot(k / p, M.poisson_binomial_pmf(acc[t]), "--", color="tab:red", label="Poisson-binomial null")
-        ax.set(title=f"checkpoint {t} (epoch {run.checkpoints[t]['epoch']:.2f})", xlabel="TP-agreement",
-               yscale="log", ylim=(max(1 / (10 * n), 1e-6), 1))
+        ax.plot(k, M.binomial_pmf(p, acc[t].mean()), "o", ms=3, color="tab:green",
+                label="binomial null (identical networks, independent errors)")
+        ax.plot(k, M.poisson_binomial_pmf(acc[t]), "--", color="tab:red",
+                label="Poisson-binomial null (each network's accuracy)")
+        ax.set(title=f"checkpoint {t} (epoch {_epoch(epochs[t])})", xlabel="TP-agreement", yscale="log",
+               ylim=(max(1 / (10 * n), 1e-6), 1))
     axes[0][0].set_ylabel("fraction of examples")
-    axes[0][0].legend(fontsize=8)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
+    fig.suptitle(f"TP-agreement against independent-error nulls: {result.title}")
     figures.append(("TP-agreement against independent-error nulls", _save(fig, folder, "tpa_histograms")))
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    epochs = [c["epoch"] for c in run.checkpoints]
-    for s, color in (("train", "tab:blue"), ("test", "tab:green")):
+    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
+    for s in SPLITS:
         a = accuracy[s]
-        ax.fill_between(epochs, a.min(1), a.max(1), color=color, alpha=0.15)
-        ax.fill_between(epochs, *np.percentile(a, [10, 90], axis=1), color=color, alpha=0.3)
-        ax.plot(epochs, a.mean(1), color=color, label=f"{s} (mean; 10-90%; min-max)")
-    ax.set(xlabel="epoch", ylabel="accuracy", title=f"accuracy of all {p} networks")
+        lo, hi = np.percentile(a, [10, 90], axis=1)
+        ax.fill_between(epochs, lo, hi, color=SPLIT_COLORS[s], alpha=0.2, lw=0)
+        for edge in (lo, hi):  # the band's own edges, so overlapping bands stay readable
+            ax.plot(epochs, edge, color=SPLIT_COLORS[s], lw=0.6, ls=":")
+        ax.plot(epochs, a.mean(1), color=SPLIT_COLORS[s], label=f"{s}: mean, 10-90% of networks")
+    _integer_ticks(ax.xaxis)
+    ax.set(xlabel="epoch", ylabel="accuracy", title=f"Accuracy of every network: {run.config.arch} on "
+           f"{ident['dataset']}, P = {p}")
     ax.legend(fontsize=8)
     figures.append(("Accuracy of every network", _save(fig, folder, "accuracy_band")))
 
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = plt.subplots(figsize=(5.4, 3.6), layout="constrained")
     ax.hist(arrays["accessibility"], bins=40, color="tab:purple")
-    ax.set(xlabel="accessibility (mean correctness over checkpoints and networks)", ylabel="examples")
+    ax.set(xlabel="accessibility (mean correctness over checkpoints and networks)", ylabel="examples",
+           title=f"Accessibility: {result.title}")
     figures.append(("Accessibility of the examples", _save(fig, folder, "accessibility")))
 
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    kappa = arrays["kappa"][np.triu_indices(len(arrays["kappa"]), 1)]
-    ax.hist(kappa[np.isfinite(kappa)], bins=40, color="tab:brown")
+    fig, ax = plt.subplots(figsize=(5.4, 3.6), layout="constrained")
+    kap = result.kappa
+    if kap.get("histogram"):
+        edges = np.asarray(kap["edges"])
+        ax.stairs(kap["histogram"], edges, fill=True, color="tab:brown")
     ax.set(xlabel="error consistency kappa (network pairs)", ylabel="pairs",
-           title=f"checkpoint {result['checkpoint']}")
+           title=f"Error consistency at checkpoint {ident['checkpoint']}: {result.title}")
     figures.append(("Pairwise error consistency", _save(fig, folder, "kappa")))
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 3.8), layout="constrained")
     order = np.argsort(-arrays["accessibility"], kind="stable")
     im = ax.imshow(arrays["tpa"][:, order], aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
-    ax.set(xlabel="examples, most accessible first", ylabel="checkpoint")
+    ticks = sorted({0, t_done // 2, t_done - 1})
+    ax.set_yticks(ticks, [_epoch(epochs[t]) for t in ticks])
+    ax.set(xlabel="examples, most accessible first", ylabel="epoch", title=f"TP-agreement over training: "
+           f"{result.title}")
     fig.colorbar(im, ax=ax, label="TP-agreement")
     figures.append(("TP-agreement over training", _save(fig, folder, "tpa_heatmap")))
 
-    path = folder / "report.html"
-    path.write_text(_html(run, result, figures))
-    return path
+    if "consensus" in arrays and "consensus" in result.extra:
+        figures.append(("Agreement of predicted labels", draw_consensus(
+            arrays["consensus"][ident["checkpoint"]], result.extra["consensus"].get("chance"), result.title,
+            folder)))
+    return figures
 
 
-def _html(run: Run, result: dict, figures: list[tuple[str, str]]) -> str:
-    a, g, k = result["accuracy"], result["agreement"], result["kappa"]
-    rows = [("networks P", result["P"]), ("examples N", result["N"]), ("checkpoints T", result["T"]),
-            ("accuracy mean / std / min / max", f"{a['mean']:.4f} / {a['std']:.4f} / {a['min']:.4f} / {a['max']:.4f}"),
-            ("mass at TPA=0: observed / binomial / Poisson-binomial",
-             f"{g['mass0']:.4f} / {g['mass0_binomial']:.4g} / {g['mass0_poisson_binomial']:.4g}"),
-            ("mass at TPA=1: observed / binomial / Poisson-binomial",
-             f"{g['mass1']:.4f} / {g['mass1_binomial']:.4g} / {g['mass1_poisson_binomial']:.4g}"),
-            ("TV distance to binomial / Poisson-binomial",
-             f"{g['tv_binomial']:.4f} / {g['tv_poisson_binomial']:.4f}"),
-            ("over-dispersion rho", f"{g['rho']:.4f}"), ("Fleiss kappa", f"{g['fleiss_kappa']:.4f}"),
-            ("mean pairwise error-consistency kappa", f"{k['mean']:.4f}")]
-    if result["split_half"]:
-        rows.append(("split-half Spearman of accessibility (Spearman-Brown)",
-                     f"{result['split_half']['r']:.4f} ({result['split_half']['spearman_brown']:.4f})"))
-        rows.append(("mean pairwise Spearman of per-network speed", f"{result['pairwise_spearman']['mean']:.4f}"))
+def draw_consensus(agreement: np.ndarray, chance: float | None, title: str, folder: Path,
+                   name: str = "consensus") -> str:
+    """Histogram of the plurality agreement per example, with the level of chance (independent uniform guesses)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.4, 3.6), layout="constrained")
+    ax.hist(agreement, bins=20, range=(0, 1), color="tab:cyan")
+    if chance is not None:
+        ax.axvline(chance, color="black", ls="--", lw=1, label=f"chance: independent uniform guesses ({chance:.2f})")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="fraction of networks agreeing with the plurality label", ylabel="examples",
+           title=f"Agreement of predictions: {title}")
+    return _save(fig, folder, name)
+
+
+def _html(run: Run, result: Analysis, figures: list[tuple[str, str]]) -> str:
+    rows = summary_rows(result)
     table = "".join(f"<tr><td>{html.escape(str(a_))}</td><td>{html.escape(str(b_))}</td></tr>" for a_, b_ in rows)
     imgs = "".join(f"<h2>{html.escape(t)}</h2><img src='{src}'>" for t, src in figures)
-    title = f"fastpop: {run.config.arch} on {run.config.dataset}, {result['split']} split"
+    title = f"fastpop: {result.title}"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 12px}"
             "img{max-width:100%}</style></head>"
@@ -118,12 +164,62 @@ def _html(run: Run, result: dict, figures: list[tuple[str, str]]) -> str:
             f"{imgs}</body></html>\n")
 
 
-def write_compare_figure(result: dict, folder: Path) -> str:
+def summary_rows(result: Analysis) -> list[tuple[str, str]]:
+    """(measure, value) rows of an Analysis, shared by the console and the html report."""
+    i, a, g, k = result.identity, result.accuracy, result.agreement, result.kappa
+    f = result.forgetting
+    rows = [("run", i["run"]), ("networks P / examples N / checkpoints T", f"{i['P']} / {i['N']} / {i['T']}"),
+            ("checkpoint (epoch)", f"{i['checkpoint']} ({_epoch(i['epoch'])})"),
+            ("accuracy mean (std, min, max)", f"{a['mean']:.4f} ({a['std']:.4f}, {a['min']:.4f}, {a['max']:.4f})"),
+            ("mass at TPA = 0: observed / binomial / Poisson-binomial",
+             f"{g['mass0']:.4f} ({g['count0']} of {g['N']}) / {g['mass0_binomial']:.3g} / "
+             f"{g['mass0_poisson_binomial']:.3g}"),
+            ("mass at TPA = 1: observed / binomial / Poisson-binomial",
+             f"{g['mass1']:.4f} ({g['count1']} of {g['N']}) / {g['mass1_binomial']:.3g} / "
+             f"{g['mass1_poisson_binomial']:.3g}"),
+            ("TV distance to binomial / Poisson-binomial", f"{g['tv_binomial']:.4f} / {g['tv_poisson_binomial']:.4f}"),
+            ("over-dispersion rho", f"{g['rho']:.4f}"), ("Fleiss kappa", f"{g['fleiss_kappa']:.4f}"),
+            (f"mean pairwise error-consistency kappa ({k['networks']} networks, {k['pairs']} pairs)",
+             f"{k['mean']:.4f}"),
+            ("forgetting events (all networks); network-example pairs never learned",
+             f"{f['events']}; {f['never_learned_pairs']} of {f['pairs']}")]
+    if result.split_half:
+        sh, pw = result.split_half, result.pairwise_spearman
+        rows.append((f"split-half Spearman of accessibility, halves {sh['halves'][0]} + {sh['halves'][1]} "
+                     "(Spearman-Brown)", f"{sh['r']:.4f} ({sh['spearman_brown']:.4f})"))
+        rows.append((f"mean pairwise Spearman of per-network speed ({pw['defined_pairs']} of {pw['pairs']} pairs "
+                     "defined)", f"{pw['mean']:.4f}"))
+    extra = result.extra
+    if "consensus" in extra:
+        c = extra["consensus"]
+        chance = f", chance {c['chance']:.4f}" if c.get("chance") is not None else ""
+        rows.append(("agreement with the plurality prediction", f"{c['mean']:.4f}{chance}"))
+    if extra.get("cscore_mean") is not None:
+        rows.append(("mean C-score (held-out networks' accuracy)", f"{extra['cscore_mean']:.4f}"))
+    for key, value in extra.get("margins", {}).items():
+        if value is not None:
+            rows.append((key.replace("_", " "), f"{value:.4f}"))
+    return rows
+
+
+def write_compare_figure(result: Comparison, folder: Path) -> list[str]:
+    """One rank-rank plot of accessibility per pair of runs (hexbin above 2,000 examples), files named by the runs'
+    positions on the command line so two runs of the same name cannot collide."""
     plt = _plt()
     folder.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    ax.scatter(result["arrays"]["accessibility_a"], result["arrays"]["accessibility_b"], s=4, alpha=0.5)
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-    ax.set(xlabel=f"accessibility in {Path(result['a']).name}", ylabel=f"accessibility in {Path(result['b']).name}",
-           title=f"Spearman {result['spearman_accessibility']:.3f}")
-    return _save(fig, folder, "compare_accessibility")
+    names = []
+    for pair in result.pairs:
+        a, b = pair["a"], pair["b"]
+        ra, rb = (M.rank(result.accessibility[i]) / result.n for i in (a, b))
+        fig, ax = plt.subplots(figsize=(4.8, 4.6), layout="constrained")
+        if result.n > 2000:
+            ax.hexbin(ra, rb, gridsize=40, cmap="viridis", mincnt=1)
+        else:
+            ax.scatter(ra, rb, s=5, alpha=0.5)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        label = [f"{result.runs[i]['arch']}, P = {result.runs[i]['P']} ({Path(result.runs[i]['run']).name})"
+                 for i in (a, b)]
+        ax.set(xlabel=f"accessibility rank / N: {label[0]}", ylabel=f"accessibility rank / N: {label[1]}",
+               title=f"{result.split} split, N = {result.n}: Spearman {pair['spearman_accessibility']:.3f}")
+        names.append(_save(fig, folder, f"order_{a}_vs_{b}"))
+    return names
