@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import UsageError
 from .record import DEFAULT_SPLIT, as_record, is_run
 
-BLOCK_CELLS = 1 << 22  # float32 cells converted at a time (16 MB)
+BLOCK_CELLS = 1 << 22  # cells converted to float64 at a time (32 MB)
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,12 @@ def _values(src, split: str, kind: str) -> np.ndarray:
 
 
 def _blocks(arr: np.ndarray):
-    """(lo, hi, float32 block [T, hi - lo, N]) over networks."""
+    """(lo, hi, float64 block [T, hi - lo, N]) over networks. float64, so that comparisons with a Python float
+    (delta) and the sums are exact in the input's precision."""
     t, p, n = arr.shape
     step = max(1, BLOCK_CELLS // (t * n))
     for lo in range(0, p, step):
-        yield lo, min(p, lo + step), np.asarray(arr[:, lo: lo + step], np.float32)
+        yield lo, min(p, lo + step), np.asarray(arr[:, lo: lo + step], np.float64)
 
 
 def _nanmean0(x: np.ndarray) -> np.ndarray:
@@ -99,7 +100,7 @@ def cartography(src, split: str = DEFAULT_SPLIT, correct=None, n: int | None = N
     var = np.zeros(n_)
     nets = np.zeros(n_, np.int64)
     for _, _, block in _blocks(xent):
-        prob = np.exp(-block.astype(np.float64))  # [T, b, N]
+        prob = np.exp(-block)  # [T, b, N]
         ok = np.isfinite(prob).all(0)
         conf += np.where(ok, prob.mean(0), 0).sum(0)
         var += np.where(ok, prob.std(0), 0).sum(0)
@@ -126,7 +127,7 @@ def aum(src, split: str = DEFAULT_SPLIT) -> AUM:
     total = np.zeros(margin.shape[2])
     nets = np.zeros(margin.shape[2], np.int64)
     for _, _, block in _blocks(margin):
-        per_net = block.astype(np.float64).mean(0)  # [b, N]
+        per_net = block.mean(0)  # [b, N]
         ok = np.isfinite(per_net)
         total += np.where(ok, per_net, 0).sum(0)
         nets += ok.sum(0)
