@@ -19,7 +19,6 @@ def write_run(path: Path, correct: dict, epochs: list[float], record=(), seed: i
     t, p = next(iter(correct.values())).shape[:2]
     sums = {}
     for split, c in correct.items():
-        n = c.shape[-1]
         arrays = {"bits": pack(c), "loss": rng.random((t, p)).astype(np.float32),
                   "acc": c.mean(-1).astype(np.float32)}
         margin = np.where(c, 1, -1) * rng.uniform(0.01, 3, c.shape)
@@ -38,7 +37,8 @@ def write_run(path: Path, correct: dict, epochs: list[float], record=(), seed: i
         "dataset": {"name": "digits", "classes": classes, "in_shape": [1, 8, 8]},
         "splits": {s: {"n": c.shape[-1], "bytes_per_row": 8 * -(-c.shape[-1] // 64), "labels_sha256": labels_sha}
                    for s, c in correct.items()},
-        "total_steps": 10 * len(epochs), "checkpoints": [{"step": 10 * (i + 1), "epoch": e} for i, e in enumerate(epochs)],
+        "total_steps": 10 * len(epochs),
+        "checkpoints": [{"step": 10 * (i + 1), "epoch": e} for i, e in enumerate(epochs)],
         "checkpoints_done": t, "checksums": sums, "diverged": {}}
     (path / "run.json").write_text(json.dumps(manifest))
     return path

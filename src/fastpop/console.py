@@ -86,10 +86,11 @@ def print_comparison(result: "Comparison", console: Console | None = None) -> No
         console.print(f"[{pair['a']}] vs [{pair['b']}] on {result.n} {result.split} examples: Spearman of "
                       f"accessibility {pair['spearman_accessibility']:.4f}; weaker {weak} "
                       f"(final TPA >= {result.threshold} counts as learned)")
-        console.print(f"  learned by the weaker and also by the stronger: "
-                      f"{_fraction(pair['weak_learned_also_by_strong'], pair['learned_by_both'], pair['learned_by_weak'])}")
-        console.print(f"  learned by the stronger and also by the weaker: "
-                      f"{_fraction(pair['strong_learned_also_by_weak'], pair['learned_by_both'], pair['learned_by_strong'])}")
+        both = pair["learned_by_both"]
+        console.print("  learned by the weaker and also by the stronger: "
+                      + _fraction(pair["weak_learned_also_by_strong"], both, pair["learned_by_weak"]))
+        console.print("  learned by the stronger and also by the weaker: "
+                      + _fraction(pair["strong_learned_also_by_weak"], both, pair["learned_by_strong"]))
 
 
 def _fraction(value: float, k: int, m: int) -> str:

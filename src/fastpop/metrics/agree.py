@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UsageError
 from .record import DEFAULT_SPLIT, as_record
 from .stats import binomial_pmf, fleiss_kappa, poisson_binomial_pmf
 
