@@ -232,6 +232,7 @@ class Comparison:
     final mean accuracy and checkpoint epochs; pairs: per pair (i < j) the Spearman of accessibility and
     containment with its counts (the weaker population, by final mean accuracy, as A); warnings: e.g. that the
     checkpoint plans differ (accessibility then averages over different moments of training)."""
+    dataset: str
     split: str
     n: int
     threshold: float
@@ -279,7 +280,8 @@ def compare(runs: list[Run], split: str = "test", threshold: float = 0.5) -> Com
                           "weak_learned_also_by_strong": c["a_in_b"], "strong_learned_also_by_weak": c["b_in_a"],
                           "learned_by_weak": c["learned_a"], "learned_by_strong": c["learned_b"],
                           "learned_by_both": c["learned_both"]})
-    return Comparison(split, n, threshold, info, pairs, warns, np.stack(access))
+    dataset = first.manifest.get("dataset", {}).get("name", first.config.dataset)
+    return Comparison(dataset, split, n, threshold, info, pairs, warns, np.stack(access))
 
 
 def _epochs_text(epochs: list[float]) -> str:

@@ -75,7 +75,7 @@ def print_analysis(result: "Analysis", console: Console | None = None) -> None:
 
 
 def print_comparison(result: "Comparison", console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # long paths stay on their line
     for i, r in enumerate(result.runs):
         console.print(f"[{i}] {r['run']}: {r['arch']}, P = {r['P']}, T = {r['T']}, final mean accuracy "
                       f"{r['mean_final_accuracy']:.4f}")

@@ -220,6 +220,7 @@ def write_compare_figure(result: Comparison, folder: Path) -> list[str]:
         label = [f"{result.runs[i]['arch']}, P = {result.runs[i]['P']} ({Path(result.runs[i]['run']).name})"
                  for i in (a, b)]
         ax.set(xlabel=f"accessibility rank / N: {label[0]}", ylabel=f"accessibility rank / N: {label[1]}",
-               title=f"{result.split} split, N = {result.n}: Spearman {pair['spearman_accessibility']:.3f}")
+               title=f"{result.dataset}, {result.split} split, N = {result.n}: Spearman "
+               f"{pair['spearman_accessibility']:.3f}")
         names.append(_save(fig, folder, f"order_{a}_vs_{b}"))
     return names

@@ -10,8 +10,9 @@ import numpy as np
 from .record import DEFAULT_SPLIT, as_record
 from .stats import binomial_pmf, fleiss_kappa, poisson_binomial_pmf
 
-# All-pairs kappa takes numpy's float GEMM up to this many multiply-adds (P^2 N), ~30 ms on 2 cores.
-KAPPA_NUMPY_MAX_MACS = 1 << 30
+# All-pairs kappa takes numpy's float32 GEMM (exact: counts below 2^24) up to this many multiply-adds (P^2 N):
+# ~0.15 s on 2 cores at the limit, less than loading numba and its kernels in a fresh process (~0.5 s).
+KAPPA_NUMPY_MAX_MACS = 1 << 33
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,9 @@ def error_consistency(src, n: int | None = None, split: str = DEFAULT_SPLIT, t: 
     full = as_record(src, n, split)
     rec = full.checkpoint(t)
     n, p = rec.n, rec.p
-    if p * p * n <= KAPPA_NUMPY_MAX_MACS:
-        c = rec.dense()[0].astype(np.float64)
-        both = c @ c.T
+    if p * p * n <= KAPPA_NUMPY_MAX_MACS and n < 1 << 24:
+        c = rec.dense()[0].astype(np.float32)
+        both = (c @ c.T).astype(np.int64)
     else:
         from . import _numba
 

@@ -12,7 +12,8 @@ import numpy as np
 from ..errors import UsageError
 
 # Records of at most this many cells (T * P * N) take the numpy path. At 2^24 cells the slowest numpy metric
-# (learned-at) takes ~0.1 s on 2 cores, about what loading numba and the cached kernels costs (bench_metrics.py).
+# (learned-at) takes ~50 ms on 2 cores, against 0.5-0.8 s to load numba and the cached kernels in a fresh process
+# (6 s to compile them in a fresh checkout); warm, numba wins from ~10^7 cells (bench/RESULTS.md).
 NUMPY_MAX_CELLS = 1 << 24
 DEFAULT_SPLIT = "test"
 
