@@ -130,7 +130,9 @@ def test_recorded_margins_losses_predictions_reach_analysis_and_report(tmp_path)
         meta = json.loads((tmp_path / "a" / f"{split}.metrics.json").read_text())
         assert 0 < meta["consensus"]["chance"] < 1 and meta["margins"]["confidence_mean"] > 0
     html, reused = __import__("fastpop.report", fromlist=["x"]).write_report(run, "test", tmp_path / "a")
-    assert reused and (tmp_path / "a" / "consensus.png").exists()
+    assert reused
+    for name in ("consensus", "data_map", "aum"):
+        assert (tmp_path / "a" / f"{name}.png").exists()
     plain = write_run(tmp_path / "plain", c, [1, 2, 3, 4])
     assert fastpop.load_run(plain).margins("test") is None
 

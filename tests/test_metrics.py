@@ -162,9 +162,15 @@ def test_spearman_family_against_scipy():
     a, b = speed[0], speed[1]
     assert M.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
     pw = M.pairwise_spearman(speed, max_pairs=10_000)
+    assert pw["split"] == "test" and M.split_half(speed, split="x")["split"] == "x"
     want = np.mean([spearmanr(speed[i], speed[j]).statistic for i, j in itertools.combinations(range(9), 2)])
     assert pw["pairs"] == 36 and pw["mean"] == pytest.approx(want)
     assert M.pairwise_spearman(speed, max_pairs=5)["pairs"] == 5
+    c = np.random.default_rng(5).random((4, 9, 50)) < 0.5  # a record gives the same as its speed counts
+    assert M.split_half(c) == M.split_half(M.speed_counts(c)) == M.split_half(c.sum(0))
+    assert M.pairwise_spearman(M.pack(c), 50) == M.pairwise_spearman(c.sum(0))
+    with pytest.raises(UsageError, match="speed counts"):
+        M.split_half(np.zeros((2, 3), np.float32))
     sh = M.split_half(speed, seed=0)
     perm = np.random.default_rng(0).permutation(9)
     r = spearmanr(speed[perm[:4]].sum(0), speed[perm[4:]].sum(0)).statistic

@@ -135,7 +135,28 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
         figures.append(("Agreement of predicted labels", draw_consensus(
             arrays["consensus"][ident["checkpoint"]], result.extra["consensus"].get("chance"), result.title,
             folder)))
+    if "confidence" in arrays:
+        figures.append(("Data map: dataset cartography", draw_data_map(arrays, result.title, folder)))
+    if "aum" in arrays:
+        fig, ax = plt.subplots(figsize=(5.4, 3.6), layout="constrained")
+        ax.hist(arrays["aum"][np.isfinite(arrays["aum"])], bins=40, color="tab:olive", histtype="stepfilled")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set(xlabel="area under the margin (mean margin over checkpoints and networks)", ylabel="examples",
+               title=f"Area under the margin: {result.title}")
+        figures.append(("Area under the margin", _save(fig, folder, "aum")))
     return figures
+
+
+def draw_data_map(arrays: dict, title: str, folder: Path) -> str:
+    """Confidence against variability per example (Swayamdipta et al. 2020), coloured by correctness."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.4, 4.4), layout="constrained")
+    points = ax.scatter(arrays["variability"], arrays["confidence"], c=arrays["accessibility"], s=4, cmap="coolwarm_r",
+                        vmin=0, vmax=1)
+    fig.colorbar(points, ax=ax, label="correctness (fraction of checkpoints and networks right)")
+    ax.set(xlabel="variability (std over checkpoints of p(true class))",
+           ylabel="confidence (mean p(true class))", title=f"Data map: {title}")
+    return _save(fig, folder, "data_map")
 
 
 def draw_consensus(agreement: np.ndarray, chance: float | None, title: str, folder: Path,

@@ -110,23 +110,40 @@ def forgetting(src, n: int | None = None, split: str = DEFAULT_SPLIT) -> Forgett
     return Forgetting(rec.split, events, never)
 
 
-def split_half(speed, seed: int = 0) -> dict:
+def _speed_of(src, n: int | None, split: str) -> Speed:
+    """A Speed from a Speed, from its counts (an integer array [P, N] other than uint8), or from any record."""
+    if isinstance(src, Speed):
+        return src
+    if not is_run(src):
+        arr = np.asarray(src)
+        if arr.dtype not in (np.bool_, np.uint8):
+            if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+                raise UsageError(f"speed counts must be an integer array [P, N], got {arr.dtype} {arr.shape}")
+            return Speed(split, arr, 0)
+    return speed_counts(src, n, split)
+
+
+def split_half(src, n: int | None = None, split: str = DEFAULT_SPLIT, seed: int = 0) -> dict:
     """Spearman of accessibility computed from two disjoint random halves of the networks, and its
-    Spearman-Brown correction 2r / (1 + r) for the full population. speed: a Speed or its counts [P, N]."""
-    speed = speed.counts if isinstance(speed, Speed) else np.asarray(speed)
-    p = len(speed)
+    Spearman-Brown correction 2r / (1 + r) for the full population. src: any record, a Speed, or speed counts."""
+    speed = _speed_of(src, n, split)
+    counts = speed.counts
+    p = len(counts)
     if p < 2:
         raise UsageError("split-half needs at least 2 networks")
     perm = np.random.default_rng(seed).permutation(p)
-    r = spearman(speed[perm[: p // 2]].sum(0, dtype=np.int64), speed[perm[p // 2:]].sum(0, dtype=np.int64))
-    return {"r": r, "spearman_brown": 2 * r / (1 + r) if r > -1 else float("nan"), "halves": [p // 2, p - p // 2]}
+    r = spearman(counts[perm[: p // 2]].sum(0, dtype=np.int64), counts[perm[p // 2:]].sum(0, dtype=np.int64))
+    return {"split": speed.split, "r": r, "spearman_brown": 2 * r / (1 + r) if r > -1 else float("nan"),
+            "halves": [p // 2, p - p // 2]}
 
 
-def pairwise_spearman(speed, max_pairs: int = 2000, seed: int = 0) -> dict:
+def pairwise_spearman(src, n: int | None = None, split: str = DEFAULT_SPLIT, max_pairs: int = 2000,
+                      seed: int = 0) -> dict:
     """Spearman between per-network speeds s[i, :] and s[j, :] over network pairs: all pairs when there are at
-    most max_pairs, else max_pairs distinct random pairs. speed: a Speed or its counts [P, N]."""
-    speed = speed.counts if isinstance(speed, Speed) else np.asarray(speed)
-    p = len(speed)
+    most max_pairs, else max_pairs distinct random pairs. src: any record, a Speed, or speed counts."""
+    speed = _speed_of(src, n, split)
+    counts = speed.counts
+    p = len(counts)
     if p < 2:
         raise UsageError("pairwise Spearman needs at least 2 networks")
     i, j = np.triu_indices(p, 1)
@@ -135,14 +152,14 @@ def pairwise_spearman(speed, max_pairs: int = 2000, seed: int = 0) -> dict:
         i, j = i[pick], j[pick]
     used, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)  # rank only the networks in a pair
     i, j = inverse[: len(i)], inverse[len(i):]
-    ranks = rank(speed[used], axis=1)
+    ranks = rank(counts[used], axis=1)
     z = ranks - ranks.mean(1, keepdims=True)
     norm = np.sqrt((z * z).sum(1))
     with np.errstate(divide="ignore", invalid="ignore"):
         r = (z[i] * z[j]).sum(1) / (norm[i] * norm[j])
     finite = np.isfinite(r)
-    return {"mean": float(r[finite].mean()) if finite.any() else float("nan"), "pairs": int(len(r)),
-            "defined_pairs": int(finite.sum())}
+    return {"split": speed.split, "mean": float(r[finite].mean()) if finite.any() else float("nan"),
+            "pairs": int(len(r)), "defined_pairs": int(finite.sum())}
 
 
 def containment(final_tpa_a: np.ndarray, final_tpa_b: np.ndarray, threshold: float = 0.5) -> dict:
