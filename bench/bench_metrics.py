@@ -84,7 +84,7 @@ def kernels(p, n, t):
         fl = f"{a / floor:.1f}" if streaming else ""
         print(f"| {name} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.1f}x | {fl} |")
     # the numpy kappa reference above is only its GEMM (both-right counts); ours includes the kappa arithmetic
-    margins(c)
+    return c
 
 
 def margins(c):
@@ -193,7 +193,7 @@ def main():
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--t", type=int, default=50)
     ap.add_argument("--runs", nargs=2, metavar="RUN", help="two run directories of the same data")
-    ap.add_argument("--sections", default="kernels,threshold,first,commands")
+    ap.add_argument("--sections", default="first,commands,threshold,kernels,margins")
     args = ap.parse_args()
     sections = args.sections.split(",")
     if "first" in sections:
@@ -202,8 +202,10 @@ def main():
         commands(args.runs)
     if "threshold" in sections:
         threshold()
-    if "kernels" in sections:
-        kernels(args.p, args.n, args.t)
+    if "kernels" in sections or "margins" in sections:
+        c = kernels(args.p, args.n, args.t) if "kernels" in sections else learning_record(args.t, args.p, args.n)
+        if "margins" in sections:
+            margins(c)
 
 
 if __name__ == "__main__":
