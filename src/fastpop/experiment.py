@@ -96,26 +96,32 @@ def draw(runs: dict[str, Run], summary: dict, out: Path) -> list[tuple[str, str]
 
     plt = _plt()
     names = [n for n in runs if n != "out-of-sample"]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], names):
         run = runs[name]
         p = len(run.seeds)
         counts = M.tpa_counts(run.bits("test")[-1:], run.n("test")).counts[0]
         acc = M.accuracy(run.bits("test")[-1:], run.n("test")).values[0]
         k = np.arange(p + 1) / p
-        ax.bar(k, np.bincount(counts, minlength=p + 1) / len(counts), width=1 / p, label="observed")
+        ax.stairs(np.bincount(counts, minlength=p + 1) / len(counts), np.arange(p + 2) / p - 0.5 / p, fill=True,
+                  label="observed")
         ax.plot(k, M.poisson_binomial_pmf(acc), "--", color="tab:red", label="independent-error null")
-        ax.set(title=name, xlabel="TP-agreement (test)", yscale="log", ylim=(1e-4, 1))
+        ax.set(title=f"{name}: {run.config.dataset}, test, P = {p}", xlabel="TP-agreement", yscale="log",
+               ylim=(1e-4, 1))
     axes[0][0].set_ylabel("fraction of examples")
     axes[0][0].legend(fontsize=7)
     figures = [("TP-agreement at the end of training, against the Poisson-binomial null",
                 _save(fig, out, "tpa_by_population"))]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), layout="constrained")
     for ax, (a, b) in zip(axes, (("mlp", "small-cnn"), ("small-cnn", "wide-cnn"), ("mlp", "wide-cnn"))):
-        ax.scatter(M.accessibility(runs[a]).values, M.accessibility(runs[b]).values, s=4, alpha=0.5)
+        n = runs[a].n("test")  # ranks show the agreement of orders that raw accessibility crowds near 1
+        ax.scatter(M.rank(M.accessibility(runs[a]).values) / n, M.rank(M.accessibility(runs[b]).values) / n, s=4,
+                   alpha=0.5)
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
         rho = summary["cross_architecture"][f"{a} vs {b}"]["spearman_accessibility"]
-        ax.set(xlabel=f"accessibility, {a}", ylabel=f"accessibility, {b}", title=f"Spearman {rho:.3f}")
+        ax.set(xlabel=f"accessibility rank / N, {a} (P = {len(runs[a].seeds)})",
+               ylabel=f"accessibility rank / N, {b} (P = {len(runs[b].seeds)})", title=f"Spearman {rho:.3f}")
+    fig.suptitle(f"Learning order across architectures: {runs['mlp'].config.dataset}, test split, N = {n}")
     figures.append(("Learning order across architectures (test examples)", _save(fig, out, "order_across_archs")))
     labels = runs["out-of-sample"].predictions()
     if labels is not None:
@@ -124,7 +130,8 @@ def draw(runs: dict[str, Run], summary: dict, out: Path) -> list[tuple[str, str]
         oos = summary["out_of_sample"]
         figures.append(("Out-of-sample: agreement of predictions on classes never trained on", draw_consensus(
             M.consensus_agreement(np.asarray(labels[-1:])).agreement[0], oos.get("chance"),
-            f"{runs['out-of-sample'].config.arch} on unseen classes, P = {oos['networks']}", out,
+            f"{runs['out-of-sample'].config.arch}, {runs['out-of-sample'].config.dataset} unseen classes, "
+            f"P = {oos['networks']}", out,
             "out_of_sample_consensus")))
     return figures
 

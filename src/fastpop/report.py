@@ -101,7 +101,7 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
             ax.plot(epochs, edge, color=SPLIT_COLORS[s], lw=0.6, ls=":")
         ax.plot(epochs, a.mean(1), color=SPLIT_COLORS[s], label=f"{s}: mean, 10-90% of networks")
     _integer_ticks(ax.xaxis)
-    ax.set(xlabel="epoch", ylabel="accuracy", title=f"Accuracy of every network: {run.config.arch} on "
+    ax.set(xlabel="epoch", ylabel="accuracy", title=f"Accuracy of every network\n{run.config.arch} on "
            f"{ident['dataset']}, P = {p}")
     ax.legend(fontsize=8)
     figures.append(("Accuracy of every network", _save(fig, folder, "accuracy_band")))
@@ -109,7 +109,7 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
     fig, ax = plt.subplots(figsize=(5.4, 3.6), layout="constrained")
     ax.hist(arrays["accessibility"], bins=40, color="tab:purple", histtype="stepfilled")
     ax.set(xlabel="accessibility (mean correctness over checkpoints and networks)", ylabel="examples",
-           title=f"Accessibility: {result.title}")
+           title=f"Accessibility\n{result.title}")
     figures.append(("Accessibility of the examples", _save(fig, folder, "accessibility")))
 
     fig, ax = plt.subplots(figsize=(5.4, 3.6), layout="constrained")
@@ -118,7 +118,7 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
         edges = np.asarray(kap["edges"])
         ax.stairs(kap["histogram"], edges, fill=True, color="tab:brown")
     ax.set(xlabel="error consistency kappa (network pairs)", ylabel="pairs",
-           title=f"Error consistency at checkpoint {ident['checkpoint']}: {result.title}")
+           title=f"Error consistency at checkpoint {ident['checkpoint']}\n{result.title}")
     figures.append(("Pairwise error consistency", _save(fig, folder, "kappa")))
 
     fig, ax = plt.subplots(figsize=(7, 3.8), layout="constrained")
@@ -126,8 +126,7 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
     im = ax.imshow(arrays["tpa"][:, order], aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
     ticks = sorted({0, t_done // 2, t_done - 1})
     ax.set_yticks(ticks, [_epoch(epochs[t]) for t in ticks])
-    ax.set(xlabel="examples, most accessible first", ylabel="epoch", title=f"TP-agreement over training: "
-           f"{result.title}")
+    ax.set(xlabel="examples, most accessible first", ylabel="epoch", title=f"TP-agreement over training\n{result.title}")
     fig.colorbar(im, ax=ax, label="TP-agreement")
     figures.append(("TP-agreement over training", _save(fig, folder, "tpa_heatmap")))
 
@@ -142,7 +141,7 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
         ax.hist(arrays["aum"][np.isfinite(arrays["aum"])], bins=40, color="tab:olive", histtype="stepfilled")
         ax.axvline(0, color="black", lw=0.8)
         ax.set(xlabel="area under the margin (mean margin over checkpoints and networks)", ylabel="examples",
-               title=f"Area under the margin: {result.title}")
+               title=f"Area under the margin\n{result.title}")
         figures.append(("Area under the margin", _save(fig, folder, "aum")))
     return figures
 
@@ -155,7 +154,7 @@ def draw_data_map(arrays: dict, title: str, folder: Path) -> str:
                         vmin=0, vmax=1)
     fig.colorbar(points, ax=ax, label="correctness (fraction of checkpoints and networks right)")
     ax.set(xlabel="variability (std over checkpoints of p(true class))",
-           ylabel="confidence (mean p(true class))", title=f"Data map: {title}")
+           ylabel="confidence (mean p(true class))", title=f"Data map\n{title}")
     return _save(fig, folder, "data_map")
 
 
@@ -169,7 +168,7 @@ def draw_consensus(agreement: np.ndarray, chance: float | None, title: str, fold
         ax.axvline(chance, color="black", ls="--", lw=1, label=f"chance: independent uniform guesses ({chance:.2f})")
         ax.legend(fontsize=8)
     ax.set(xlabel="fraction of networks agreeing with the plurality label", ylabel="examples",
-           title=f"Agreement of predictions: {title}")
+           title=f"Agreement of predictions\n{title}")
     return _save(fig, folder, name)
 
 
@@ -241,7 +240,7 @@ def write_compare_figure(result: Comparison, folder: Path) -> list[str]:
         label = [f"{result.runs[i]['arch']}, P = {result.runs[i]['P']} ({Path(result.runs[i]['run']).name})"
                  for i in (a, b)]
         ax.set(xlabel=f"accessibility rank / N: {label[0]}", ylabel=f"accessibility rank / N: {label[1]}",
-               title=f"{result.dataset}, {result.split} split, N = {result.n}: Spearman "
-               f"{pair['spearman_accessibility']:.3f}")
+               title=f"Order agreement: Spearman {pair['spearman_accessibility']:.3f}\n{result.dataset}, "
+               f"{result.split} split, N = {result.n}")
         names.append(_save(fig, folder, f"order_{a}_vs_{b}"))
     return names
