@@ -175,3 +175,17 @@ def test_compare_refuses_different_data(runs, tmp_path, capsys):
     assert main(["compare", str(runs[0].path), str(other), "--out", str(tmp_path / "c")]) == 2
     assert "same data" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_analysis_commands_do_not_load_torch(tmp_path):
+    """A reader validates the run's Config but never builds a network: analyze and compare run without torch
+    (it would add ~1 s to every command)."""
+    import subprocess
+    import sys
+
+    c = random_correct(3, 5, 60)
+    path = write_run(tmp_path / "r", {"train": c, "test": c}, [1, 2, 3])
+    code = (f"import sys; from fastpop.cli import main; assert main(['analyze', {str(path)!r}, '--json']) == 0; "
+            f"assert main(['compare', {str(path)!r}, {str(path)!r}, '--out', {str(tmp_path / 'c')!r}]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch loaded'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -16,10 +16,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:  # imported where tensors are made, so validating a Config does not load torch
+    import torch
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "gaussian")  # and npz:PATH
 TEST_ONLY = ("noise",)
@@ -110,6 +114,8 @@ def load_base(name: str, folder: Path, config=None, arrays=None) -> dict:
 
 def load_dataset(config, device: torch.device, arrays=None) -> Dataset:
     """The data set a config describes, on `device`; `arrays` (an ArrayData) for a dataset given in memory."""
+    import torch
+
     from . import synthetic
 
     folder = data_dir(config.data_dir)
