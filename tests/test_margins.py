@@ -20,7 +20,8 @@ def margins_of(t, p, n, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(1, 5), st.integers(1, 6), st.integers(1, 40), st.floats(0, 1), st.integers(0, 2**32 - 1))
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(1, 40),
+       st.floats(0, 1) | st.sampled_from([1e-45, 1e-300, 0.1, 0.5]), st.integers(0, 2**32 - 1))
 def test_margin_forgetting_against_a_loop(t, p, n, delta, seed):
     m = margins_of(t, p, n, seed)
     got = M.margin_forgetting(m, delta=delta)
@@ -48,15 +49,15 @@ def test_aum_cartography_el2n_against_loops(monkeypatch):
     ok = [q for q in range(p) if q != 2]
     prob = np.exp(-xent.astype(np.float64))
     np.testing.assert_allclose(M.aum(m).values, m.astype(np.float64).mean((0, 1)))
-    cart = M.cartography(xent, correct=correct)
-    np.testing.assert_allclose(cart.confidence, prob[:, ok].mean(0).mean(0))
-    np.testing.assert_allclose(cart.variability, prob[:, ok].std(0).mean(0))
+    cart = M.cartography(xent, correct=correct)  # p in float32: within 1e-6 of float64
+    np.testing.assert_allclose(cart.confidence, prob[:, ok].mean(0).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(cart.variability, prob[:, ok].std(0).mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(cart.correctness, correct.mean((0, 1)))
     np.testing.assert_array_equal(cart.networks, np.full(n, p - 1))
     for t_ in (0, -1):
         e = M.el2n(xent, checkpoint=t_)
         assert e.checkpoint == t_ % t and e.split == "test"
-        np.testing.assert_allclose(e.values, (1 - prob[t_][ok]).mean(0))
+        np.testing.assert_allclose(e.values, (1 - prob[t_][ok]).mean(0), rtol=1e-6)
     assert M.cartography(xent).correctness is None
 
 
@@ -70,7 +71,7 @@ def test_el2n_style_bounds_the_original():
     original = np.linalg.norm(s - np.eye(7)[y], axis=1)
     xent = -np.log(s[np.arange(200), y])
     ours = M.el2n(xent[None, None, :]).values
-    assert (original >= np.sqrt(7 / 6) * ours - 1e-12).all() and (original <= np.sqrt(2) * ours + 1e-12).all()
+    assert (original >= np.sqrt(7 / 6) * ours - 1e-6).all() and (original <= np.sqrt(2) * ours + 1e-6).all()
 
 
 def test_bad_margin_input_is_refused():

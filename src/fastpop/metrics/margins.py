@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import UsageError
 from .record import DEFAULT_SPLIT, as_record, is_run
 
-BLOCK_CELLS = 1 << 22  # cells converted to float64 at a time (32 MB)
+BLOCK_CELLS = 1 << 22  # cells converted to float32 at a time (16 MB)
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,12 @@ def _values(src, split: str, kind: str) -> np.ndarray:
 
 
 def _blocks(arr: np.ndarray):
-    """(lo, hi, float64 block [T, hi - lo, N]) over networks. float64, so that comparisons with a Python float
-    (delta) and the sums are exact in the input's precision."""
+    """(lo, hi, float32 block [T, hi - lo, N]) over networks. float32 holds float16 records exactly, and numpy
+    converts to it and takes its exp 6x and 30x faster than float64 (sums still accumulate in float64)."""
     t, p, n = arr.shape
     step = max(1, BLOCK_CELLS // (t * n))
     for lo in range(0, p, step):
-        yield lo, min(p, lo + step), np.asarray(arr[:, lo: lo + step], np.float64)
+        yield lo, min(p, lo + step), np.asarray(arr[:, lo: lo + step], np.float32)
 
 
 def _nanmean0(x: np.ndarray) -> np.ndarray:
@@ -102,8 +102,8 @@ def cartography(src, split: str = DEFAULT_SPLIT, correct=None, n: int | None = N
     for _, _, block in _blocks(xent):
         prob = np.exp(-block)  # [T, b, N]
         ok = np.isfinite(prob).all(0)
-        conf += np.where(ok, prob.mean(0), 0).sum(0)
-        var += np.where(ok, prob.std(0), 0).sum(0)
+        conf += np.where(ok, prob.mean(0, dtype=np.float64), 0).sum(0)
+        var += np.where(ok, prob.std(0, dtype=np.float64), 0).sum(0)
         nets += ok.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         conf, var = conf / nets, var / nets
@@ -127,7 +127,7 @@ def aum(src, split: str = DEFAULT_SPLIT) -> AUM:
     total = np.zeros(margin.shape[2])
     nets = np.zeros(margin.shape[2], np.int64)
     for _, _, block in _blocks(margin):
-        per_net = block.mean(0)  # [b, N]
+        per_net = block.mean(0, dtype=np.float64)  # [b, N]
         ok = np.isfinite(per_net)
         total += np.where(ok, per_net, 0).sum(0)
         nets += ok.sum(0)
@@ -145,7 +145,7 @@ def el2n(src, split: str = DEFAULT_SPLIT, checkpoint: int = 0) -> EL2N:
     if not -len(xent) <= checkpoint < len(xent):
         raise UsageError(f"checkpoint {checkpoint} out of range: the record has {len(xent)}")
     t = checkpoint % len(xent)
-    err = 1 - np.exp(-np.asarray(xent[t], np.float64))  # [P, N]
+    err = 1 - np.exp(-np.asarray(xent[t], np.float32)).astype(np.float64)  # [P, N]
     return EL2N(split, t, _nanmean0(err))
 
 
@@ -160,14 +160,19 @@ def margin_forgetting(src, split: str = DEFAULT_SPLIT, delta: float = 0.0) -> Ma
     t, p, n = margin.shape
     events = np.zeros((p, n), np.uint16 if t < 1 << 16 else np.int32)
     never = np.zeros((p, n), bool)
+    # float32 thresholds that decide exactly as the real delta would for float32 margins: m > delta iff m > (delta
+    # rounded down), and m <= -delta iff m <= -(delta rounded up)
+    d32 = np.float32(delta)
+    above = np.nextafter(d32, np.float32(-np.inf)) if float(d32) > delta else d32
+    below = -(np.nextafter(d32, np.float32(np.inf)) if float(d32) < delta else d32)
     for lo, hi, block in _blocks(margin):
         block = np.nan_to_num(block, nan=-np.inf)
-        learned = block[0] > delta
+        learned = block[0] > above
         ever = learned.copy()
         for m in block[1:]:
-            lost = learned & (m <= -delta)
+            lost = learned & (m <= below)
             events[lo:hi] += lost
-            learned = (learned & ~lost) | (m > delta)
+            learned = (learned & ~lost) | (m > above)
             ever |= learned
         never[lo:hi] = ~ever
     return MarginForgetting(split, float(delta), events, never)
