@@ -189,3 +189,24 @@ def test_analysis_commands_do_not_load_torch(tmp_path):
             f"assert main(['compare', {str(path)!r}, {str(path)!r}, '--out', {str(tmp_path / 'c')!r}]) == 0; "
             "assert 'torch' not in sys.modules, 'torch loaded'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_bad_out_and_checkpoint_are_one_line_errors(tmp_path, capsys):
+    c = random_correct(3, 1, 40)  # one network: rho, kappa and Spearman are undefined (NaN)
+    path = write_run(tmp_path / "r", {"train": c, "test": c}, [1, 2, 3])
+    afile = tmp_path / "a-file"
+    afile.write_text("keep me")
+    for args in (["analyze", str(path), "--out", str(afile)], ["report", str(path), "--out", str(afile)],
+                 ["compare", str(path), str(path), "--out", str(afile)],
+                 ["report", str(path), "--out", str(tmp_path / "rep"), "--checkpoint", "99"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("not a folder" in err or "out of range" in err)
+    assert afile.read_text() == "keep me" and not (tmp_path / "rep").exists()
+
+    def strict(text):
+        raise ValueError(f"not strict JSON: {text}")
+
+    assert main(["analyze", str(path), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out, parse_constant=strict)  # NaN printed as null
+    assert d["agreement"]["rho"] is None and d["P"] == 1

@@ -57,8 +57,7 @@ class Analysis:
 
     def save(self, folder: str | Path) -> list[Path]:
         """Write the JSON and the arrays into `folder` (created if missing); returns the paths written."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = out_folder(folder)
         split = self.identity["split"]
         paths = []
         for name, arr in self.arrays.items():
@@ -115,9 +114,7 @@ def analyze(run: Run, split: str = "test", checkpoint: int = -1) -> Analysis:
     """Every metric of one split, at every checkpoint where it has one and at `checkpoint` (default the last)."""
     run.require_checkpoint()
     rec = M.as_record(run, split=split)
-    if not -rec.t <= checkpoint < rec.t:
-        raise UsageError(f"--checkpoint {checkpoint} out of range: {rec.t} completed checkpoints")
-    t_sel = checkpoint % rec.t
+    t_sel = _checkpoint(checkpoint, rec.t)
     if rec.small:
         rec.dense()  # unpacked once, shared by every metric below
     counts = M.tpa_counts(rec).counts
@@ -177,13 +174,32 @@ def _nanmean(x: np.ndarray) -> float | None:
 
 def current_analysis(run: Run, split: str, checkpoint: int, folders: list[Path]) -> Analysis | None:
     """A saved Analysis of exactly this record and checkpoint in one of `folders`, or None."""
-    t_sel = checkpoint % max(len(run.checkpoints), 1)
+    run.require_checkpoint()
+    t_sel = _checkpoint(checkpoint, len(run.checkpoints))
     want = fingerprint(run, split, t_sel)
     for folder in folders:
         found = Analysis.load(folder, split)
         if found is not None and found.identity.get("fingerprint") == want and "tpa" in found.arrays:
             return found
     return None
+
+
+def _checkpoint(checkpoint: int, done: int) -> int:
+    if not -done <= checkpoint < done:
+        raise UsageError(f"--checkpoint {checkpoint} out of range: {done} completed checkpoints")
+    return checkpoint % done
+
+
+def out_folder(path: str | Path) -> Path:
+    """Create an --out folder (and its parents), or say in one line why it cannot be one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out {path}: {e.strerror or e}") from None
+    return path
 
 
 def _kappa_subset(p: int) -> np.ndarray | None:

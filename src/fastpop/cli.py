@@ -346,17 +346,24 @@ def _compare(args) -> int:
 
 
 def _print_json(obj: dict) -> None:
+    """Strict JSON on stdout (NaN and infinities as null), for jq and other parsers."""
     import json
 
-    print(json.dumps(obj, indent=1, default=_json_default))
+    print(json.dumps(_strict(obj), indent=1, allow_nan=False))
 
 
-def _json_default(v):
+def _strict(v):
+    import math
+
     import numpy as np
 
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
     if isinstance(v, np.generic):
-        return v.item()
-    raise TypeError(f"not JSON: {type(v).__name__}")
+        v = v.item()
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _cscore(args) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .analysis import Analysis, Comparison, analyze, current_analysis, default_report_out
+from .analysis import Analysis, Comparison, analyze, current_analysis, default_report_out, out_folder
 from .run import Run
 from .rundir import SPLITS
 
@@ -57,7 +57,7 @@ def write_report(run: Run, split: str = "test", out: str | Path | None = None,
     if result is None:
         result = analyze(run, split, checkpoint)
     accuracy = {s: np.asarray(run.accuracy(s), np.float64) for s in SPLITS}  # read before anything is written
-    folder.mkdir(parents=True, exist_ok=True)
+    out_folder(folder)
     if not reused or Analysis.load(folder, split) is None:
         result.save(folder)
     figures = draw_run(run, result, accuracy, folder)
@@ -226,7 +226,7 @@ def write_compare_figure(result: Comparison, folder: Path) -> list[str]:
     """One rank-rank plot of accessibility per pair of runs (hexbin above 2,000 examples), files named by the runs'
     positions on the command line so two runs of the same name cannot collide."""
     plt = _plt()
-    folder.mkdir(parents=True, exist_ok=True)
+    out_folder(folder)
     names = []
     for pair in result.pairs:
         a, b = pair["a"], pair["b"]
