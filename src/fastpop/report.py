@@ -126,7 +126,8 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
     im = ax.imshow(arrays["tpa"][:, order], aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
     ticks = sorted({0, t_done // 2, t_done - 1})
     ax.set_yticks(ticks, [_epoch(epochs[t]) for t in ticks])
-    ax.set(xlabel="examples, most accessible first", ylabel="epoch", title=f"TP-agreement over training\n{result.title}")
+    ax.set(xlabel="examples, most accessible first", ylabel="epoch",
+           title=f"TP-agreement over training\n{result.title}")
     fig.colorbar(im, ax=ax, label="TP-agreement")
     figures.append(("TP-agreement over training", _save(fig, folder, "tpa_heatmap")))
 
