@@ -16,10 +16,12 @@ integers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:  # imported where tensors are made, so validating a Config does not load torch
+    import torch
 
 M31 = 0x7FFFFFFF
 MIX = 0x45D9F3B
@@ -87,6 +89,8 @@ def _mix(h: torch.Tensor) -> torch.Tensor:
 
 def hash5(seeds: torch.Tensor, epoch: int, idx: torch.Tensor) -> torch.Tensor:
     """Five 31-bit draws per (network, example): seeds int64 [P], idx int64 [P, B] -> int64 [P, B, 5]."""
+    import torch
+
     s = seeds.to(torch.int64).view(-1, 1, 1)
     n = idx.to(torch.int64).unsqueeze(-1) * 8 + torch.arange(5, device=idx.device)
     h = _mix((n & M31) ^ _mix(torch.tensor(epoch & M31, device=idx.device)))
@@ -96,6 +100,8 @@ def hash5(seeds: torch.Tensor, epoch: int, idx: torch.Tensor) -> torch.Tensor:
 
 def draws(aug: Augment, seeds: torch.Tensor, epoch: int, idx: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """int64 [P, B, 5]: flip (0/1), dy, dx, cutout center row and column, for each network's batch idx [P, B]."""
+    import torch
+
     r = hash5(seeds, epoch, idx)
     span = 2 * aug.crop + 1
     out = torch.stack([r[..., FLIP] & 1 if aug.flip else torch.zeros_like(r[..., 0]),
@@ -106,6 +112,8 @@ def draws(aug: Augment, seeds: torch.Tensor, epoch: int, idx: torch.Tensor, h: i
 
 def apply(aug: Augment, batch: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """The reference transform of normalized images batch [P, B, C, H, W] by draws d [P, B, 5]."""
+    import torch
+
     p, b, c, h, w = batch.shape
     ys = torch.arange(h, device=batch.device)
     xs = torch.arange(w, device=batch.device)
