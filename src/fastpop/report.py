@@ -39,6 +39,12 @@ def _epoch(e: float) -> str:
     return f"{e:g}" if float(e).is_integer() else f"{e:.2f}"
 
 
+def _no_minor_ticks(axis) -> None:
+    from matplotlib.ticker import NullLocator
+
+    axis.set_minor_locator(NullLocator())
+
+
 def _integer_ticks(axis) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -81,15 +87,16 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
     for ax, t in zip(axes[0], picks):
         edges = np.arange(p + 2) / p - 0.5 / p  # one filled outline, not P + 1 bars: 1.5 s less at P = 1000
         ax.stairs(np.bincount(counts[t], minlength=p + 1) / n, edges, fill=True, color="tab:blue", label="observed")
-        ax.plot(k, M.binomial_pmf(p, acc[t].mean()), "o", ms=3, color="tab:green",
-                label="binomial null (identical networks, independent errors)")
+        # One null curve: the binomial null (every network at the mean accuracy) lies on or near this one, and
+        # drawn together they read as one curve with two names; the table gives both nulls' masses.
         ax.plot(k, M.poisson_binomial_pmf(acc[t]), "--", color="tab:red",
-                label="Poisson-binomial null (each network's accuracy)")
+                label="independent-error null (Poisson-binomial: each network's own accuracy)")
         ax.set(title=f"checkpoint {t} (epoch {_epoch(epochs[t])})", xlabel="TP-agreement", yscale="log",
                ylim=(max(1 / (10 * n), 1e-6), 1))
+        _no_minor_ticks(ax.yaxis)  # log minor ticks took ~0.4 s of the figure's 1.1 s to draw
     axes[0][0].set_ylabel("fraction of examples")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
-    fig.suptitle(f"TP-agreement against independent-error nulls: {result.title}")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)
+    fig.suptitle(f"TP-agreement against the independent-error null: {result.title}")
     figures.append(("TP-agreement against independent-error nulls", _save(fig, folder, "tpa_histograms")))
 
     fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
