@@ -260,6 +260,12 @@ class Comparison:
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "accessibility"}
 
+    def save(self, folder: str | Path) -> Path:
+        """compare.json in `folder` (created if missing)."""
+        path = out_folder(folder) / "compare.json"
+        atomic_write(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        return path
+
 
 def compare(runs: list[Run], split: str = "test", threshold: float = 0.5) -> Comparison:
     """Cross-population order agreement on the same examples, for every pair of `runs`."""

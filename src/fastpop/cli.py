@@ -319,8 +319,6 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    import json
-
     from .analysis import compare, default_compare_out
     from .run import load_run
 
@@ -334,14 +332,14 @@ def _compare(args) -> int:
     from .report import write_compare_figure
 
     figures = write_compare_figure(result, out)
-    (out / "compare.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    saved = result.save(out)
     if args.json:
-        _print_json(dict(result.to_json(), written=[str(out / "compare.json"), *(str(out / f) for f in figures)]))
+        _print_json(dict(result.to_json(), written=[str(saved), *(str(out / f) for f in figures)]))
         return 0
     from .console import print_comparison
 
     print_comparison(result)
-    print(f"wrote {out / 'compare.json'} and {len(figures)} figure(s) in {out}")
+    print(f"wrote {saved} and {len(figures)} figure(s) in {out}")
     return 0
 
 
