@@ -12,8 +12,8 @@ import numpy as np
 from ..errors import UsageError
 
 # Records of at most this many cells (T * P * N) take the numpy path. The slowest numpy metric (learned-at) takes
-# 56 ms at 10^7 cells on 2 cores, against 0.5-0.9 s to load numba and the cached kernels in a fresh process (10 s
-# to compile them in a fresh checkout); warm, numba wins from ~10^7 cells (bench/RESULTS.md).
+# ~60 ms at 10^7 cells on 2 cores, against about a second to load numba and the cached kernels in a fresh process
+# (12 s to compile them in a fresh checkout); warm, numba wins from ~10^6-10^7 cells (bench/RESULTS.md).
 NUMPY_MAX_CELLS = 1 << 24
 DEFAULT_SPLIT = "test"
 
