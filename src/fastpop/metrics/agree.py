@@ -11,7 +11,7 @@ from .record import DEFAULT_SPLIT, as_record
 from .stats import binomial_pmf, fleiss_kappa, poisson_binomial_pmf
 
 # All-pairs kappa takes numpy's float32 GEMM (exact: counts below 2^24) up to this many multiply-adds (P^2 N):
-# ~0.15 s on 2 cores at the limit, less than loading numba and its kernels in a fresh process (~0.5 s).
+# ~0.15 s on 2 cores at the limit, less than loading numba and its kernels in a fresh process (~1 s).
 KAPPA_NUMPY_MAX_MACS = 1 << 33
 
 
