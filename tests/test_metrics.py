@@ -288,3 +288,21 @@ def test_metrics_stand_alone_and_answer_at_once(tmp_path):
     seconds, loaded = out.split(" ", 1)
     assert loaded.strip() == "[]"
     assert float(seconds) < 1.0
+
+
+@pytest.mark.parametrize("k, p", [(2, 1), (3, 3), (5, 4)])
+def test_chance_agreement_against_enumeration(k, p):
+    """The plurality agreement of independent uniform guesses, exactly, over all k^p outcomes."""
+    exact = np.mean([np.bincount(g, minlength=k).max() / p for g in itertools.product(range(k), repeat=p)])
+    assert M.chance_agreement(k, p) == pytest.approx(exact, abs=0.02)  # Monte Carlo, 4,000 draws
+    with pytest.raises(UsageError):
+        M.chance_agreement(0, p)
+
+
+def test_pack_unpack_round_trip_and_refusals():
+    c = np.random.default_rng(7).random((2, 3, 130)) < 0.5
+    bits = M.pack(c)
+    assert bits.shape == (2, 3, 24) and bits.dtype == np.uint8
+    np.testing.assert_array_equal(M.unpack(bits, 130), c)
+    with pytest.raises(UsageError, match="bool"):
+        M.pack(c.astype(np.uint8))

@@ -65,7 +65,9 @@ def print_summary(run: Run, console: Console | None = None) -> None:
 def print_analysis(result: "Analysis", console: Console | None = None) -> None:
     from .report import summary_rows
 
-    console = console or Console()
+    if console is None:  # piped output gets 120 columns (rich's default of 80 breaks every measure in two)
+        console = Console()
+        console = console if console.is_terminal else Console(width=120)
     table = Table(title=result.title)
     table.add_column("measure")
     table.add_column("value", justify="right")
