@@ -87,9 +87,10 @@ runs = sys.argv[1]
 run = fastpop.load_run(runs + "/a")
 assert run.arch.spec == "c6k5-ap-c4k1-flat-d12", run.arch.spec
 assert run.weights().shape == (3, run.arch.params_per_network())
-for args in (["verify", "a"], ["run", "--resume", "b"], ["analyze", "a"], ["report", "a"],
-             ["compare", "a", "b", "--out", "cmp"], ["cscore", "a", "--out", "c.npy"], ["merge", "s0", "s1", "--out", "m"]):
-    args = [runs + "/" + a if a in ("a", "b", "s0", "s1", "m", "cmp", "c.npy") else a for a in args]
+for args in (["verify", "a"], ["run", "--resume", "b"], ["analyze", "a"], ["report", "a", "--out", "rep"],
+             ["compare", "a", "b", "--out", "cmp"], ["cscore", "a", "--out", "c.npy"],
+             ["merge", "s0", "s1", "--out", "m"]):
+    args = [runs + "/" + a if a in ("a", "b", "s0", "s1", "m", "cmp", "rep", "c.npy") else a for a in args]
     assert main([*args, "--quiet"] if args[0] == "run" else args) == 0, args
 assert fastpop.load_run(runs + "/b").status == "complete"
 np.testing.assert_array_equal(fastpop.load_run(runs + "/m").bits("test"), run.bits("test"))

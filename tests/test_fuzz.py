@@ -113,7 +113,8 @@ def test_damaged_run_directories(tmp_path_factory, capsys, base_run, damage, nam
         (run / "run.json").write_text((run / "run.json").read_text()[: int(100 * frac)] + "}{")
     before = _snapshot(run)
     argv = {"analyze": ["analyze", str(run)], "verify": ["verify", str(run)],
-            "resume": ["run", "--resume", str(run), "--quiet"], "report": ["report", str(run)]}[command]
+            "resume": ["run", "--resume", str(run), "--quiet"],
+            "report": ["report", str(run), "--out", str(run.parent / "report")]}[command]
     code = main(argv)
     _expect_clean(code, capsys.readouterr().err)
     if code == 2:
