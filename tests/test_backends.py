@@ -97,10 +97,16 @@ def _check_score(arch, pop, x, y, idx, mean, std):
     logits, _ = chain._features(arch, reference, params, x, idx, mean, std, len(arch.ops))
     top2 = logits.topk(2, -1).values if arch.classes > 1 else None
     clear = (top2[..., 0] - top2[..., 1]) > 1e-3 * (logits.abs().amax(-1) + 1)
+    labels[:, ::4] = -1  # classes the networks were not trained on: NaN margin and loss
     want_bits = torch.zeros(p, 8 * -(-nb // 64), dtype=torch.uint8)
-    want_loss, want_pred = chain.score(arch, reference, params, x, idx, labels, mean, std, want_bits, 0)
+    want_extra = tuple(torch.empty(p, nb) for _ in range(2))
+    want_loss, want_pred = chain.score(arch, reference, params, x, idx, labels, mean, std, want_bits, 0, want_extra)
     bits = torch.full_like(want_bits, 0xAB)
-    loss, pred = NUMBA.score(arch, params, x, idx, labels, mean, std, bits, 0)
+    extra = tuple(torch.full((p, nb), 7.0) for _ in range(2))
+    loss, pred = NUMBA.score(arch, params, x, idx, labels, mean, std, bits, 0, extra)
+    for name, got, want in zip(("margin", "loss"), extra, want_extra):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4, equal_nan=True, msg=f"per-example {name}")
+    assert torch.isnan(extra[0][:, ::4]).all() and not torch.isnan(extra[0][:, 1::4]).any()
     assert torch.equal(pred[clear], want_pred[clear])
     right = np.unpackbits(bits.numpy(), axis=-1, count=nb, bitorder="little").astype(bool)
     want_right = np.unpackbits(want_bits.numpy(), axis=-1, count=nb, bitorder="little").astype(bool)
@@ -225,3 +231,16 @@ torch.save((loss, pop.grads), {str(tmp_path / "out.pt")!r})
     other_loss, other_grads = torch.load(tmp_path / "out.pt")
     assert torch.equal(other_loss, loss)
     assert torch.equal(other_grads, pop.grads)
+
+
+def test_reference_per_example_margin_and_loss_by_hand():
+    logits = torch.tensor([[[2.0, 0.5, 1.0], [0.0, 3.0, 3.0], [1.0, 1.0, 1.0]]])  # one network, three examples
+    y = torch.tensor([[0, 2, -1]])
+    margin, xent = torch.empty(1, 3), torch.empty(1, 3)
+    bits = torch.zeros(1, 8, dtype=torch.uint8)
+    reference.score_logits(logits, y, bits, 0, (margin, xent))
+    torch.testing.assert_close(margin[0, :2], torch.tensor([1.0, 0.0]))  # 2 - 1; a tie with another class: 0
+    lse = torch.logsumexp(logits[0, :2], -1)
+    torch.testing.assert_close(xent[0, :2], lse - torch.tensor([2.0, 3.0]))
+    assert torch.isnan(margin[0, 2]) and torch.isnan(xent[0, 2])
+    assert bits[0, 0] == 0b001  # example 1: a tie goes to the lowest class, 1, not the label 2

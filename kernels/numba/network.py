@@ -505,11 +505,15 @@ def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, gra
 
 
 @njit(parallel=True, cache=True)
-def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, byte0, loss, pred, threads):
+def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, byte0, loss, pred, threads, margin,
+                 xent):
     """Evaluation of networks 0..n on their batches idx [n, B] with labels y [n, B], as `reference.score_logits`
     on their logits: argmax == y (ties and NaN: the first, as torch.argmax) as bits into bits[:, byte0:] (little
     bit order, a last partial byte zero-padded), the cross-entropy summed over examples with y >= 0 into loss [n],
-    the argmax into pred [n, B]. y = -1 marks a class the network was not trained on: wrong, and no loss."""
+    the argmax into pred [n, B]. y = -1 marks a class the network was not trained on: wrong, and no loss. When
+    margin and xent are [n, B] (not empty): each example's true-class logit minus the largest other, and its
+    cross-entropy (NaN where y = -1)."""
+    per_example = margin.shape[0] > 0
     nb, k_out, n = idx.shape[1], head[HEAD_K], idx.shape[0]
     for t in prange(threads):
         act = np.empty(scratch, np.float32)
@@ -535,8 +539,18 @@ def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, b
                     s += np.float32(math.exp(logits[k, b] - m))
                 pred[p, b] = at
                 right[b] = at == y[p, b]
-                if y[p, b] >= 0:
-                    total += np.float32(math.log(s)) + m - logits[y[p, b], b]
+                yb = y[p, b]
+                ce = np.float32(0)
+                if yb >= 0:
+                    ce = np.float32(math.log(s)) + m - logits[yb, b]
+                    total += ce
+                if per_example:
+                    other = -np.inf
+                    for k in range(k_out):
+                        if k != yb:
+                            other = max(other, logits[k, b])
+                    margin[p, b] = logits[yb, b] - other if yb >= 0 else np.nan
+                    xent[p, b] = ce if yb >= 0 else np.nan
             loss[p] = total
             for j in range(right.shape[0] // 8):
                 v = 0

@@ -42,11 +42,14 @@ class Backend(Protocol):
         with the networks' order seeds; label-smoothed by `smoothing`); its gradient written (not added) into
         pop.grads."""
 
-    def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation of networks whose per-layer parameters are params ([n, *shape] each) on batches idx [n, B]:
         argmax == y (ties to the lowest class) as bits into bits [n, R] from bit `bit_offset` (a multiple of 8);
         returns (cross-entropy summed over examples with y >= 0 [n], predictions int64 [n, B]). y = -1 marks a
-        class the networks were not trained on: wrong, and no loss."""
+        class the networks were not trained on: wrong, and no loss. per_example: (margin, xent) float32 [n, B]
+        to fill in the same pass: true-class logit minus the largest other, and each example's cross-entropy
+        (NaN where y = -1)."""
 
     def optimizer_step(self, pop, groups, frozen, step: int) -> None:
         """Optimizer step number `step` (from 1) in place. groups: [(lo, hi, config, lr)], blocks of networks that

@@ -68,14 +68,16 @@ def loss(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, aug=Non
 
 
 @torch.no_grad()
-def score(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, bits, bit_offset):
-    """Evaluation of a batch: correctness bits into `bits` [P, R] from bit `bit_offset`; returns (summed loss
-    over labelled examples [P], predictions [P, B])."""
+def score(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, bits, bit_offset, per_example=None):
+    """Evaluation of a batch: correctness bits into `bits` [P, R] from bit `bit_offset`, and per-example margins
+    and losses into per_example when given (see `reference.score_logits`); returns (summed loss over labelled
+    examples [P], predictions [P, B])."""
+    extra = () if per_example is None else (per_example,)
     if _fused_head(arch):
         h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2)
-        return ops.head_score(h, w, b, y, bits, bit_offset)
+        return ops.head_score(h, w, b, y, bits, bit_offset, *extra)
     h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops))
-    return ops.score_logits(h, y, bits, bit_offset)
+    return ops.score_logits(h, y, bits, bit_offset, *extra)
 
 
 class ChainBackend:
@@ -108,8 +110,8 @@ class ChainBackend:
         out.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
         return out.detach()
 
-    def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset):
-        return score(arch, self.ops, params, x, idx, y, mean, std, bits, bit_offset)
+    def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None):
+        return score(arch, self.ops, params, x, idx, y, mean, std, bits, bit_offset, per_example)
 
     def optimizer_step(self, pop, groups, frozen, step: int) -> None:
         optimizer_step(pop, groups, frozen, step, self.ops.sgd_step)

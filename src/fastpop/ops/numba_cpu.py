@@ -91,7 +91,7 @@ class NumbaBackend:
         return loss
 
     @torch.no_grad()
-    def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset):
+    def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None):
         p, nb = idx.shape
         rows = torch.cat([t.detach().reshape(p, -1) for t in params], 1).contiguous().view(-1).numpy()
         ptab = np.array([[0, rows.shape[0] // p]], np.int64)
@@ -103,9 +103,11 @@ class NumbaBackend:
             part, labels = idx[:, lo:lo + size].contiguous(), y[:, lo:lo + size].contiguous()
             ops, head, scratch = tables(arch, part.shape[1])
             summed = torch.empty(p)
+            none = np.empty((0, 0), np.float32)
+            margin, xent = (none, none) if per_example is None else (t[:, lo:lo + size].numpy() for t in per_example)
             _k.score_kernel(x.numpy(), part.numpy(), labels.numpy(), _f32(mean).numpy(), _f32(std).numpy(), rows,
                             ptab, ops, head, scratch, bits.numpy(), (bit_offset + lo) // 8, summed.numpy(),
-                            pred[:, lo:lo + size].numpy(), numba.get_num_threads())
+                            pred[:, lo:lo + size].numpy(), numba.get_num_threads(), margin, xent)
             loss += summed
         return loss, pred
 

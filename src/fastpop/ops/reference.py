@@ -142,9 +142,9 @@ def head_loss(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor
 
 
 @torch.no_grad()
-def head_score(h, w, b, y, bits, bit_offset):
+def head_score(h, w, b, y, bits, bit_offset, per_example=None):
     """Evaluation of the same head: see score_logits."""
-    return score_logits(dense(global_avg_pool(h), w, b, False), y, bits, bit_offset)
+    return score_logits(dense(global_avg_pool(h), w, b, False), y, bits, bit_offset, per_example)
 
 
 def pack_into(bits: torch.Tensor, right: torch.Tensor, bit_offset: int) -> None:
@@ -159,14 +159,23 @@ def pack_into(bits: torch.Tensor, right: torch.Tensor, bit_offset: int) -> None:
 
 
 @torch.no_grad()
-def score_logits(logits: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, bit_offset: int):
+def score_logits(logits: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, bit_offset: int, per_example=None):
     """Evaluation: writes argmax == y (ties to the lowest class) as bits [P, R] (uint8, little bit order) from
     bit `bit_offset` (a multiple of 8); returns (summed cross-entropy over examples with y >= 0 [P],
-    predictions int64 [P, B]). y = -1 marks a class the network was not trained on: always wrong, no loss."""
+    predictions int64 [P, B]). y = -1 marks a class the network was not trained on: always wrong, no loss.
+    per_example: (margin, xent) float32 [P, B] to fill with each example's true-class logit minus the largest
+    other, and its cross-entropy (NaN where y = -1)."""
     p, bsz, k = logits.shape
     pred = logits.argmax(-1)
     pack_into(bits, pred == y, bit_offset)
-    ce = F.cross_entropy(logits.reshape(p * bsz, k), y.reshape(-1).clamp_min(0), reduction="none").view(p, bsz)
+    label = y.clamp_min(0).expand(p, bsz)
+    ce = F.cross_entropy(logits.reshape(p * bsz, k), label.reshape(-1), reduction="none").view(p, bsz)
+    if per_example is not None:
+        margin, xent = per_example
+        true = logits.gather(-1, label.unsqueeze(-1)).squeeze(-1)
+        other = logits.scatter(-1, label.unsqueeze(-1), float("-inf")).amax(-1)
+        margin.copy_(torch.where(y >= 0, true - other, float("nan")))
+        xent.copy_(torch.where(y >= 0, ce, float("nan")))
     return torch.where(y >= 0, ce, 0.0).sum(1), pred
 
 

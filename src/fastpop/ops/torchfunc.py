@@ -181,7 +181,7 @@ class TorchFuncBackend:
         return losses
 
     @torch.no_grad()
-    def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset):
+    def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None):
         from torch.func import functional_call
 
         base, names = self._base(arch)
@@ -193,7 +193,7 @@ class TorchFuncBackend:
         out = torch.empty(idx.shape[0], idx.shape[1], arch.classes, device=idx.device)
         for a, b, value in self._blocks(arch, list(params), batch, (), logits):
             out[a:b] = value[:b - a]
-        return reference.score_logits(out, y, bits, bit_offset)
+        return reference.score_logits(out, y, bits, bit_offset, per_example)
 
     def optimizer_step(self, pop, groups, frozen, step: int) -> None:
         optimizer_step(pop, groups, frozen, step)
