@@ -67,3 +67,37 @@ def test_final_record_equals_independent_evaluation(tiny):
             theirs = (logits.argmax(1) == s.y).numpy()
             np.testing.assert_array_equal(run.correct(split)[k], theirs, err_msg=f"network {k}, {split}")
             assert run.accuracy(split)[-1, k] == pytest.approx(theirs.mean(), abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_recorded_margins_losses_and_predictions_match_the_final_weights(tmp_path, backend):
+    """--record margin,loss,pred: float16 margins and cross-entropies and the predictions of both splits, written in
+    the scoring pass, equal an independent torch evaluation of the final weights; shards merge to the whole."""
+    from fastpop.cli import main
+
+    common = dict(arch="c4-mp-c6-gap-d8", seeds=3, epochs=1, batch_size=256, record=["margin", "loss", "pred"],
+                  backend=backend)
+    run = fastpop.train(fastpop.Config(out=str(tmp_path / "run"), **common))
+    data = load_dataset(run.config, torch.device("cpu"))
+    arch = build_arch(run.config.arch, data.in_shape, data.classes)
+    for split in ("train", "test"):
+        s = data.split(split)
+        x = (s.x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
+        for k in range(3):
+            module = arch.to_module()
+            torch.nn.utils.vector_to_parameters(run.weights()[k], module.parameters())
+            with torch.no_grad():
+                logits = module(x)
+            true = logits.gather(1, s.y[:, None])[:, 0]
+            other = logits.scatter(1, s.y[:, None], float("-inf")).amax(1)
+            xent = torch.nn.functional.cross_entropy(logits, s.y, reduction="none")
+            np.testing.assert_allclose(run.margins(split)[-1, k], true - other, rtol=2e-3, atol=2e-3)
+            np.testing.assert_allclose(run.example_losses(split)[-1, k], xent, rtol=2e-3, atol=2e-3)
+            np.testing.assert_array_equal(run.predictions(split)[-1, k], logits.argmax(1))
+    for i in range(3):
+        fastpop.train(fastpop.Config(out=str(tmp_path / f"s{i}"), shard=f"{i}/3", **common))
+    assert main(["merge", *(str(tmp_path / f"s{i}") for i in range(3)), "--out", str(tmp_path / "m")]) == 0
+    merged = fastpop.load_run(tmp_path / "m")
+    np.testing.assert_array_equal(merged.margins("train"), run.margins("train"))
+    np.testing.assert_array_equal(merged.predictions("test"), run.predictions("test"))
+    assert main(["verify", str(tmp_path / "m")]) == 0

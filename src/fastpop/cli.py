@@ -78,6 +78,8 @@ RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the sa
     "schedule": (str, "learning-rate schedule: constant, step or cosine"),
     "warmup-epochs": (float, "linear warm-up length in epochs"),
     "record-every": (int, "also record every this many steps (0: once per epoch)"),
+    "record": (lambda v: [k for k in v.split(",") if k], "per-example arrays to store besides the bits: any of "
+                                                         "margin, loss, pred (comma-separated)"),
     "save-every": (int, "also save the training state every this many steps"),
     "max-nets-per-chunk": (lambda v: v if v == "auto" else int(v), "networks per forward/backward pass, or auto"),
     "shard": (str, "i/n: train only the i-th of n blocks of the seeds (join with fastpop merge)"),

@@ -29,11 +29,13 @@ def pack_bits(correct: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Tensor, std: torch.Tensor,
-             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             chunk: int | None = None, per_example: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every network on the whole split, `chunk` networks at a time: (correctness bits uint8 [P, R] in the
     record's layout, argmax == label with ties to the lowest class index; each network's mean cross-entropy [P]
     over the examples with a label in its classes, NaN when there are none; predicted class index int64 [P, N]).
-    A diverged network is wrong on every example, its loss is NaN and its predictions 0."""
+    per_example: (margin, xent) float32 [P, N] filled in the same pass (`Backend.score`). A diverged network is
+    wrong on every example, its loss, margins and losses are NaN and its predictions 0."""
     p, n = pop.p, len(split)
     device = split.y.device
     bits = torch.zeros(p, bytes_per_row(n), dtype=torch.uint8, device=device)
@@ -46,8 +48,9 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
         for lo in range(0, n, EVAL_EXAMPLES):
             hi = min(n, lo + EVAL_EXAMPLES)
             idx = torch.arange(lo, hi, device=device).expand(phi - plo, -1).contiguous()  # the same examples
+            extra = None if per_example is None else tuple(t[plo:phi, lo:hi] for t in per_example)
             summed, pred[plo:phi, lo:hi] = backend.score(arch, [v[plo:phi] for v in params], split.x, idx,
-                                                         split.y[idx], mean, std, bits[plo:phi], lo)
+                                                         split.y[idx], mean, std, bits[plo:phi], lo, extra)
             loss[plo:phi] += summed.double()
     labelled = int((split.y >= 0).sum())
     loss = loss / labelled if labelled else torch.full_like(loss, float("nan"))
@@ -55,16 +58,22 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
     bits[dead] = 0
     pred[dead] = 0
     loss[dead] = float("nan")
+    for t in per_example or ():
+        t[dead] = float("nan")
     return bits, loss.float(), pred
 
 
 def record(bits: torch.Tensor, loss: torch.Tensor, n: int, pred: torch.Tensor | None = None,
-           class_ids: list[int] | None = None) -> dict[str, np.ndarray]:
+           class_ids: list[int] | None = None, margin: torch.Tensor | None = None, xent: torch.Tensor | None = None
+           ) -> dict[str, np.ndarray]:
     """One split's checkpoint row as numpy: packed bits, loss, accuracy, and, when asked, the predicted labels
-    as original class ids (`rundir.pred_dtype`)."""
+    as original class ids (`rundir.pred_dtype`), and the per-example margins and cross-entropies as float16."""
     packed = bits.cpu().numpy()
     rows = {"bits": packed, "loss": loss.cpu().numpy(),
             "acc": (np.bitwise_count(packed).sum(1) / n).astype(np.float32)}
     if pred is not None:
         rows["pred"] = np.asarray(class_ids, pred_dtype(class_ids))[pred.cpu().numpy()]
+    for kind, values in (("margin", margin), ("xent", xent)):
+        if values is not None:
+            rows[kind] = values.cpu().numpy().astype(np.float16)
     return rows

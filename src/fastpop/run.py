@@ -137,7 +137,8 @@ class Run:
         return np.unpackbits(packed, axis=-1, count=self.n("train"), bitorder="little").astype(bool)
 
     def record_array(self, split: str, kind: str) -> np.ndarray:
-        return {"bits": self.bits, "loss": self.loss, "acc": self.accuracy, "pred": self.predictions}[kind](split)
+        return {"bits": self.bits, "loss": self.loss, "acc": self.accuracy, "pred": self.predictions,
+                "margin": self.margins, "xent": self.example_losses}[kind](split)
 
     def loss(self, split: str) -> np.ndarray:
         """float32 [T, P]: each network's mean cross-entropy on the split at each checkpoint."""

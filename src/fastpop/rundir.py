@@ -152,8 +152,12 @@ def record_arrays(manifest: dict) -> list[tuple[str, str, tuple, type, float]]:
     for split, info in manifest["splits"].items():
         out += [(split, "bits", (t, p, info["bytes_per_row"]), np.uint8, 0),
                 (split, "loss", (t, p), np.float32, np.nan), (split, "acc", (t, p), np.float32, np.nan)]
-        if split == "test" and manifest.get("predictions"):
+        asked = set(manifest["config"].get("record") or [])
+        if "pred" in asked or (split == "test" and manifest.get("predictions")):
             out.append((split, "pred", (t, p, info["n"]), pred_dtype(manifest.get("class_ids")), 0))
+        for kind, name in (("margin", "margin"), ("loss", "xent")):
+            if kind in asked:
+                out.append((split, name, (t, p, info["n"]), np.float16, np.nan))
     return out
 
 

@@ -374,13 +374,16 @@ def _step_function(setup: Setup, pop: Population, batch_shape):
 def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: int) -> float:
     """Evaluate every network on both splits; then, in this order, flush the rows, save the state, and let the
     manifest count checkpoint t: a kill between any two leaves a resumable directory."""
-    records = {}
+    records, asked = {}, set(setup.config.record)
     for split in SPLITS:
         data = setup.data.split(split)
+        extra = tuple(torch.empty(pop.p, len(data), device=setup.device) for _ in range(2)) \
+            if asked & {"margin", "loss"} else None
         bits, loss, pred = evaluate(setup.arch, setup.backend, pop, data, setup.data.mean, setup.data.std,
-                                    setup.chunk)
-        keep = split == "test" and writer.manifest["predictions"]
-        records[split] = record(bits, loss, len(data), pred if keep else None, setup.data.class_ids)
+                                    setup.chunk, extra)
+        keep = "pred" in asked or (split == "test" and writer.manifest["predictions"])
+        records[split] = record(bits, loss, len(data), pred if keep else None, setup.data.class_ids,
+                                extra[0] if "margin" in asked else None, extra[1] if "loss" in asked else None)
     writer.write_rows(t, records)
     _save_state(pop, writer, step, t + 1)
     diverged = pop.diverged_at.cpu().numpy()

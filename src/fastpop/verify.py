@@ -7,7 +7,7 @@ import torch
 
 from .errors import UsageError
 from .run import Run
-from .rundir import SPLITS, STATE, live_writer, row_checksum
+from .rundir import SPLITS, STATE, live_writer, record_arrays, row_checksum
 
 
 def verify(path) -> tuple[Run, list[str], list[str]]:
@@ -21,7 +21,7 @@ def verify(path) -> tuple[Run, list[str], list[str]]:
     sums = run.manifest.get("checksums", {})
     for split in SPLITS:
         n = run.n(split)
-        kinds = ["bits", "loss", "acc"] + (["pred"] if split == "test" and run.manifest.get("predictions") else [])
+        kinds = [kind for s, kind, *_ in record_arrays(run.manifest) if s == split]
         for kind in kinds:
             try:
                 arr = run.record_array(split, kind)
