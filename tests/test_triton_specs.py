@@ -39,9 +39,14 @@ def _check_score(arch, pop, x, y, idx, mean, std, bit_offset=64):
     clear = ((top2[..., 0] - top2[..., 1]) > 1e-3 * (logits.abs().amax(-1) + 1)).numpy()
     row = bit_offset // 8 + 8 * -(-nb // 64)
     want_bits = torch.zeros(p, row, dtype=torch.uint8)
-    want_loss, want_pred = chain.score(arch, reference, params, x, idx, labels, mean, std, want_bits, bit_offset)
+    want_extra = tuple(torch.empty(p, nb) for _ in range(2))
+    want_loss, want_pred = chain.score(arch, reference, params, x, idx, labels, mean, std, want_bits, bit_offset,
+                                       want_extra)
     bits = torch.full_like(want_bits, 0xAB)
-    loss, pred = TRITON.score(arch, params, x, idx, labels, mean, std, bits, bit_offset)
+    extra = tuple(torch.full((p, nb + 3), 7.0)[:, 1:nb + 1] for _ in range(2))  # views, as into the record
+    loss, pred = TRITON.score(arch, params, x, idx, labels, mean, std, bits, bit_offset, extra)
+    for name, got, want in zip(("margin", "loss"), extra, want_extra):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4, equal_nan=True, msg=f"per-example {name}")
     assert (bits[:, :bit_offset // 8] == 0xAB).all(), "bytes before the batch's are untouched"
     n_bytes = -(-nb // 8)
     assert (bits[:, bit_offset // 8 + n_bytes:] == 0xAB).all(), "bytes after the batch's are untouched"

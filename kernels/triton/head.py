@@ -10,7 +10,7 @@ wrong and are left out of the loss.
 import triton
 import triton.language as tl
 
-from .loss import blocks as _loss_blocks, dlogits, labelled_count, row_loss, store_bits
+from .loss import blocks as _loss_blocks, dlogits, labelled_count, row_loss, store_bits, store_per_example
 
 
 @triton.jit
@@ -23,8 +23,10 @@ def _head_fwd_kernel(h_ptr,  # fp32 [P, B, S, C] last conv output, S = H*W pixel
                      loss_ptr,  # fp32 [P] mean loss over labelled examples; with EVAL their summed loss
                      bits_ptr,  # uint8 [P, ROW_BYTES] correctness bits, bit n of byte n // 8 (EVAL)
                      pred_ptr,  # int64 [P, B] argmax (EVAL)
+                     margin_ptr, xent_ptr,  # fp32 [P, B] per-example margin and loss (PER_EXAMPLE)
                      B, S, C, K, ROW_BYTES, BIT_OFFSET, smoothing,
-                     EVAL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                     EVAL: tl.constexpr, PER_EXAMPLE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     k = tl.arange(0, BLOCK_K)
@@ -49,6 +51,8 @@ def _head_fwd_kernel(h_ptr,  # fp32 [P, B, S, C] last conv output, S = H*W pixel
         count += labelled
         if EVAL:
             store_bits(bits_ptr, pred_ptr, p, b0, bb, b_ok, logits, y, B, ROW_BYTES, BIT_OFFSET, BLOCK_B)
+            if PER_EXAMPLE:
+                store_per_example(margin_ptr, xent_ptr, p, bb, b_ok, logits, y, k, loss, B)
         else:
             tl.store(g_ptr + (p * B + bb[:, None]) * C + c[None, :], g, mask=b_ok[:, None] & c_ok[None, :])
             tl.store(logits_ptr + (p * B + bb[:, None]) * K + k[None, :], logits,
@@ -101,11 +105,11 @@ def _blocks(b: int, c: int, k: int, interpret: bool) -> tuple[int, int, int]:
     return block_b, max(16, triton.next_power_of_2(c)), block_k
 
 
-def head_fwd(h, w, b, y, interpret, smoothing=0.0, bits=None, bit_offset=0):
+def head_fwd(h, w, b, y, interpret, smoothing=0.0, bits=None, bit_offset=0, per_example=None):
     """h [P, B, H, W, C]; w [P, K, C]; b [P, K]; y int64 [P, B]. Training: (loss [P] label-smoothed by
-    `smoothing`, g, logits). With `bits`
-    (uint8 [P, R], evaluation): writes the batch's bits at bit_offset (a multiple of 8) and returns
-    (summed loss [P], predictions int64 [P, B])."""
+    `smoothing`, g, logits). With `bits` (uint8 [P, R], evaluation): writes the batch's bits at bit_offset (a
+    multiple of 8), and with per_example ((margin, xent) fp32 [P, B], contiguous) each example's margin and loss;
+    returns (summed loss [P], predictions int64 [P, B])."""
     import torch
 
     p, bsz = h.shape[:2]
@@ -116,13 +120,15 @@ def head_fwd(h, w, b, y, interpret, smoothing=0.0, bits=None, bit_offset=0):
     if evaluating:
         assert bit_offset % 8 == 0
         pred = torch.empty(p, bsz, device=h.device, dtype=torch.int64)
-        _head_fwd_kernel[(p,)](h, w, b, y, h, h, loss, bits, pred, bsz, s, c, k, bits.shape[1], bit_offset, 0.0,
-                               EVAL=True, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk)
+        margin, xent = per_example if per_example is not None else (h, h)
+        _head_fwd_kernel[(p,)](h, w, b, y, h, h, loss, bits, pred, margin, xent, bsz, s, c, k, bits.shape[1],
+                               bit_offset, 0.0, EVAL=True, PER_EXAMPLE=per_example is not None, BLOCK_B=bb,
+                               BLOCK_C=bc, BLOCK_K=bk)
         return loss, pred
     g = torch.empty(p, bsz, c, device=h.device, dtype=torch.float32)
     logits = torch.empty(p, bsz, k, device=h.device, dtype=torch.float32)
-    _head_fwd_kernel[(p,)](h, w, b, y, g, logits, loss, h, h, bsz, s, c, k, 0, 0, float(smoothing), EVAL=False,
-                           BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk)
+    _head_fwd_kernel[(p,)](h, w, b, y, g, logits, loss, h, h, h, h, bsz, s, c, k, 0, 0, float(smoothing),
+                           EVAL=False, PER_EXAMPLE=False, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk)
     return loss, g, logits
 
 

@@ -37,6 +37,18 @@ def store_bits(bits_ptr, pred_ptr, p, b0, bb, b_ok, logits, y, B, ROW_BYTES, BIT
 
 
 @triton.jit
+def store_per_example(margin_ptr, xent_ptr, p, bb, b_ok, logits, y, k, loss, B):
+    """Each row's true-class logit minus the largest other logit, and its cross-entropy `loss`, into margin and
+    xent [P, B] (NaN for labels < 0)."""
+    is_y = k[None, :] == y[:, None]
+    picked = tl.sum(tl.where(is_y, logits, 0.0), axis=1)
+    other = tl.max(tl.where(is_y, float("-inf"), logits), axis=1)
+    labelled = y >= 0
+    tl.store(margin_ptr + p * B + bb, tl.where(labelled, picked - other, float("nan")), mask=b_ok)
+    tl.store(xent_ptr + p * B + bb, tl.where(labelled, loss, float("nan")), mask=b_ok)
+
+
+@triton.jit
 def dlogits(logits, y, k, k_ok, b_ok, scale, K, smoothing):
     """(softmax - target) * scale for labelled rows, 0 elsewhere, the target as in row_loss; logits
     [BLOCK_B, BLOCK_K], padded at -inf."""
@@ -65,8 +77,9 @@ def _ce_fwd_kernel(logits_ptr,  # fp32 [P, B, K]
                    loss_ptr,  # fp32 [P] mean loss over labelled examples; with EVAL their summed loss
                    bits_ptr,  # uint8 [P, ROW_BYTES] correctness bits (EVAL)
                    pred_ptr,  # int64 [P, B] argmax (EVAL)
+                   margin_ptr, xent_ptr,  # fp32 [P, B] per-example margin and loss (PER_EXAMPLE)
                    B, K, ROW_BYTES, BIT_OFFSET, smoothing,
-                   EVAL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+                   EVAL: tl.constexpr, PER_EXAMPLE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
@@ -84,6 +97,8 @@ def _ce_fwd_kernel(logits_ptr,  # fp32 [P, B, K]
         count += labelled
         if EVAL:
             store_bits(bits_ptr, pred_ptr, p, b0, bb, b_ok, logits, y, B, ROW_BYTES, BIT_OFFSET, BLOCK_B)
+        if PER_EXAMPLE:
+            store_per_example(margin_ptr, xent_ptr, p, bb, b_ok, logits, y, k, loss, B)
     if EVAL:
         tl.store(loss_ptr + p, tl.sum(total, axis=0))
     else:
@@ -117,24 +132,25 @@ def blocks(b: int, k: int, interpret: bool) -> tuple[int, int]:
     return min(1024 if interpret else 64, max(16, triton.next_power_of_2(b))), max(16, triton.next_power_of_2(k))
 
 
-def ce_fwd(logits, y, interpret, smoothing=0.0, bits=None, bit_offset=0):
+def ce_fwd(logits, y, interpret, smoothing=0.0, bits=None, bit_offset=0, per_example=None):
     """logits [P, B, K]; y int64 [P, B]. Training: each network's mean loss [P], label-smoothed by `smoothing`.
-    With `bits` (uint8 [P, R], evaluation): writes the batch's bits at bit_offset (a multiple of 8) and returns
-    (summed loss [P], predictions int64 [P, B])."""
+    With `bits` (uint8 [P, R], evaluation): writes the batch's bits at bit_offset (a multiple of 8), and with
+    per_example ((margin, xent) fp32 [P, B], contiguous) each example's margin and loss; returns (summed loss [P],
+    predictions int64 [P, B])."""
     import torch
 
     p, bsz, k = logits.shape
     bb, bk = blocks(bsz, k, interpret)
     loss = torch.empty(p, device=logits.device, dtype=torch.float32)
     if bits is None:
-        _ce_fwd_kernel[(p,)](logits, y, loss, logits, logits, bsz, k, 0, 0, float(smoothing), EVAL=False,
-                             BLOCK_B=bb, BLOCK_K=bk)
+        _ce_fwd_kernel[(p,)](logits, y, loss, logits, logits, logits, logits, bsz, k, 0, 0, float(smoothing),
+                             EVAL=False, PER_EXAMPLE=False, BLOCK_B=bb, BLOCK_K=bk)
         return loss
     assert bit_offset % 8 == 0
     pred = torch.empty(p, bsz, device=logits.device, dtype=torch.int64)
-    _ce_fwd_kernel[(p,)](logits, y, loss, bits, pred, bsz, k, bits.shape[1], bit_offset, float(smoothing),
-                         EVAL=True, BLOCK_B=bb,
-                         BLOCK_K=bk)
+    margin, xent = per_example if per_example is not None else (logits, logits)
+    _ce_fwd_kernel[(p,)](logits, y, loss, bits, pred, margin, xent, bsz, k, bits.shape[1], bit_offset,
+                         float(smoothing), EVAL=True, PER_EXAMPLE=per_example is not None, BLOCK_B=bb, BLOCK_K=bk)
     return loss, pred
 
 

@@ -182,10 +182,13 @@ def cross_entropy(logits, y, smoothing=0.0):
 
 
 @torch.no_grad()
-def score_logits(logits, y, bits, bit_offset):
+def score_logits(logits, y, bits, bit_offset, per_example=None):
     p, bsz, _ = logits.shape
-    return _loss.ce_fwd(logits.contiguous(), _labels(y, p, bsz), _interpret(), bits=bits,
-                        bit_offset=bit_offset)
+    out = _contiguous(per_example)
+    scored = _loss.ce_fwd(logits.contiguous(), _labels(y, p, bsz), _interpret(), bits=bits, bit_offset=bit_offset,
+                          per_example=out)
+    _copy_back(per_example, out)
+    return scored
 
 
 class _Head(torch.autograd.Function):
@@ -209,9 +212,23 @@ def head_loss(h, w, b, y, smoothing=0.0):
 
 
 @torch.no_grad()
-def head_score(h, w, b, y, bits, bit_offset):
-    return _head.head_fwd(h.contiguous(), w.contiguous(), b.contiguous(), _labels(y, *h.shape[:2]), _interpret(),
-                          bits=bits, bit_offset=bit_offset)
+def head_score(h, w, b, y, bits, bit_offset, per_example=None):
+    out = _contiguous(per_example)
+    scored = _head.head_fwd(h.contiguous(), w.contiguous(), b.contiguous(), _labels(y, *h.shape[:2]), _interpret(),
+                            bits=bits, bit_offset=bit_offset, per_example=out)
+    _copy_back(per_example, out)
+    return scored
+
+
+def _contiguous(per_example):
+    """The kernels write [P, B] rows: contiguous stand-ins for views into the record's [P, N] arrays."""
+    return None if per_example is None else tuple(t.contiguous() for t in per_example)
+
+
+def _copy_back(per_example, out) -> None:
+    for view, written in zip(per_example or (), out or ()):
+        if written is not view:
+            view.copy_(written)
 
 
 @torch.no_grad()
