@@ -293,3 +293,25 @@ def test_a_step_schedule_extends_only_before_its_first_milestone(tmp_path, capsy
     assert main(["run", "--resume", str(tmp_path / "late"), "--epochs", "1", "--quiet"]) == 2
     assert "cannot be shortened" in capsys.readouterr().err
     assert fastpop.load_run(tmp_path / "late").config.epochs == 2 and main(["verify", str(tmp_path / "late")]) == 0
+
+
+def test_analyze_and_compare_take_a_grid_group_by_group(tmp_path, capsys):
+    from fastpop.analysis import analyze, compare
+
+    run = fastpop.train(fastpop.Config(seeds=3, epochs=1, batch_size=256, grid={"lr": [0.3, 0.05]},
+                                       record=["margin"], out=str(tmp_path / "grid")))
+    whole = analyze(run)
+    first, second = (analyze(run, group=g) for g in range(2))
+    assert (first.identity["P"], first.identity["group"], second.identity["group"]) == (3, "lr=0.3", "lr=0.05")
+    acc = run.accuracy("test")[-1]
+    assert first.accuracy["mean"] == pytest.approx(float(acc[:3].mean()))
+    assert second.accuracy["mean"] == pytest.approx(float(acc[3:].mean()))
+    np.testing.assert_allclose(second.arrays["aum"], np.asarray(run.margins("test"), np.float64)[:, 3:].mean((0, 1)),
+                               rtol=1e-6)
+    assert whole.identity["P"] == 6 and "group" not in whole.identity
+    result = compare([run])
+    assert [r["P"] for r in result.runs] == [3, 3] and len(result.pairs) == 1
+    assert main(["analyze", str(run.path), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "group-1" / "test.metrics.json").exists()
+    assert main(["analyze", str(run.path), "--group", "2"]) == 2
+    assert "no group 2" in capsys.readouterr().err

@@ -46,7 +46,8 @@ class Analysis:
     @property
     def title(self) -> str:
         i = self.identity
-        return f"{i['arch']} on {i['dataset']}, {i['split']} split, P = {i['P']}"
+        group = f" ({i['group']})" if i.get("group") else ""
+        return f"{i['arch']} on {i['dataset']}{group}, {i['split']} split, P = {i['P']}"
 
     def to_json(self) -> dict:
         out = {"format": FORMAT, **self.identity}
@@ -87,7 +88,7 @@ class Analysis:
 
 ARRAYS = ("tpa", "accessibility", "forgetting", "never_learned", "consensus", "cscore", "aum", "confidence",
           "variability", "el2n")
-IDENTITY = ("run", "arch", "dataset", "split", "P", "N", "T", "checkpoint", "epoch", "fingerprint")
+IDENTITY = ("run", "arch", "dataset", "split", "P", "N", "T", "checkpoint", "epoch", "fingerprint", "group")
 
 
 def fingerprint(run: Run, split: str, checkpoint: int) -> str:
@@ -103,30 +104,51 @@ def fingerprint(run: Run, split: str, checkpoint: int) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def identity(run: Run, split: str, checkpoint: int) -> dict:
-    return {"run": str(run.path), "arch": run.config.arch, "dataset": run.manifest.get("dataset", {}).get(
-        "name", run.config.dataset), "split": split, "P": len(run.seeds), "N": run.n(split),
+def identity(run: Run, split: str, checkpoint: int, group: int | None = None) -> dict:
+    nets = group_networks(run, group)
+    out = {"run": str(run.path), "arch": run.config.arch, "dataset": run.manifest.get("dataset", {}).get(
+        "name", run.config.dataset), "split": split, "P": len(range(len(run.seeds))[nets]), "N": run.n(split),
         "T": len(run.checkpoints), "checkpoint": checkpoint, "epoch": run.checkpoints[checkpoint]["epoch"],
-        "fingerprint": fingerprint(run, split, checkpoint)}
+        "fingerprint": fingerprint(run, split, checkpoint) + ("" if group is None else f"-g{group}")}
+    if group is not None:
+        out["group"] = group_label(run, group)
+    return out
 
 
-def analyze(run: Run, split: str = "test", checkpoint: int = -1) -> Analysis:
-    """Every metric of one split, at every checkpoint where it has one and at `checkpoint` (default the last)."""
+def group_networks(run: Run, group: int | None) -> slice:
+    """The networks of one group of a grid run (all networks for group None)."""
+    if group is None:
+        return slice(None)
+    if not run.groups or not 0 <= group < len(run.groups):
+        raise UsageError(f"{run.path} has {len(run.groups or [])} grid groups; no group {group}")
+    return slice(*run.groups[group]["networks"])
+
+
+def group_label(run: Run, group: int) -> str:
+    return ", ".join(f"{k}={v}" for k, v in run.groups[group].items() if k != "networks")
+
+
+def analyze(run: Run, split: str = "test", checkpoint: int = -1, group: int | None = None) -> Analysis:
+    """Every metric of one split, at every checkpoint where it has one and at `checkpoint` (default the last); of
+    one group's networks of a grid run when `group` is given."""
     run.require_checkpoint()
+    nets = group_networks(run, group)
     rec = M.as_record(run, split=split)
+    if group is not None:
+        rec = rec.networks(np.arange(len(run.seeds))[nets])
     t_sel = _checkpoint(checkpoint, rec.t)
     if rec.small:
         rec.dense()  # unpacked once, shared by every metric below
     counts = M.tpa_counts(rec).counts
     acc = M.accuracy(rec).values
     per_checkpoint = [dict(run.checkpoints[t], **M.agreement_summary(counts[t], acc[t])) for t in range(rec.t)]
-    nets = _kappa_subset(rec.p)
-    kappa = M.error_consistency(rec if nets is None else rec.networks(nets), t=t_sel).kappa
+    subset = _kappa_subset(rec.p)
+    kappa = M.error_consistency(rec if subset is None else rec.networks(subset), t=t_sel).kappa
     speed = M.speed_counts(rec)
     forget = M.forgetting(rec)
     never = forget.never.mean(0, dtype=np.float32)
     result = Analysis(
-        identity=identity(run, split, t_sel), accuracy=_spread(acc[t_sel]), agreement=per_checkpoint[t_sel],
+        identity=identity(run, split, t_sel, group), accuracy=_spread(acc[t_sel]), agreement=per_checkpoint[t_sel],
         per_checkpoint=per_checkpoint, kappa=_kappa(kappa),
         split_half=M.split_half(speed) if rec.p > 1 else None,
         pairwise_spearman=M.pairwise_spearman(speed) if rec.p > 1 else None,
@@ -135,19 +157,19 @@ def analyze(run: Run, split: str = "test", checkpoint: int = -1) -> Analysis:
                     "pairs": rec.p * rec.n},
         arrays={"tpa": (counts / rec.p).astype(np.float32), "accessibility": speed.counts.sum(0) / (rec.t * rec.p),
                 "forgetting": forget.events.sum(0, dtype=np.int32), "never_learned": never})
-    _extras(run, split, t_sel, result)
+    _extras(run, split, t_sel, result, nets)
     return result
 
 
-def _extras(run: Run, split: str, t_sel: int, result: Analysis) -> None:
+def _extras(run: Run, split: str, t_sel: int, result: Analysis, nets: slice) -> None:
     """The C-score, the consensus of predictions and the margin scores, where the run recorded what they need."""
     if split == "train" and run.member_bits() is not None:
-        cs = M.cscore(run)
+        cs = M.cscore(run.bits("train")[-1][nets], run.member_bits()[nets], n=run.n("train"))
         result.arrays["cscore"] = cs.values
         result.extra["cscore_mean"] = float(np.nanmean(cs.values)) if np.isfinite(cs.values).any() else None
     labels = run.predictions(split)
     if labels is not None:
-        consensus = M.consensus_agreement(np.asarray(labels), split).agreement
+        consensus = M.consensus_agreement(np.asarray(labels)[:, nets], split).agreement
         result.arrays["consensus"] = consensus.astype(np.float32)
         classes = run.config.classes or run.manifest.get("dataset", {}).get("classes") or 0
         k = len(classes) if isinstance(classes, list) else int(classes)
@@ -157,12 +179,13 @@ def _extras(run: Run, split: str, t_sel: int, result: Analysis) -> None:
             "histogram": np.histogram(consensus[t_sel], bins=10, range=(0, 1))[0].tolist()}
     margins = {}
     if run.margins(split) is not None:
-        result.arrays["aum"] = M.aum(run, split).values
+        result.arrays["aum"] = M.aum(run.margins(split)[:, nets], split).values
         margins["aum_mean"] = _nanmean(result.arrays["aum"])
     if run.example_losses(split) is not None:
-        cart = M.cartography(run, split)
+        losses = run.example_losses(split)[:, nets]
+        cart = M.cartography(losses, split, correct=run.bits(split)[:, nets], n=run.n(split))
         result.arrays.update(confidence=cart.confidence, variability=cart.variability,
-                             el2n=M.el2n(run, split, checkpoint=0).values)
+                             el2n=M.el2n(losses, split, checkpoint=0).values)
         margins.update(confidence_mean=_nanmean(cart.confidence), variability_mean=_nanmean(cart.variability))
     if margins:
         result.extra["margins"] = margins
@@ -268,9 +291,15 @@ class Comparison:
 
 
 def compare(runs: list[Run], split: str = "test", threshold: float = 0.5) -> Comparison:
-    """Cross-population order agreement on the same examples, for every pair of `runs`."""
-    if len(runs) < 2:
-        raise UsageError("compare needs at least two runs")
+    """Cross-population order agreement on the same examples, for every pair of `runs`; one grid run's groups are
+    compared as populations."""
+    groups = [None]
+    if len(runs) == 1 and runs[0].groups:
+        groups = list(range(len(runs[0].groups)))
+        runs = runs * len(groups)
+    elif len(runs) < 2:
+        raise UsageError("compare needs at least two runs, or one run trained with --grid")
+    groups = groups * (len(runs) // len(groups))
     first = runs[0]
     for run in runs:
         run.require_checkpoint()
@@ -280,11 +309,14 @@ def compare(runs: list[Run], split: str = "test", threshold: float = 0.5) -> Com
                              "cannot be compared")
     n = first.n(split)
     access, final, info = [], [], []
-    for run in runs:
+    for run, group in zip(runs, groups):
         rec = M.as_record(run, split=split)
+        if group is not None:
+            rec = rec.networks(np.arange(len(run.seeds))[group_networks(run, group)])
         access.append(M.accessibility(rec).values)
         final.append(M.tpa_counts(rec.checkpoint(-1)).counts[0] / rec.p)
-        info.append({"run": str(run.path), "arch": run.config.arch, "P": rec.p, "T": rec.t,
+        name = str(run.path) if group is None else f"{run.path} ({group_label(run, group)})"
+        info.append({"run": name, "arch": run.config.arch, "P": rec.p, "T": rec.t,
                      "mean_final_accuracy": float(final[-1].mean()),
                      "epochs": [c["epoch"] for c in run.checkpoints]})
     warns = []

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="folder for {split}.metrics.json and the per-example arrays (default: none "
                          "written)")
     analyze.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    analyze.add_argument("--group", type=int, help="a grid run: only this group (default: each group in turn, "
+                         "saved under OUT/group-G)")
 
     report = sub.add_parser("report", help="figures and report.html (reuses a current analysis)")
     report.add_argument("run", metavar="RUN")
@@ -150,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     cscore.add_argument("--out", required=True, help="file for the float64 [N] C-scores (.npy)")
 
     compare = sub.add_parser("compare", help="learning order of two or more populations on the same examples")
-    compare.add_argument("runs", metavar="RUN", nargs="+", help="two or more run directories")
+    compare.add_argument("runs", metavar="RUN", nargs="+", help="two or more run directories, or one grid run "
+                         "(its groups are compared)")
     compare.add_argument("--split", default="test", choices=("test", "train"))
     compare.add_argument("--threshold", type=float, default=0.5, help="final TPA at which an example counts as learned")
     compare.add_argument("--out", help="folder for compare.json and the figures (default compare-NAMES-HASH here)")
@@ -292,16 +295,23 @@ def _analyze(args) -> int:
     from .analysis import analyze
     from .run import load_run
 
-    result = analyze(load_run(args.run), args.split, args.checkpoint)  # all computed before anything is written
-    written = result.save(args.out) if args.out else []
+    run = load_run(args.run)
+    groups = [args.group] if args.group is not None else list(range(len(run.groups))) if run.groups else [None]
+    results = [analyze(run, args.split, args.checkpoint, g) for g in groups]  # all computed before anything is written
+    written = []
+    for g, result in zip(groups, results):
+        folder = None if not args.out else Path(args.out) / f"group-{g}" if g is not None else args.out
+        written.append(result.save(folder) if folder else [])
     if args.json:
-        _print_json(dict(result.to_json(), written=[str(p) for p in written]))
+        docs = [dict(r.to_json(), written=[str(p) for p in w]) for r, w in zip(results, written)]
+        _print_json(docs[0] if len(docs) == 1 else docs)
         return 0
     from .console import print_analysis
 
-    print_analysis(result)
-    if written:
-        print(f"wrote {written[-1]} and {len(written) - 1} per-example arrays")
+    for result, paths in zip(results, written):
+        print_analysis(result)
+        if paths:
+            print(f"wrote {paths[-1]} and {len(paths) - 1} per-example arrays")
     return 0
 
 
@@ -326,8 +336,6 @@ def _compare(args) -> int:
 
     if not 0 < args.threshold <= 1:
         raise UsageError("--threshold must be in (0, 1]")
-    if len(args.runs) < 2:
-        raise UsageError("compare needs at least two run directories")
     runs = [load_run(p) for p in args.runs]
     result = compare(runs, args.split, args.threshold)
     out = Path(args.out) if args.out else default_compare_out(runs)
