@@ -231,7 +231,7 @@ def test_sgd_step_matches_torch_optim(frozen_net):
     grads = [torch.randn(7, generator=gen).to(DEV) for _ in range(3)]
     flat, gflat, mom = torch.cat(params), torch.cat(grads), torch.zeros(21, device=DEV)
     ref = [p.clone().requires_grad_() for p in params]
-    opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
     frozen = None
     if frozen_net is not None:
         frozen = torch.zeros(21, dtype=torch.bool, device=DEV)
@@ -240,11 +240,79 @@ def test_sgd_step_matches_torch_optim(frozen_net):
         for r, g in zip(ref, grads):
             r.grad = g.clone()
         opt.step()
-        O.sgd(flat, gflat.clone(), mom, 0.1, 0.9, 1e-2, frozen, INTERPRET)
+        O.sgd(flat, gflat.clone(), mom, 0.1, 0.9, 1e-2, frozen, INTERPRET, nesterov=True)
     want = torch.cat([r.detach() for r in ref])
     if frozen_net is not None:
         want[7 * frozen_net:7 * frozen_net + 7] = params[frozen_net]
     torch.testing.assert_close(flat, want, **TOL, msg="parameters after 3 steps")
+
+
+BLOCKS = [(0, 5), (5, 40), (40, 41), (41, 97)]  # a grid's groups: each block with its own scalars
+
+
+def _opt_buffers(n=97, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    p, grad, m, v = (torch.randn(n, generator=g) for _ in range(4))
+    frozen = torch.rand(n, generator=g) < 0.3
+    return [t.to(DEV) for t in (p, grad, m, v.abs(), frozen)]
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("with_blocks", [False, True])
+def test_sgd_kernel_is_bit_identical_to_reference(nesterov, with_blocks):
+    params, grads, mom, _, frozen = _opt_buffers()
+    lr, mo, wd = [0.1, 0.05, 0.2, 0.01], [0.9, 0.0, 0.5, 0.99], [1e-2, 0.0, 5e-4, 1e-3]
+    want = [t.clone() for t in (params, grads, mom)]
+    for _ in range(3):
+        g = grads.clone()
+        ref_g = grads.clone()
+        if with_blocks:
+            O.sgd(params, g, mom, lr, mo, wd, frozen, INTERPRET, nesterov, torch.tensor(BLOCKS))
+            for j, (lo, hi) in enumerate(BLOCKS):
+                R.sgd_step(want[0][lo:hi], ref_g[lo:hi], want[2][lo:hi], lr[j], mo[j], wd[j], frozen[lo:hi],
+                           nesterov)
+        else:
+            O.sgd(params, g, mom, lr[0], mo[0], wd[0], frozen, INTERPRET, nesterov)
+            R.sgd_step(want[0], ref_g, want[2], lr[0], mo[0], wd[0], frozen, nesterov)
+        assert torch.equal(params, want[0]) and torch.equal(mom, want[2]) and torch.equal(g, ref_g)
+    assert torch.equal(params[frozen], _opt_buffers()[0][frozen]), "frozen entries do not move"
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+@pytest.mark.parametrize("with_blocks", [False, True])
+def test_adam_kernel_matches_reference(decoupled, with_blocks):
+    params, grads, m, v, frozen = _opt_buffers()
+    lr, wd = [0.01, 0.002, 0.05, 0.001], [0.05, 0.0, 1e-3, 0.2]
+    want = [t.clone() for t in (params, m, v)]
+    for step in range(1, 4):
+        g, ref_g = grads * step, grads * step
+        if with_blocks:
+            O.adam(params, g, m, v, lr, (0.8, 0.99), 1e-6, wd, decoupled, step, frozen, INTERPRET,
+                   torch.tensor(BLOCKS))
+            for j, (lo, hi) in enumerate(BLOCKS):
+                R.adam_step(want[0][lo:hi], ref_g[lo:hi], want[1][lo:hi], want[2][lo:hi], lr[j], (0.8, 0.99), 1e-6,
+                            wd[j], decoupled, step, frozen[lo:hi])
+        else:
+            O.adam(params, g, m, v, lr[0], (0.8, 0.99), 1e-6, wd[0], decoupled, step, frozen, INTERPRET)
+            R.adam_step(want[0], ref_g, want[1], want[2], lr[0], (0.8, 0.99), 1e-6, wd[0], decoupled, step, frozen)
+        for got, ref, name in zip((params, m, v), want, ("params", "exp_avg", "exp_avg_sq")):
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7, msg=f"{name} at step {step}")
+    assert torch.equal(params[frozen], _opt_buffers()[0][frozen]), "frozen entries do not move"
+    assert (m[frozen] == 0).all() and (v[frozen] == 0).all()
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_adam_kernel_matches_torch_optim(decoupled):
+    params, grads, _, _, _ = _opt_buffers()
+    ref = torch.nn.Parameter(params.clone())
+    opt = (torch.optim.AdamW if decoupled else torch.optim.Adam)([ref], lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+                                                                  weight_decay=0.05)
+    m, v = torch.zeros_like(params), torch.zeros_like(params)
+    for step in range(1, 4):
+        ref.grad = grads * step
+        opt.step()
+        O.adam(params, grads * step, m, v, 0.01, (0.8, 0.99), 1e-6, 0.05, decoupled, step, None, INTERPRET)
+    torch.testing.assert_close(params, ref.detach(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("arch", ["small-cnn", "c4-ap-c6k1-mp-flat-d16"])

@@ -4,7 +4,8 @@ chain over its kernels.
 
 An op set offers the functions of `reference`: gather_images, conv_block (conv + ReLU + an optional 2x2 pool fused),
 pool2x2, global_avg_pool, flatten, dense, cross_entropy, head_loss / head_score (global average pool + classifier +
-loss fused), score_logits, sgd_step.
+loss fused), score_logits, and sgd_step or optimizer_step (the op set's own update of every group at once, when
+it has one).
 """
 
 from __future__ import annotations
@@ -114,7 +115,11 @@ class ChainBackend:
         return score(arch, self.ops, params, x, idx, y, mean, std, bits, bit_offset, per_example)
 
     def optimizer_step(self, pop, groups, frozen, step: int) -> None:
-        optimizer_step(pop, groups, frozen, step, self.ops.sgd_step)
+        fused = getattr(self.ops, "optimizer_step", None)  # an op set's own update of all groups at once
+        if fused is not None:
+            fused(pop, groups, frozen, step)
+        else:
+            optimizer_step(pop, groups, frozen, step, self.ops.sgd_step)
 
 
 def optimizer_step(pop, groups, frozen, step: int, sgd_step=reference.sgd_step) -> None:

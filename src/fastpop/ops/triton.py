@@ -4,7 +4,8 @@ TRITON_INTERPRET=1 (tests).
 
 Every op of every spec of the grammar is a Triton launch: conv blocks (any odd K, the 2x2 max or average pool
 fused), standalone 2x2 pools, global average pool, flatten, dense layers (ReLU or not), cross-entropy, the fused
-head (global average pool + classifier + loss, and the evaluation bits) and the optimizer step. The first layer,
+head (global average pool + classifier + loss, and the evaluation bits) and the optimizer step (SGD, Nesterov,
+Adam(W): one launch for all networks, a grid's groups each with their own scalars). The first layer,
 whatever it is, reads its images from the resident data set by batch index: `gather_images` returns a `Gathered`
 marker, not a batch. Every op also takes plain activations: an augmented batch comes gathered by the reference's
 transform (`chain`), as a tensor.
@@ -231,6 +232,34 @@ def _copy_back(per_example, out) -> None:
             view.copy_(written)
 
 
+def optimizer_blocks(pop, groups):
+    """Flat-buffer blocks [m, 2] (layer-major, then group: each group's networks in each layer) and the group that
+    owns each; None (one block of everything) for one group of all networks."""
+    if len(groups) == 1 and tuple(groups[0][:2]) == (0, pop.p):
+        return None, [0]
+    blocks, owners, start = [], [], 0
+    for n in pop.sizes:
+        for g, (lo, hi, _, _) in enumerate(groups):
+            blocks.append((start + lo * n, start + hi * n))
+            owners.append(g)
+        start += pop.p * n
+    return torch.tensor(blocks, dtype=torch.int64), owners
+
+
 @torch.no_grad()
-def sgd_step(params, grads, momentum_buf, lr, momentum, weight_decay, frozen=None):
-    _optim.sgd(params, grads, momentum_buf, lr, momentum, weight_decay, frozen, _interpret())
+def optimizer_step(pop, groups, frozen, step: int) -> None:
+    """The whole population's update in one launch, each group's entries with its own scalars (groups: [(lo, hi,
+    config, lr)]): `reference.sgd_step` bit for bit (Nesterov too), or `reference.adam_step` within fp32
+    rounding. With one group of all networks, lr may be a one-element device tensor (the CUDA-graph path)."""
+    blocks, owners = optimizer_blocks(pop, groups)
+    config = groups[0][2]
+    if blocks is None:
+        lr, wd = groups[0][3], config.weight_decay
+    else:
+        lr, wd = [float(groups[g][3]) for g in owners], [groups[g][2].weight_decay for g in owners]
+    if config.optimizer == "sgd":
+        mo = config.momentum if blocks is None else [groups[g][2].momentum for g in owners]
+        _optim.sgd(pop.params, pop.grads, pop.momentum, lr, mo, wd, frozen, _interpret(), config.nesterov, blocks)
+    else:
+        _optim.adam(pop.params, pop.grads, pop.momentum, pop.second, float(lr) if blocks is None else lr,
+                    config.betas, config.eps, wd, config.optimizer == "adamw", step, frozen, _interpret(), blocks)
