@@ -14,38 +14,45 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastpop.kernels.triton import conv, dense, head, loss, optim, pool, reduce  # noqa: E402
+from fastpop.kernels.triton import augment, conv, dense, head, loss, optim, pool, reduce  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"idx_ptr": "*i64", "y_ptr": "*i64", "pred_ptr": "*i64", "arg_ptr": "*i8", "bits_ptr": "*u8",
-            "frozen_ptr": "*i1"}  # every other pointer is fp32
-FLOATS = {"momentum", "weight_decay", "smoothing"}  # every other scalar is i32
+            "frozen_ptr": "*i1", "aug_ptr": "*i32", "draws_ptr": "*i32", "seeds_ptr": "*i64",
+            "blocks_ptr": "*i64"}  # every other pointer is fp32
+FLOATS = {"momentum", "weight_decay", "smoothing", "beta1", "beta2", "eps", "bc2_sqrt"}  # other scalars are i32
 BLOCKS = {"BLOCK_M": 64, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_B": 64, "BLOCK_C": 16, "BLOCK": 1024}
 MAX, AVG = conv.POOLS["max"], conv.POOLS["avg"]
 
 # (kernel, x_ptr type, constexpr flags): uint8 images where the kernel gathers them
 VARIANTS = [
-    (conv._conv_fwd_kernel, "*u8", dict(GATHER=True, POOL=MAX, KS=3, WINDOW=4)),
-    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, POOL=AVG, KS=5, WINDOW=4)),
-    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, POOL=0, KS=7, WINDOW=1)),
+    (conv._conv_fwd_kernel, "*u8", dict(GATHER=True, AUG=False, POOL=MAX, KS=3, WINDOW=4)),
+    (conv._conv_fwd_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=AVG, KS=5, WINDOW=4)),
+    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=AVG, KS=5, WINDOW=4)),
+    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=0, KS=7, WINDOW=1)),
     (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=MAX, KS=3)),
     (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=AVG, KS=1)),
     (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=0, KS=5)),
-    (conv._conv_bwd_weight_kernel, "*u8", dict(GATHER=True, POOL=AVG, KS=5)),
-    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, POOL=MAX, KS=3)),
-    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, POOL=0, KS=1)),
-    (pool._pool_fwd_kernel, "*u8", dict(GATHER=True, POOL=MAX)),
-    (pool._pool_fwd_kernel, "*fp32", dict(GATHER=False, POOL=AVG)),
+    (conv._conv_bwd_weight_kernel, "*u8", dict(GATHER=True, AUG=False, POOL=AVG, KS=5)),
+    (conv._conv_bwd_weight_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=MAX, KS=3)),
+    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=MAX, KS=3)),
+    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=0, KS=1)),
+    (pool._pool_fwd_kernel, "*u8", dict(GATHER=True, AUG=False, POOL=MAX)),
+    (pool._pool_fwd_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=MAX)),
+    (pool._pool_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=AVG)),
     (pool._pool_bwd_kernel, "*fp32", dict(POOL=MAX)),
     (pool._pool_bwd_kernel, "*fp32", dict(POOL=AVG)),
-    (pool._gap_fwd_kernel, "*u8", dict(GATHER=True)),
-    (pool._gap_fwd_kernel, "*fp32", dict(GATHER=False)),
+    (pool._gap_fwd_kernel, "*u8", dict(GATHER=True, AUG=False)),
+    (pool._gap_fwd_kernel, "*u8", dict(GATHER=True, AUG=True)),
+    (pool._gap_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False)),
     (pool._gap_bwd_kernel, "*fp32", {}),
-    (dense._dense_fwd_kernel, "*u8", dict(GATHER=True, RELU=True)),
-    (dense._dense_fwd_kernel, "*fp32", dict(GATHER=False, RELU=False)),
+    (dense._dense_fwd_kernel, "*u8", dict(GATHER=True, AUG=False, RELU=True)),
+    (dense._dense_fwd_kernel, "*u8", dict(GATHER=True, AUG=True, RELU=True)),
+    (dense._dense_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, RELU=False)),
     (dense._dense_bwd_input_kernel, "*fp32", dict(RELU=True)),
-    (dense._dense_bwd_weight_kernel, "*u8", dict(GATHER=True, RELU=True)),
-    (dense._dense_bwd_weight_kernel, "*fp32", dict(GATHER=False, RELU=False)),
+    (dense._dense_bwd_weight_kernel, "*u8", dict(GATHER=True, AUG=False, RELU=True)),
+    (dense._dense_bwd_weight_kernel, "*u8", dict(GATHER=True, AUG=True, RELU=False)),
+    (dense._dense_bwd_weight_kernel, "*fp32", dict(GATHER=False, AUG=False, RELU=False)),
     (dense._flatten_kernel, "*fp32", dict(TO_FLAT=True)),
     (dense._flatten_kernel, "*fp32", dict(TO_FLAT=False)),
     (loss._ce_fwd_kernel, "*fp32", dict(EVAL=False, PER_EXAMPLE=False)),
@@ -54,8 +61,12 @@ VARIANTS = [
     (head._head_fwd_kernel, "*fp32", dict(EVAL=False, PER_EXAMPLE=False)),
     (head._head_fwd_kernel, "*fp32", dict(EVAL=True, PER_EXAMPLE=True)),
     (head._head_bwd_kernel, "*fp32", {}),
-    (optim._sgd_kernel, "*fp32", dict(HAS_FROZEN=False)),
-    (optim._sgd_kernel, "*fp32", dict(HAS_FROZEN=True)),
+    (augment._draws_kernel, "*fp32", dict(FLIP=True)),
+    (augment._draws_kernel, "*fp32", dict(FLIP=False)),
+    (optim._sgd_kernel, "*fp32", dict(HAS_FROZEN=False, NESTEROV=False, BLOCKS=False)),
+    (optim._sgd_kernel, "*fp32", dict(HAS_FROZEN=True, NESTEROV=True, BLOCKS=True)),
+    (optim._adam_kernel, "*fp32", dict(HAS_FROZEN=False, DECOUPLED=True, BLOCKS=False)),
+    (optim._adam_kernel, "*fp32", dict(HAS_FROZEN=True, DECOUPLED=False, BLOCKS=True)),
     (reduce._sum_splits_kernel, "*fp32", {}),
 ]
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpop.kernels.triton import conv as K, dense as D, head as H, loss as L, optim as O, pool as P
+from fastpop.data import augment as A
+from fastpop.kernels.triton import augment as KA, conv as K, dense as D, head as H, loss as L, optim as O, pool as P
 from fastpop.ops import reference as R
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get(
@@ -40,29 +41,52 @@ def _images(gen, p, bsz, c, h, w, levels=17):
     return data, idx, mean, std
 
 
-@pytest.mark.parametrize("p, bsz, cin, cout, hw, k, pool, gather", [
-    (1, 3, 5, 7, (7, 6), 3, "max", False), (3, 3, 5, 6, (7, 7), 1, None, False), (3, 2, 1, 5, (7, 5), 5, "avg", True),
-    (1, 3, 3, 4, (6, 5), 7, None, True), (2, 5, 2, 3, (5, 5), 3, "avg", False), (2, 2, 3, 4, (5, 6), 5, "max", True)])
-def test_conv_block_forward_and_every_gradient(p, bsz, cin, cout, hw, k, pool, gather):
+def _gathered(gen, p, bsz, c, h, w, flat, aug_text=None, levels=17):
+    """(data, idx, mean, std, the kernels' aug or None, the reference's gathered batch), augmented by aug_text
+    with seeds that need both 31-bit halves."""
+    data, idx, mean, std = _images(gen, p, bsz, c, h, w, levels)
+    if aug_text is None:
+        return data, idx, mean, std, None, R.gather_images(data, idx, mean, std, flat)
+    aug = A.AugmentBatch(A.Augment.parse(aug_text), torch.arange(p) * (2**33 + 5) + 3, 7)
+    draws = KA.draws(aug.augment, aug.seeds, aug.epoch, idx, h, w, INTERPRET)
+    assert torch.equal(draws.long(), A.draws(aug.augment, aug.seeds.to(DEV), aug.epoch, idx, h, w))
+    return data, idx, mean, std, (draws, aug.augment.cutout), R.gather_images(data, idx, mean, std, flat, aug)
+
+
+@pytest.mark.parametrize("text", ["flip,crop:3,cutout:4", "crop:1", "cutout:1"])
+def test_augmentation_draws_are_the_reference_integers(text):
+    aug = A.Augment.parse(text)
+    seeds = torch.tensor([0, 3, 2**40 + 7, 2**62 + 11, -5])
+    idx = torch.randint(0, 2**31 - 1, (5, 37), generator=torch.Generator().manual_seed(2)).to(DEV)
+    for epoch in (0, 9, 2**31 + 4):
+        got = poison(lambda: KA.draws(aug, seeds, epoch, idx, 7, 9, INTERPRET))
+        assert torch.equal(got.long(), A.draws(aug, seeds.to(DEV), epoch, idx, 7, 9)), f"epoch {epoch}"
+
+
+@pytest.mark.parametrize("p, bsz, cin, cout, hw, k, pool, gather, aug", [
+    (1, 3, 5, 7, (7, 6), 3, "max", False, None), (3, 3, 5, 6, (7, 7), 1, None, False, None),
+    (3, 2, 1, 5, (7, 5), 5, "avg", True, None), (1, 3, 3, 4, (6, 5), 7, None, True, None),
+    (2, 5, 2, 3, (5, 5), 3, "avg", False, None), (2, 2, 3, 4, (5, 6), 5, "max", True, None),
+    (3, 4, 3, 5, (7, 6), 3, "max", True, "flip,crop:2,cutout:3"), (2, 3, 2, 3, (5, 7), 1, None, True, "crop:3")])
+def test_conv_block_forward_and_every_gradient(p, bsz, cin, cout, hw, k, pool, gather, aug):
     gen = torch.Generator().manual_seed(p * 100 + cin + k)
     w = torch.randn(p, cout, cin, k, k, generator=gen).to(DEV) / k
     b = torch.randn(p, cout, generator=gen).to(DEV) * 0.1
     if gather:
-        data, idx, mean, std = _images(gen, p, bsz, cin, *hw)
-        x = R.gather_images(data, idx, mean, std, flat=False)
+        data, idx, mean, std, kaug, x = _gathered(gen, p, bsz, cin, *hw, False, aug)
     else:
         x = torch.randn(p, bsz, *hw, cin, generator=gen).to(DEV)
-        data, idx, mean, std = x, None, None, None
+        data, idx, mean, std, kaug = x, None, None, None, None
     # reference
     xr, wr, br = x.clone().requires_grad_(not gather), w.clone().requires_grad_(), b.clone().requires_grad_()
     ref = R.conv_block(xr, wr, br, pool)
     g = torch.randn(ref.shape, generator=gen).to(DEV)
     ref.backward(g)
     # kernels
-    out, arg = poison(lambda: K.conv_fwd(data, idx, mean, std, w, b, pool, gather, INTERPRET))
+    out, arg = poison(lambda: K.conv_fwd(data, idx, mean, std, w, b, pool, gather, INTERPRET, kaug))
     torch.testing.assert_close(out, ref.detach(), **TOL, msg="forward output")
     dx, dw, db = poison(lambda: K.conv_bwd(data, idx, mean, std, w, out, arg, g, pool, gather, not gather,
-                                           INTERPRET, splits=2))
+                                           INTERPRET, splits=2, aug=kaug))
     torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient")
     torch.testing.assert_close(db, br.grad, **TOL, msg="bias gradient")
     if not gather:
@@ -91,25 +115,26 @@ def test_pool_and_relu_ties_route_like_the_reference(pool):
     torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient with ties")
 
 
-@pytest.mark.parametrize("p, bsz, c, hw, kind, gather", [
-    (2, 3, 5, (7, 5), "max", False), (1, 2, 3, (6, 7), "avg", False), (3, 2, 2, (5, 4), "gap", False),
-    (2, 3, 3, (7, 5), "max", True), (2, 2, 1, (3, 2), "avg", True), (1, 3, 2, (5, 3), "gap", True)])
-def test_pools_forward_and_gradient(p, bsz, c, hw, kind, gather):
+@pytest.mark.parametrize("p, bsz, c, hw, kind, gather, aug", [
+    (2, 3, 5, (7, 5), "max", False, None), (1, 2, 3, (6, 7), "avg", False, None),
+    (3, 2, 2, (5, 4), "gap", False, None), (2, 3, 3, (7, 5), "max", True, None), (2, 2, 1, (3, 2), "avg", True, None),
+    (1, 3, 2, (5, 3), "gap", True, None), (3, 3, 3, (7, 5), "max", True, "flip,crop:2,cutout:3"),
+    (2, 4, 2, (6, 7), "avg", True, "flip,cutout:2"), (3, 3, 2, (5, 6), "gap", True, "flip,crop:1,cutout:4")])
+def test_pools_forward_and_gradient(p, bsz, c, hw, kind, gather, aug):
     """Standalone 2x2 pools and the global average pool, on activations or on the images read by index (the
-    first layer). Integer-valued inputs: many ties in the max pool's windows."""
+    first layer), augmented or not. Integer-valued inputs: many ties in the max pool's windows."""
     gen = torch.Generator().manual_seed(p * 10 + c)
     if gather:
-        data, idx, mean, std = _images(gen, p, bsz, c, *hw, levels=3)
-        x = R.gather_images(data, idx, mean, std, flat=False)
+        data, idx, mean, std, kaug, x = _gathered(gen, p, bsz, c, *hw, False, aug, levels=3)
     else:
         x = torch.randint(-2, 3, (p, bsz, *hw, c), generator=gen).float().to(DEV)
-        data, idx, mean, std = x, None, None, None
+        data, idx, mean, std, kaug = x, None, None, None, None
     xr = x.clone().requires_grad_(not gather)
     ref = R.global_avg_pool(xr) if kind == "gap" else R.pool2x2(xr, kind)
     if kind == "gap":
-        out = poison(lambda: P.gap_fwd(data, idx, mean, std, gather, INTERPRET))
+        out = poison(lambda: P.gap_fwd(data, idx, mean, std, gather, INTERPRET, kaug))
     else:
-        out, arg = poison(lambda: P.pool_fwd(data, idx, mean, std, kind, gather, INTERPRET))
+        out, arg = poison(lambda: P.pool_fwd(data, idx, mean, std, kind, gather, INTERPRET, kaug))
     torch.testing.assert_close(out, ref.detach(), **TOL, msg="forward output")
     if gather:
         return  # the images need no gradient
@@ -134,29 +159,30 @@ def test_flatten_forward_and_gradient():
     assert torch.equal(poison(lambda: D.flatten_bwd(g, x.shape, INTERPRET)), xr.grad)
 
 
-@pytest.mark.parametrize("p, bsz, fin, fout, relu, gather, splits", [
-    (1, 3, 5, 7, True, False, 1), (3, 5, 37, 6, False, False, 2), (2, 33, 20, 3, True, False, 3),
-    (2, 4, (3, 5, 3), 9, True, True, 2), (1, 3, (1, 7, 5), 4, False, True, 1)])
-def test_dense_forward_and_every_gradient(p, bsz, fin, fout, relu, gather, splits):
-    """Dense layers; with gather, the first layer of an mlp on the flattened images read by index."""
+@pytest.mark.parametrize("p, bsz, fin, fout, relu, gather, splits, aug", [
+    (1, 3, 5, 7, True, False, 1, None), (3, 5, 37, 6, False, False, 2, None), (2, 33, 20, 3, True, False, 3, None),
+    (2, 4, (3, 5, 3), 9, True, True, 2, None), (1, 3, (1, 7, 5), 4, False, True, 1, None),
+    (3, 5, (2, 5, 6), 4, True, True, 2, "flip,crop:2,cutout:3")])
+def test_dense_forward_and_every_gradient(p, bsz, fin, fout, relu, gather, splits, aug):
+    """Dense layers; with gather, the first layer of an mlp on the flattened images read by index, augmented or
+    not."""
     gen = torch.Generator().manual_seed(p + bsz + fout)
     if gather:
-        data, idx, mean, std = _images(gen, p, bsz, *fin)
-        x = R.gather_images(data, idx, mean, std, flat=True)
+        data, idx, mean, std, kaug, x = _gathered(gen, p, bsz, *fin, True, aug)
         fin = x.shape[-1]
     else:
         x = torch.randn(p, bsz, fin, generator=gen).to(DEV)
-        data, idx, mean, std = x, None, None, None
+        data, idx, mean, std, kaug = x, None, None, None, None
     w = torch.randn(p, fout, fin, generator=gen).to(DEV) / fin ** 0.5
     b = torch.randn(p, fout, generator=gen).to(DEV) * 0.1
     xr, wr, br = x.clone().requires_grad_(not gather), w.clone().requires_grad_(), b.clone().requires_grad_()
     ref = R.dense(xr, wr, br, relu)
     g = torch.randn(ref.shape, generator=gen).to(DEV)
     ref.backward(g)
-    out = poison(lambda: D.dense_fwd(data, idx, mean, std, w, b, relu, gather, INTERPRET))
+    out = poison(lambda: D.dense_fwd(data, idx, mean, std, w, b, relu, gather, INTERPRET, kaug))
     torch.testing.assert_close(out, ref.detach(), **TOL, msg="forward output")
     dx, dw, db = poison(lambda: D.dense_bwd(data, idx, mean, std, w, out, g, relu, gather, not gather, INTERPRET,
-                                            splits=splits))
+                                            splits=splits, aug=kaug))
     torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient")
     torch.testing.assert_close(db, br.grad, **TOL, msg="bias gradient")
     if not gather:

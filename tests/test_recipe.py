@@ -146,12 +146,12 @@ def digits():
     return load_dataset(Config(), CPU)
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("backend", ["numba", "torch", "triton"])  # triton: under the interpreter on a CPU
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_population_equals_plain_modules_under_each_recipe(digits, backend, recipe):
     config = Config(arch="c4-mp-c6-gap-d8", seeds=[2, 9], batch_size=16, **RECIPES[recipe])
     arch = build_arch(config.arch, digits.in_shape, digits.classes)
-    steps, b = 4, config.batch_size
+    steps, b = (2 if backend == "triton" else 4), config.batch_size  # the interpreter's time: 2 steps
     pop = Population(arch, config.init_seeds(), CPU, config.optimizer != "sgd")
     orders = epoch_orders(config.order_seeds(), 0, len(digits.train))
     aug = Augment.parse(config.augment)

@@ -16,20 +16,27 @@ of the B*H*W output pixels, reduced afterwards in a fixed order: no atomics, rep
 import triton
 import triton.language as tl
 
+from .augment import apply_draws
 from .reduce import rows_per_split, sum_splits
 
 POOLS = {None: 0, "max": 1, "avg": 2}  # the POOL constexpr of the kernels here and in pool.py
 
 
 @triton.jit
-def load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b, hi, wi, ci, ok, B, H, W, CIN, GATHER: tl.constexpr):
-    """x at (network p, example b, pixel hi/wi, channel ci) as fp32; 0 where not ok (zero padding)."""
+def load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b, hi, wi, ci, ok, B, H, W, CIN, CUT,
+               GATHER: tl.constexpr, AUG: tl.constexpr):
+    """x at (network p, example b, pixel hi/wi, channel ci) as fp32; 0 where not ok (zero padding). GATHER reads
+    the data set's image by index, normalized; AUG then transforms it by the example's draws (augment.py)."""
     if GATHER:  # one return for both branches: the compiler types every return, constexpr or not
         n = tl.load(idx_ptr + p * B + b, mask=b < B, other=0)  # int64 example index
-        raw = tl.load(x_ptr + n * (CIN * H * W) + ci * (H * W) + (hi * W + wi), mask=ok, other=0).to(tl.float32)
-        mean = tl.load(mean_ptr + ci, mask=ok, other=0.0)
-        std = tl.load(std_ptr + ci, mask=ok, other=1.0)
-        val = tl.where(ok, (raw - mean) / std, 0.0)
+        if AUG:
+            sy, sx, keep = apply_draws(aug_ptr, p, b, hi, wi, ok, B, H, W, CUT)
+        else:
+            sy, sx, keep = hi, wi, ok
+        raw = tl.load(x_ptr + n * (CIN * H * W) + ci * (H * W) + (sy * W + sx), mask=keep, other=0).to(tl.float32)
+        mean = tl.load(mean_ptr + ci, mask=keep, other=0.0)
+        std = tl.load(std_ptr + ci, mask=keep, other=1.0)
+        val = tl.where(keep, (raw - mean) / std, 0.0)
     else:
         val = tl.load(x_ptr + (((p * B + b) * H + hi) * W + wi) * CIN + ci, mask=ok, other=0.0).to(tl.float32)
     return val
@@ -94,12 +101,13 @@ def _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, H, W, 
 def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, H, W] with GATHER
                      idx_ptr,  # int64 [P, B] batch indices (GATHER)
                      mean_ptr, std_ptr,  # fp32 [CIN] normalization (GATHER)
+                     aug_ptr,  # int32 [P, B, 5] augmentation draws (AUG, with GATHER)
                      w_ptr,  # fp32 [P, COUT, CIN, KS, KS]
                      b_ptr,  # fp32 [P, COUT]
                      out_ptr,  # fp32 [P, B, HO, WO, COUT]; HO, WO = H//2, W//2 with a pool, else H, W
                      arg_ptr,  # int8 [P, B, HO, WO, COUT] max: winning position; avg: ReLU mask (POOL)
-                     B, H, W, HO, WO, CIN, COUT,
-                     GATHER: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr, WINDOW: tl.constexpr,
+                     B, H, W, HO, WO, CIN, COUT, CUT,  # CUT: the cutout's side (AUG)
+                     GATHER: tl.constexpr, AUG: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr, WINDOW: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,8 +136,9 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
             for k0 in range(0, CIN, BLOCK_K):
                 ci = k0 + tl.arange(0, BLOCK_K)
                 ok = pix_ok[:, None] & (ci < CIN)[None, :]
-                xv = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], hi[:, None], wi[:, None],
-                                ci[None, :], ok, B, H, W, CIN, GATHER)
+                xv = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], hi[:, None], wi[:, None],
+                                ci[None, :], ok, B, H, W, CIN, CUT, GATHER,
+                                AUG)
                 wv = tl.load(w_ptr + ((p * COUT + co[None, :]) * CIN + ci[:, None]) * (KS * KS) + tap,
                              mask=(ci < CIN)[:, None] & co_ok[None, :], other=0.0)
                 acc += tl.dot(xv, wv, input_precision="ieee")
@@ -178,12 +187,12 @@ def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of th
 
 
 @triton.jit
-def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the block's input, as in _conv_fwd_kernel
+def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr,  # the input, as in _conv_fwd_kernel
                             dout_ptr, out_ptr, arg_ptr,  # as in _conv_bwd_input_kernel
                             dw_ptr,  # fp32 [P, SPLITS, KS * KS, CIN, COUT] partial weight gradients
                             db_ptr,  # fp32 [P, SPLITS, COUT] partial bias gradients
-                            B, H, W, HO, WO, CIN, COUT, ROWS_PER_SPLIT, SPLITS,
-                            GATHER: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr,
+                            B, H, W, HO, WO, CIN, COUT, CUT, ROWS_PER_SPLIT, SPLITS,
+                            GATHER: tl.constexpr, AUG: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     p = tl.program_id(1).to(tl.int64)
@@ -211,8 +220,8 @@ def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the block's in
                 hi = h + tap // KS - KS // 2
                 wi = w + tap % KS - KS // 2
                 pix_ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                xv = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], hi[:, None], wi[:, None],
-                                ci[None, :], pix_ok[:, None] & (ci < CIN)[None, :], B, H, W, CIN, GATHER)
+                xv = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], hi[:, None], wi[:, None],
+                                ci[None, :], pix_ok[:, None] & (ci < CIN)[None, :], B, H, W, CIN, CUT, GATHER, AUG)
                 acc += tl.dot(tl.trans(xv), d, input_precision="ieee")
             off = ((base * (KS * KS) + tap) * CIN + ci[:, None]) * COUT + co[None, :]
             tl.store(dw_ptr + off, acc, mask=(ci < CIN)[:, None] & co_ok[None, :])
@@ -232,9 +241,9 @@ def _input_shape(x, idx, gather):
     return x.shape[1], x.shape[2], x.shape[3]
 
 
-def conv_fwd(x, idx, mean, std, w, b, pool, gather, interpret):
+def conv_fwd(x, idx, mean, std, w, b, pool, gather, interpret, aug=None):
     """Launch the forward. x: activations [P, B, H, W, CIN], or the data set [N, CIN, H, W] with gather (then
-    idx [P, B], mean, std [CIN]); w [P, COUT, CIN, K, K]; pool None, "max" or "avg". Returns
+    idx [P, B], mean, std [CIN], and aug None or (draws int32 [P, B, 5], cutout side)); w [P, COUT, CIN, K, K]; pool None, "max" or "avg". Returns
     (out [P, B, HO, WO, COUT], the pool's int8 record or None)."""
     import torch
 
@@ -246,13 +255,14 @@ def conv_fwd(x, idx, mean, std, w, b, pool, gather, interpret):
     bm, bk, bn = _blocks(cin, cout, bsz * ho * wo, interpret)
     dummy = w
     grid = (triton.cdiv(bsz * ho * wo, bm), p)
-    _conv_fwd_kernel[grid](x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, w, b,
-                           out, arg, bsz, h, wd, ho, wo, cin, cout, GATHER=gather, POOL=POOLS[pool], KS=ks,
+    _conv_fwd_kernel[grid](x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy,
+                           aug[0] if aug else dummy, w, b, out, arg, bsz, h, wd, ho, wo, cin, cout,
+                           aug[1] if aug else 0, GATHER=gather, AUG=aug is not None, POOL=POOLS[pool], KS=ks,
                            WINDOW=4 if pool else 1, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
     return out, (arg if pool else None)
 
 
-def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interpret, splits=None):
+def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interpret, splits=None, aug=None):
     """Launch the backward: (dx [P, B, H, W, CIN] or None, dw [P, COUT, CIN, K, K], db [P, COUT])."""
     import torch
 
@@ -278,8 +288,9 @@ def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interp
     dw_part = torch.empty(p, splits, ks * ks, cin, cout, device=w.device, dtype=torch.float32)
     db_part = torch.empty(p, splits, cout, device=w.device, dtype=torch.float32)
     _conv_bwd_weight_kernel[(splits, p)](
-        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, dout, out, arg,
-        dw_part, db_part, bsz, h, wd, ho, wo, cin, cout, per_split, splits, GATHER=gather, POOL=POOLS[pool], KS=ks,
+        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, aug[0] if aug else dummy,
+        dout, out, arg, dw_part, db_part, bsz, h, wd, ho, wo, cin, cout, aug[1] if aug else 0, per_split, splits,
+        GATHER=gather, AUG=aug is not None, POOL=POOLS[pool], KS=ks,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
     dw = sum_splits(dw_part, interpret).view(p, ks, ks, cin, cout).permute(0, 4, 3, 1, 2).contiguous()
     return dx, dw, sum_splits(db_part, interpret)

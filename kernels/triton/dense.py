@@ -2,7 +2,7 @@
 and backward; and the flatten that feeds it from conv activations.
 
 The first layer of an mlp reads the flattened images straight from the resident data set [N, C, H, W] by batch
-index and normalizes them on the fly (GATHER): flattening [C, H, W] is the data set's own memory order. Weight and
+index, normalizes them on the fly (GATHER) and augments them (AUG): flattening [C, H, W] is the data set's own memory order. Weight and
 bias gradients are per-program partial sums over slices of the batch, reduced afterwards in a fixed order: no
 atomics, reproducible bit for bit.
 """
@@ -10,19 +10,27 @@ atomics, reproducible bit for bit.
 import triton
 import triton.language as tl
 
+from .augment import apply_draws
 from .reduce import rows_per_split, sum_splits
 
 
 @triton.jit
-def _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b, f, ok, B, FIN, S, GATHER: tl.constexpr):
+def _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b, f, ok, B, FIN, S, W, CUT, GATHER: tl.constexpr,
+            AUG: tl.constexpr):
     """Input feature f of example b of network p, fp32; 0 where not ok. GATHER: feature f of the flattened
-    image, whose channel is f // S (S = H * W pixels)."""
+    image, whose channel is f // S (S = H * W pixels, rows of W); AUG: of the image transformed by the example's
+    draws (augment.py)."""
     if GATHER:
         n = tl.load(idx_ptr + p * B + b, mask=b < B, other=0)  # int64 example index
-        raw = tl.load(x_ptr + n * FIN + f, mask=ok, other=0).to(tl.float32)
-        mean = tl.load(mean_ptr + f // S, mask=ok, other=0.0)
-        std = tl.load(std_ptr + f // S, mask=ok, other=1.0)
-        val = tl.where(ok, (raw - mean) / std, 0.0)
+        if AUG:
+            sy, sx, keep = apply_draws(aug_ptr, p, b, (f % S) // W, f % W, ok, B, S // W, W, CUT)
+            src = (f // S) * S + sy * W + sx
+        else:
+            src, keep = f, ok
+        raw = tl.load(x_ptr + n * FIN + src, mask=keep, other=0).to(tl.float32)
+        mean = tl.load(mean_ptr + f // S, mask=keep, other=0.0)
+        std = tl.load(std_ptr + f // S, mask=keep, other=1.0)
+        val = tl.where(keep, (raw - mean) / std, 0.0)
     else:
         val = tl.load(x_ptr + (p * B + b) * FIN + f, mask=ok, other=0.0)
     return val
@@ -42,11 +50,12 @@ def _load_dpre(dout_ptr, out_ptr, p, b, o, ok, B, FOUT, RELU: tl.constexpr):
 def _dense_fwd_kernel(x_ptr,  # fp32 [P, B, FIN], or the data set [N, C, H, W] (FIN = C*H*W) with GATHER
                       idx_ptr,  # int64 [P, B] batch indices (GATHER)
                       mean_ptr, std_ptr,  # fp32 [C] normalization (GATHER)
+                      aug_ptr,  # int32 [P, B, 5] augmentation draws (AUG, with GATHER)
                       w_ptr,  # fp32 [P, FOUT, FIN]
                       b_ptr,  # fp32 [P, FOUT]
                       out_ptr,  # fp32 [P, B, FOUT]
-                      B, FIN, FOUT, S,
-                      GATHER: tl.constexpr, RELU: tl.constexpr,
+                      B, FIN, FOUT, S, W, CUT,  # S, W: pixels and columns of an image (GATHER); CUT (AUG)
+                      GATHER: tl.constexpr, AUG: tl.constexpr, RELU: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(FOUT, BLOCK_N)
@@ -56,8 +65,8 @@ def _dense_fwd_kernel(x_ptr,  # fp32 [P, B, FIN], or the data set [N, C, H, W] (
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, FIN, BLOCK_K):
         f = k0 + tl.arange(0, BLOCK_K)
-        xv = _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], f[None, :], b_ok[:, None] & (f < FIN)[None, :],
-                     B, FIN, S, GATHER)
+        xv = _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], f[None, :], b_ok[:, None] & (f < FIN)[None, :],
+                     B, FIN, S, W, CUT, GATHER, AUG)
         wv = tl.load(w_ptr + (p * FOUT + o[None, :]) * FIN + f[:, None], mask=(f < FIN)[:, None] & o_ok[None, :],
                      other=0.0)
         acc += tl.dot(xv, wv, input_precision="ieee")
@@ -92,12 +101,12 @@ def _dense_bwd_input_kernel(dout_ptr,  # fp32 [P, B, FOUT] gradient of the outpu
 
 
 @triton.jit
-def _dense_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the input, as in _dense_fwd_kernel
+def _dense_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr,  # the input, as in _dense_fwd_kernel
                              dout_ptr, out_ptr,  # as in _dense_bwd_input_kernel
                              dw_ptr,  # fp32 [P, SPLITS, FOUT, FIN] partial weight gradients
                              db_ptr,  # fp32 [P, SPLITS, FOUT] partial bias gradients
-                             B, FIN, FOUT, S, ROWS_PER_SPLIT, SPLITS,
-                             GATHER: tl.constexpr, RELU: tl.constexpr,
+                             B, FIN, FOUT, S, W, CUT, ROWS_PER_SPLIT, SPLITS,
+                             GATHER: tl.constexpr, AUG: tl.constexpr, RELU: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (tile, p, split): a BLOCK_N x BLOCK_K tile of dw [FOUT, FIN] over its slice of the batch."""
     p = tl.program_id(1).to(tl.int64)
@@ -114,8 +123,8 @@ def _dense_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # the input, as
         b = m0 + tl.arange(0, BLOCK_M)
         b_ok = b < hi
         d = _load_dpre(dout_ptr, out_ptr, p, b[:, None], o[None, :], b_ok[:, None] & o_ok[None, :], B, FOUT, RELU)
-        xv = _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], f[None, :], b_ok[:, None] & f_ok[None, :],
-                     B, FIN, S, GATHER)
+        xv = _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], f[None, :], b_ok[:, None] & f_ok[None, :],
+                     B, FIN, S, W, CUT, GATHER, AUG)
         acc += tl.dot(tl.trans(d), xv, input_precision="ieee")
         db += tl.sum(d, axis=0)
     base = p * SPLITS + split
@@ -147,34 +156,36 @@ def _blocks(m: int, k: int, n: int, interpret: bool) -> tuple[int, int, int]:
 
 
 def _input(x, idx, gather):
-    """(B, FIN, S) of the input: [P, B, FIN], or with gather the data set [N, C, H, W] read by idx."""
+    """(B, FIN, S, W) of the input: [P, B, FIN], or with gather the data set [N, C, H, W] read by idx."""
     if gather:
-        return idx.shape[1], x.shape[1] * x.shape[2] * x.shape[3], x.shape[2] * x.shape[3]
-    return x.shape[1], x.shape[2], 1
+        return idx.shape[1], x.shape[1] * x.shape[2] * x.shape[3], x.shape[2] * x.shape[3], x.shape[3]
+    return x.shape[1], x.shape[2], 1, 1
 
 
-def dense_fwd(x, idx, mean, std, w, b, relu, gather, interpret):
-    """x [P, B, FIN] (or the data set with gather, then idx [P, B], mean, std [C]); w [P, FOUT, FIN]; b [P, FOUT].
+def dense_fwd(x, idx, mean, std, w, b, relu, gather, interpret, aug=None):
+    """x [P, B, FIN] (or the data set with gather, then idx [P, B], mean, std [C], and aug None or (draws int32
+    [P, B, 5], cutout side)); w [P, FOUT, FIN]; b [P, FOUT].
     Returns [P, B, FOUT]."""
     import torch
 
     p, fout, fin = w.shape
-    bsz, _, s = _input(x, idx, gather)
+    bsz, _, s, wd = _input(x, idx, gather)
     out = torch.empty(p, bsz, fout, device=w.device, dtype=torch.float32)
     bm, bk, bn = _blocks(bsz, fin, fout, interpret)
     dummy = w
     _dense_fwd_kernel[(triton.cdiv(bsz, bm) * triton.cdiv(fout, bn), p)](
-        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, w, b, out,
-        bsz, fin, fout, s, GATHER=gather, RELU=relu, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
+        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, aug[0] if aug else dummy,
+        w, b, out, bsz, fin, fout, s, wd, aug[1] if aug else 0, GATHER=gather, AUG=aug is not None, RELU=relu,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
     return out
 
 
-def dense_bwd(x, idx, mean, std, w, out, dout, relu, gather, need_dx, interpret, splits=None):
+def dense_bwd(x, idx, mean, std, w, out, dout, relu, gather, need_dx, interpret, splits=None, aug=None):
     """(dx [P, B, FIN] or None, dw [P, FOUT, FIN], db [P, FOUT])."""
     import torch
 
     p, fout, fin = w.shape
-    bsz, _, s = _input(x, idx, gather)
+    bsz, _, s, wd = _input(x, idx, gather)
     dummy = w
     dx = None
     if need_dx:
@@ -192,8 +203,9 @@ def dense_bwd(x, idx, mean, std, w, out, dout, relu, gather, need_dx, interpret,
     dw_part = torch.empty(p, splits, fout, fin, device=w.device, dtype=torch.float32)
     db_part = torch.empty(p, splits, fout, device=w.device, dtype=torch.float32)
     _dense_bwd_weight_kernel[(tiles, p, splits)](
-        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, dout, out, dw_part,
-        db_part, bsz, fin, fout, s, per_split, splits, GATHER=gather, RELU=relu, BLOCK_M=bm, BLOCK_K=bk,
+        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, aug[0] if aug else dummy,
+        dout, out, dw_part, db_part, bsz, fin, fout, s, wd, aug[1] if aug else 0, per_split, splits, GATHER=gather,
+        AUG=aug is not None, RELU=relu, BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_N=bn)
     return dx, sum_splits(dw_part, interpret), sum_splits(db_part, interpret)
 

@@ -1,6 +1,6 @@
 """Population pools that do not follow a conv (a conv's pool is fused into conv.py): the 2x2 max or average pool
 (stride 2, floor) and the global average pool, forward and backward, on activations [P, B, H, W, C] or, as the
-first layer, on the images of the resident data set [N, C, H, W] read by batch index (GATHER; no backward: the
+first layer, on the images of the resident data set [N, C, H, W] read by batch index (GATHER, augmented with AUG; no backward: the
 images need no gradient). Networks are grid axis 1. The max pool keeps the winning window position (int8) for
 its backward, as the fused conv pool does.
 """
@@ -15,10 +15,11 @@ from .conv import POOLS, load_input, pick, pixel
 def _pool_fwd_kernel(x_ptr,  # [P, B, H, W, C] fp32, or the data set [N, C, H, W] with GATHER
                      idx_ptr,  # int64 [P, B] batch indices (GATHER)
                      mean_ptr, std_ptr,  # fp32 [C] normalization (GATHER)
+                     aug_ptr,  # int32 [P, B, 5] augmentation draws (AUG, with GATHER)
                      out_ptr,  # fp32 [P, B, HO, WO, C], HO = H // 2, WO = W // 2
                      arg_ptr,  # int8 [P, B, HO, WO, C] winning window position (POOL == 1, max)
-                     B, H, W, HO, WO, C,
-                     GATHER: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                     B, H, W, HO, WO, C, CUT,  # CUT: the cutout's side (AUG)
+                     GATHER: tl.constexpr, AUG: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B * HO * WO
@@ -31,8 +32,8 @@ def _pool_fwd_kernel(x_ptr,  # [P, B, H, W, C] fp32, or the data set [N, C, H, W
         best = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     code = tl.zeros((BLOCK_M, BLOCK_C), tl.int32)
     for sub in tl.static_range(4):
-        val = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], (ho * 2 + sub // 2)[:, None],
-                         (wo * 2 + sub % 2)[:, None], c[None, :], ok, B, H, W, C, GATHER)
+        val = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], (ho * 2 + sub // 2)[:, None],
+                         (wo * 2 + sub % 2)[:, None], c[None, :], ok, B, H, W, C, CUT, GATHER, AUG)
         best, code = pick(val, best, code, sub, POOL)
     if POOL == 2:
         best = best * 0.25
@@ -67,18 +68,18 @@ def _pool_bwd_kernel(dout_ptr,  # fp32 [P, B, HO, WO, C]
 
 
 @triton.jit
-def _gap_fwd_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr,  # as in _pool_fwd_kernel
+def _gap_fwd_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr,  # as in _pool_fwd_kernel
                     out_ptr,  # fp32 [P, B, C]
-                    B, H, W, C,
-                    GATHER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+                    B, H, W, C, CUT,
+                    GATHER: tl.constexpr, AUG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     c = tl.arange(0, BLOCK_C)
     ok = (b < B)[:, None] & (c < C)[None, :]
     acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
     for s in range(0, H * W):  # pixels in order: a fixed summation order
-        acc += load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, p, b[:, None], s // W, s % W, c[None, :], ok, B, H, W,
-                          C, GATHER)
+        acc += load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], s // W, s % W, c[None, :], ok,
+                          B, H, W, C, CUT, GATHER, AUG)
     tl.store(out_ptr + (p * B + b[:, None]) * C + c[None, :], acc / (H * W), mask=ok)
 
 
@@ -107,9 +108,9 @@ def _input(x, idx, gather):
     return tuple(x.shape)
 
 
-def pool_fwd(x, idx, mean, std, kind, gather, interpret):
-    """2x2 pool ("max" or "avg"), stride 2, floor. x as in _input. Returns (out [P, B, H//2, W//2, C], the
-    winning positions int8 for max, else None)."""
+def pool_fwd(x, idx, mean, std, kind, gather, interpret, aug=None):
+    """2x2 pool ("max" or "avg"), stride 2, floor. x as in _input; aug as in conv.conv_fwd. Returns (out [P, B,
+    H//2, W//2, C], the winning positions int8 for max, else None)."""
     import torch
 
     p, bsz, h, w, c = _input(x, idx, gather)
@@ -119,8 +120,9 @@ def pool_fwd(x, idx, mean, std, kind, gather, interpret):
     bm = _rows_block(bsz * ho * wo, interpret)
     dummy = out
     _pool_fwd_kernel[(triton.cdiv(bsz * ho * wo, bm), p)](
-        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, out, arg,
-        bsz, h, w, ho, wo, c, GATHER=gather, POOL=POOLS[kind], BLOCK_M=bm, BLOCK_C=triton.next_power_of_2(c))
+        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, aug[0] if aug else dummy,
+        out, arg, bsz, h, w, ho, wo, c, aug[1] if aug else 0, GATHER=gather, AUG=aug is not None,
+        POOL=POOLS[kind], BLOCK_M=bm, BLOCK_C=triton.next_power_of_2(c))
     return out, (arg if kind == "max" else None)
 
 
@@ -137,8 +139,8 @@ def pool_bwd(dout, arg, kind, in_shape, interpret):
     return dx
 
 
-def gap_fwd(x, idx, mean, std, gather, interpret):
-    """Global average pool: x as in _input -> [P, B, C]."""
+def gap_fwd(x, idx, mean, std, gather, interpret, aug=None):
+    """Global average pool: x as in _input (aug as in conv.conv_fwd) -> [P, B, C]."""
     import torch
 
     p, bsz, h, w, c = _input(x, idx, gather)
@@ -146,8 +148,8 @@ def gap_fwd(x, idx, mean, std, gather, interpret):
     bb = min(1024 if interpret else 32, triton.next_power_of_2(bsz))
     dummy = out
     _gap_fwd_kernel[(triton.cdiv(bsz, bb), p)](
-        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, out, bsz, h, w, c,
-        GATHER=gather, BLOCK_B=bb, BLOCK_C=triton.next_power_of_2(c))
+        x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, aug[0] if aug else dummy,
+        out, bsz, h, w, c, aug[1] if aug else 0, GATHER=gather, AUG=aug is not None, BLOCK_B=bb, BLOCK_C=triton.next_power_of_2(c))
     return out
 
 

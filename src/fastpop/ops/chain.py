@@ -31,12 +31,9 @@ def _fused_head(arch: Arch) -> bool:
 
 def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop: int, aug=None):
     """Layers 0..stop-1 of arch; a conv takes the pool right after it into its block. Returns (activation, the
-    parameters left). An augmented batch (aug, an AugmentBatch) is gathered by the reference."""
+    parameters left), the batch augmented by aug (an AugmentBatch) when given."""
     it = iter(params)
-    if aug is None:
-        h = ops.gather_images(images, idx, mean, std, flat=arch.flat_input)
-    else:
-        h = reference.gather_images(images, idx, mean, std, arch.flat_input, aug)
+    h = ops.gather_images(images, idx, mean, std, arch.flat_input, aug)
     layers, i = arch.ops, 0
     while i < stop:
         op = layers[i]

@@ -6,19 +6,20 @@ Every op of every spec of the grammar is a Triton launch: conv blocks (any odd K
 fused), standalone 2x2 pools, global average pool, flatten, dense layers (ReLU or not), cross-entropy, the fused
 head (global average pool + classifier + loss, and the evaluation bits) and the optimizer step (SGD, Nesterov,
 Adam(W): one launch for all networks, a grid's groups each with their own scalars). The first layer,
-whatever it is, reads its images from the resident data set by batch index: `gather_images` returns a `Gathered`
-marker, not a batch. Every op also takes plain activations: an augmented batch comes gathered by the reference's
-transform (`chain`), as a tensor.
+whatever it is, reads its images from the resident data set by batch index, augmented inside that read when
+training asks for it: `gather_images` returns a `Gathered` marker (with each example's augmentation draws, a few
+bytes), not a batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 
-from fastpop.kernels.triton import conv as _conv, dense as _dense, head as _head, loss as _loss, optim as _optim
+from fastpop.kernels.triton import augment as _augment, conv as _conv, dense as _dense, head as _head, loss as _loss, optim as _optim
 from fastpop.kernels.triton import pool as _pool
 
 
@@ -35,31 +36,40 @@ class Gathered:
     mean: torch.Tensor  # fp32 [C]
     std: torch.Tensor  # fp32 [C]
     flat: bool  # read as [P, B, C*H*W] (a dense layer's input) rather than [P, B, H, W, C]
+    aug: tuple | None = None  # (draws int32 [P, B, 5], cutout side): the kernels' augmentation, or None
 
     @property
     def parts(self):
-        return self.x, self.idx, self.mean, self.std
+        return self.x, self.idx, self.mean, self.std, self.aug
 
 
-def gather_images(x, idx, mean, std, flat):
-    return Gathered(x.contiguous(), idx.contiguous(), mean.float().contiguous(), std.float().contiguous(), flat)
+def gather_images(x, idx, mean, std, flat, aug=None):
+    """The first layer's input: images x [N, C, H, W] of batches idx [P, B], normalized by mean and std [C], and
+    augmented by aug (an AugmentBatch: its transform, the networks' order seeds [P] and the epoch) when given,
+    as `reference.gather_images`; read inside the first layer's kernels."""
+    idx = idx.contiguous()
+    draws = None
+    if aug is not None:
+        draws = (_augment.draws(aug.augment, aug.seeds, aug.epoch, idx, *x.shape[2:], _interpret()),
+                 aug.augment.cutout)
+    return Gathered(x.contiguous(), idx, mean.float().contiguous(), std.float().contiguous(), flat, draws)
 
 
 def _input(h):
-    """(x, idx, mean, std, gather) for a kernel launch from an activation or a Gathered input."""
+    """(x, idx, mean, std, aug) for a kernel launch from an activation or a Gathered input."""
     if isinstance(h, Gathered):
-        return (*h.parts, True)
-    return h.contiguous(), None, None, None, False
+        return h.parts
+    return h.contiguous(), None, None, None, None
 
 
 class _ConvBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, mean, std, w, b, pool):
+    def forward(ctx, x, idx, mean, std, aug, w, b, pool):
         gather = idx is not None
         w, b = w.contiguous(), b.contiguous()
-        out, arg = _conv.conv_fwd(x, idx, mean, std, w, b, pool, gather, _interpret())
+        out, arg = _conv.conv_fwd(x, idx, mean, std, w, b, pool, gather, _interpret(), aug)
         ctx.save_for_backward(x, idx, mean, std, w, out, arg)
-        ctx.pool, ctx.gather = pool, gather
+        ctx.pool, ctx.gather, ctx.aug = pool, gather, aug
         return out
 
     @staticmethod
@@ -67,20 +77,19 @@ class _ConvBlock(torch.autograd.Function):
         x, idx, mean, std, w, out, arg = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0] and not ctx.gather
         dx, dw, db = _conv.conv_bwd(x, idx, mean, std, w, out, arg, dout.contiguous(), ctx.pool, ctx.gather,
-                                    need_dx, _interpret())
-        return dx, None, None, None, dw, db, None
+                                    need_dx, _interpret(), aug=ctx.aug)
+        return dx, None, None, None, None, dw, db, None
 
 
 def conv_block(h, w, b, pool):
-    x, idx, mean, std, _ = _input(h)
-    return _ConvBlock.apply(x, idx, mean, std, w, b, pool)
+    return _ConvBlock.apply(*_input(h), w, b, pool)
 
 
 class _Pool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, mean, std, kind):
+    def forward(ctx, x, idx, mean, std, aug, kind):
         gather = idx is not None
-        out, arg = _pool.pool_fwd(x, idx, mean, std, kind, gather, _interpret())
+        out, arg = _pool.pool_fwd(x, idx, mean, std, kind, gather, _interpret(), aug)
         ctx.save_for_backward(arg)
         ctx.kind, ctx.in_shape = kind, None if gather else x.shape
         return out
@@ -90,30 +99,29 @@ class _Pool(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:  # never for the images of a Gathered input
             dx = _pool.pool_bwd(dout.contiguous(), ctx.saved_tensors[0], ctx.kind, ctx.in_shape, _interpret())
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None
 
 
 def pool2x2(h, kind):
-    x, idx, mean, std, _ = _input(h)
-    return _Pool.apply(x, idx, mean, std, kind)
+    return _Pool.apply(*_input(h), kind)
 
 
 class _GlobalAvgPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, mean, std):
+    def forward(ctx, x, idx, mean, std, aug):
         ctx.in_shape = None if idx is not None else x.shape
-        return _pool.gap_fwd(x, idx, mean, std, idx is not None, _interpret())
+        return _pool.gap_fwd(x, idx, mean, std, idx is not None, _interpret(), aug)
 
     @staticmethod
     def backward(ctx, dout):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _pool.gap_bwd(dout.contiguous(), ctx.in_shape, _interpret())
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
 def global_avg_pool(h):
-    return _GlobalAvgPool.apply(*_input(h)[:4])
+    return _GlobalAvgPool.apply(*_input(h))
 
 
 class _Flatten(torch.autograd.Function):
@@ -129,18 +137,18 @@ class _Flatten(torch.autograd.Function):
 
 def flatten(h):
     if isinstance(h, Gathered):  # the images flattened are the data set's own rows: the dense kernel reads them
-        return Gathered(*h.parts, flat=True)
+        return dataclasses.replace(h, flat=True)
     return _Flatten.apply(h)
 
 
 class _Dense(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, mean, std, w, b, relu):
+    def forward(ctx, x, idx, mean, std, aug, w, b, relu):
         gather = idx is not None
         w, b = w.contiguous(), b.contiguous()
-        out = _dense.dense_fwd(x, idx, mean, std, w, b, relu, gather, _interpret())
+        out = _dense.dense_fwd(x, idx, mean, std, w, b, relu, gather, _interpret(), aug)
         ctx.save_for_backward(x, idx, mean, std, w, out)
-        ctx.relu, ctx.gather = relu, gather
+        ctx.relu, ctx.gather, ctx.aug = relu, gather, aug
         return out
 
     @staticmethod
@@ -148,15 +156,14 @@ class _Dense(torch.autograd.Function):
         x, idx, mean, std, w, out = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0] and not ctx.gather
         dx, dw, db = _dense.dense_bwd(x, idx, mean, std, w, out, dout.contiguous(), ctx.relu, ctx.gather, need_dx,
-                                      _interpret())
-        return dx, None, None, None, dw, db, None
+                                      _interpret(), aug=ctx.aug)
+        return dx, None, None, None, None, dw, db, None
 
 
 def dense(h, w, b, relu):
     if isinstance(h, Gathered) and not h.flat:
         raise ValueError("a dense layer reads the images flattened: gather_images(..., flat=True) or flatten")
-    x, idx, mean, std, _ = _input(h)
-    return _Dense.apply(x, idx, mean, std, w, b, relu)
+    return _Dense.apply(*_input(h), w, b, relu)
 
 
 def _labels(y, p, bsz):
