@@ -12,9 +12,13 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fastpop.archs import build_arch
+from fastpop.config import Config
+from fastpop.data import load_dataset
+from fastpop.data.orders import epoch_orders
 from fastpop.ops import chain, get_backend, reference
 from fastpop.ops import triton as triton_ops
 from fastpop.population import Population
+from fastpop.trainer import network_groups, train_step
 from test_backends import _case, _check_grads, specs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -83,8 +87,8 @@ def test_pool_ties_match_reference(spec):
 
 @pytest.mark.parametrize("spec", ["c3-mp-c4-gap", "c3k5-ap-c4-flat-d6"])
 def test_augmentation_and_label_smoothing_match_reference(spec):
-    """An augmented batch (gathered by the reference's transform, as the chain does) through the kernels, and label
-    smoothing in the cross-entropy kernel (the chain leaves the fused head out when smoothing)."""
+    """An augmented batch (transformed inside the first layer's gather) through the kernels, and label smoothing in
+    the cross-entropy kernel (the chain leaves the fused head out when smoothing)."""
     from fastpop.data.augment import Augment, AugmentBatch
 
     arch = build_arch(spec, (2, 8, 7), 5)
@@ -144,4 +148,68 @@ def test_every_spec_runs_natively_with_no_reference_op():
            if fn.__module__ == reference.__name__ and name in chain.__doc__]
     assert len(ops) >= 11, ops
     for name in ops:
+        if name == "sgd_step":  # the op set's own optimizer_step takes every optimizer
+            name = "optimizer_step"
         assert getattr(triton_ops, name).__module__ == triton_ops.__name__, f"{name} comes from the torch path"
+
+
+GRIDS = {"adamw": dict(optimizer="adamw", lr=0.01, grid={"lr": [0.01, 0.002], "weight_decay": [0.05, 0]}),
+         "nesterov": dict(nesterov=True, augment="flip,crop:1", grid={"momentum": [0.9, 0.5], "label_smoothing": [0, 0.1]})}
+
+
+@pytest.mark.parametrize("recipe", GRIDS.values(), ids=GRIDS.keys())
+def test_grid_network_equals_the_network_alone(recipe):
+    """Each group's scalars in the one optimizer launch (and its smoothing and augmentation in the gradient pass):
+    a network of a grid ends bit-identical to the same network trained alone with its group's hyperparameters."""
+    data = load_dataset(Config(), CPU)
+    config = Config(arch="c3-gap", seeds=1, batch_size=6, **recipe)
+    arch = build_arch(config.arch, data.in_shape, data.classes)
+    groups = network_groups(config)
+    pop = Population(arch, config.init_seeds(), CPU, config.optimizer != "sgd")
+    orders = epoch_orders(config.order_seeds(), 0, len(data.train))
+    seeds = torch.tensor(config.order_seeds())
+    for s in range(2):
+        train_step(pop, TRITON, data, orders[:, s * 6:(s + 1) * 6], [g[2].lr for g in groups], config, step=s + 1,
+                   seeds=seeds, groups=groups)
+    for k in (len(groups) - 1,):  # the last group: every scalar differs from the first's
+        cfg = groups[k][2]
+        alone = Population(arch, config.init_seeds()[k:k + 1], CPU, config.optimizer != "sgd")
+        for s in range(2):
+            train_step(alone, TRITON, data, orders[k:k + 1, s * 6:(s + 1) * 6], cfg.lr, cfg, step=s + 1,
+                       seeds=seeds[k:k + 1])
+        assert torch.equal(pop.networks()[k], alone.networks()[0]), f"network {k}, group {groups[k][:2]}"
+
+
+def test_more_networks_than_a_launch_takes_run_in_pieces(monkeypatch):
+    """The op set says how many networks one launch takes (CUDA's 65,535 on grid axis 1); the chain never gives
+    it more, in training or evaluation, and the optimizer slices its blocks: the same bits as in one piece."""
+    from fastpop.data.augment import Augment, AugmentBatch
+    from fastpop.kernels.triton import optim
+
+    arch = build_arch("c3-ap-gap", (2, 5, 4), 3)
+    pop, x, y, idx, mean, std = _case(arch, 5, 3, 2)
+    aug = AugmentBatch(Augment.parse("flip,crop:1"), torch.arange(5) + 7, 1)
+    labels = y[idx]
+    whole = TRITON.gradients(pop, 0, 5, x, idx, labels, mean, std, aug), pop.grads.clone()
+    bits = torch.zeros(5, 8, dtype=torch.uint8)
+    scored = TRITON.score(arch, pop.views(pop.params), x, idx, labels, mean, std, bits, 0), bits.clone()
+    seen, gather = [], triton_ops.gather_images
+    monkeypatch.setattr(triton_ops, "MAX_NETWORKS", 2)
+    monkeypatch.setattr(triton_ops, "gather_images", lambda x, idx, *a: seen.append(len(idx)) or gather(x, idx, *a))
+    assert TRITON.chunk_size(arch, 4, 5, CPU) == 2
+    assert torch.equal(TRITON.gradients(pop, 0, 5, x, idx, labels, mean, std, aug), whole[0])
+    assert torch.equal(pop.grads, whole[1])
+    loss, pred = TRITON.score(arch, pop.views(pop.params), x, idx, labels, mean, std, bits, 0)
+    assert torch.equal(loss, scored[0][0]) and torch.equal(pred, scored[0][1]) and torch.equal(bits, scored[1])
+    assert seen and max(seen) <= 2
+    config = Config(arch="c3-ap-gap", seeds=1, optimizer="adam", grid={"lr": [0.1, 0.2, 0.3, 0.4, 0.5]})
+    groups = [(lo, hi, cfg, cfg.lr) for lo, hi, cfg in network_groups(config)]
+    frozen = torch.zeros_like(pop.params, dtype=torch.bool)
+    one = Population(arch, config.init_seeds()[:5], CPU, True)
+    one.grads.copy_(pop.grads)
+    many = Population(arch, config.init_seeds()[:5], CPU, True)
+    many.grads.copy_(pop.grads)
+    triton_ops.optimizer_step(one, groups[:5], frozen, 1)
+    monkeypatch.setattr(optim, "MAX_BLOCKS", 4)  # 4 parameter tensors x 5 groups: 20 blocks in 5 launches
+    triton_ops.optimizer_step(many, groups[:5], frozen, 1)
+    assert torch.equal(one.params, many.params)

@@ -107,7 +107,8 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
                      out_ptr,  # fp32 [P, B, HO, WO, COUT]; HO, WO = H//2, W//2 with a pool, else H, W
                      arg_ptr,  # int8 [P, B, HO, WO, COUT] max: winning position; avg: ReLU mask (POOL)
                      B, H, W, HO, WO, CIN, COUT, CUT,  # CUT: the cutout's side (AUG)
-                     GATHER: tl.constexpr, AUG: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr, WINDOW: tl.constexpr,
+                     GATHER: tl.constexpr, AUG: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr,
+                     WINDOW: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -243,8 +244,8 @@ def _input_shape(x, idx, gather):
 
 def conv_fwd(x, idx, mean, std, w, b, pool, gather, interpret, aug=None):
     """Launch the forward. x: activations [P, B, H, W, CIN], or the data set [N, CIN, H, W] with gather (then
-    idx [P, B], mean, std [CIN], and aug None or (draws int32 [P, B, 5], cutout side)); w [P, COUT, CIN, K, K]; pool None, "max" or "avg". Returns
-    (out [P, B, HO, WO, COUT], the pool's int8 record or None)."""
+    idx [P, B], mean, std [CIN], and aug None or (draws int32 [P, B, 5], cutout side)); w [P, COUT, CIN, K, K];
+    pool None, "max" or "avg". Returns (out [P, B, HO, WO, COUT], the pool's int8 record or None)."""
     import torch
 
     p, cout, cin, ks = w.shape[:4]

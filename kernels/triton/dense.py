@@ -2,9 +2,9 @@
 and backward; and the flatten that feeds it from conv activations.
 
 The first layer of an mlp reads the flattened images straight from the resident data set [N, C, H, W] by batch
-index, normalizes them on the fly (GATHER) and augments them (AUG): flattening [C, H, W] is the data set's own memory order. Weight and
-bias gradients are per-program partial sums over slices of the batch, reduced afterwards in a fixed order: no
-atomics, reproducible bit for bit.
+index, normalizes them on the fly (GATHER) and augments them (AUG): flattening [C, H, W] is the data set's own
+memory order. Weight and bias gradients are per-program partial sums over slices of the batch, reduced afterwards
+in a fixed order: no atomics, reproducible bit for bit.
 """
 
 import triton
@@ -65,7 +65,8 @@ def _dense_fwd_kernel(x_ptr,  # fp32 [P, B, FIN], or the data set [N, C, H, W] (
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, FIN, BLOCK_K):
         f = k0 + tl.arange(0, BLOCK_K)
-        xv = _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], f[None, :], b_ok[:, None] & (f < FIN)[None, :],
+        xv = _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], f[None, :],
+                     b_ok[:, None] & (f < FIN)[None, :],
                      B, FIN, S, W, CUT, GATHER, AUG)
         wv = tl.load(w_ptr + (p * FOUT + o[None, :]) * FIN + f[:, None], mask=(f < FIN)[:, None] & o_ok[None, :],
                      other=0.0)
@@ -123,7 +124,8 @@ def _dense_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr,  # the 
         b = m0 + tl.arange(0, BLOCK_M)
         b_ok = b < hi
         d = _load_dpre(dout_ptr, out_ptr, p, b[:, None], o[None, :], b_ok[:, None] & o_ok[None, :], B, FOUT, RELU)
-        xv = _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], f[None, :], b_ok[:, None] & f_ok[None, :],
+        xv = _load_x(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], f[None, :],
+                     b_ok[:, None] & f_ok[None, :],
                      B, FIN, S, W, CUT, GATHER, AUG)
         acc += tl.dot(tl.trans(d), xv, input_precision="ieee")
         db += tl.sum(d, axis=0)

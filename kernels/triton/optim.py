@@ -105,16 +105,20 @@ def _adam_kernel(p_ptr,  # fp32 [n] parameters, updated in place
     tl.store(p_ptr + offs, p_new, mask=ok)
 
 
+MAX_BLOCKS = 65535  # blocks are grid axis 1, which CUDA caps: more are launched in slices
+
+
 def _block(interpret: bool) -> int:
     return 1 << 16 if interpret else 1024
 
 
-def _grid(n, blocks, block):
-    """Programs per block (the longest block's) x blocks."""
+def _launches(n, blocks, block):
+    """(grid, slice of the blocks or None) per launch: programs per block (the longest block's) x blocks."""
     if blocks is None:
-        return (triton.cdiv(n, block), 1)
+        return [((triton.cdiv(n, block), 1), None)]
     longest = int((blocks[:, 1] - blocks[:, 0]).max()) if len(blocks) else 0
-    return (max(1, triton.cdiv(longest, block)), len(blocks))
+    return [((max(1, triton.cdiv(longest, block)), min(MAX_BLOCKS, len(blocks) - j)), slice(j, j + MAX_BLOCKS))
+            for j in range(0, len(blocks), MAX_BLOCKS)]
 
 
 def sgd(params, grads, momentum_buf, lr, momentum, weight_decay, frozen, interpret, nesterov=False, blocks=None):
@@ -132,10 +136,13 @@ def sgd(params, grads, momentum_buf, lr, momentum, weight_decay, frozen, interpr
         lr_t, mo_t, wd_t = (torch.tensor(list(v), dtype=torch.float32).to(dev) for v in (lr, momentum, weight_decay))
         blocks_t = torch.as_tensor(blocks, dtype=torch.int64).to(dev)
         momentum = weight_decay = 0.0
-    _sgd_kernel[_grid(n, blocks, block)](params, grads, momentum_buf, params if frozen is None else frozen, blocks_t,
-                                         lr_t, mo_t, wd_t, n, float(momentum), float(weight_decay),
-                                         HAS_FROZEN=frozen is not None, NESTEROV=nesterov,
-                                         BLOCKS=blocks is not None, BLOCK=block, enable_fp_fusion=False)
+    for grid, part in _launches(n, blocks, block):
+        scalars = (blocks_t, lr_t, mo_t, wd_t)
+        if part is not None:
+            scalars = tuple(t[part] for t in scalars)
+        _sgd_kernel[grid](params, grads, momentum_buf, params if frozen is None else frozen, *scalars, n,
+                          float(momentum), float(weight_decay), HAS_FROZEN=frozen is not None, NESTEROV=nesterov,
+                          BLOCKS=blocks is not None, BLOCK=block, enable_fp_fusion=False)
 
 
 def adam(params, grads, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, decoupled, step, frozen, interpret,
@@ -155,8 +162,9 @@ def adam(params, grads, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, decou
     f32 = [torch.tensor(v.astype(np.float32)).to(dev) for v in (1 - lr64 * wd64, wd64, lr64 / (1 - beta1**step))]
     blocks_t = f32[0] if blocks is None else torch.as_tensor(blocks, dtype=torch.int64).to(dev)
     block = _block(interpret)
-    _adam_kernel[_grid(n, blocks, block)](params, grads, exp_avg, exp_avg_sq, params if frozen is None else frozen,
-                                          blocks_t, *f32, n, float(beta1), float(beta2), float(eps),
-                                          float((1 - beta2**step) ** 0.5), HAS_FROZEN=frozen is not None,
-                                          DECOUPLED=decoupled, BLOCKS=blocks is not None, BLOCK=block,
-                                          enable_fp_fusion=False)
+    for grid, part in _launches(n, blocks, block):
+        scalars = (blocks_t, *f32) if part is None else (blocks_t[part], *(t[part] for t in f32))
+        _adam_kernel[grid](params, grads, exp_avg, exp_avg_sq, params if frozen is None else frozen, *scalars, n,
+                           float(beta1), float(beta2), float(eps), float((1 - beta2**step) ** 0.5),
+                           HAS_FROZEN=frozen is not None, DECOUPLED=decoupled, BLOCKS=blocks is not None, BLOCK=block,
+                           enable_fp_fusion=False)

@@ -1,8 +1,8 @@
-"""Population pools that do not follow a conv (a conv's pool is fused into conv.py): the 2x2 max or average pool
-(stride 2, floor) and the global average pool, forward and backward, on activations [P, B, H, W, C] or, as the
-first layer, on the images of the resident data set [N, C, H, W] read by batch index (GATHER, augmented with AUG; no backward: the
-images need no gradient). Networks are grid axis 1. The max pool keeps the winning window position (int8) for
-its backward, as the fused conv pool does.
+"""Population pools that do not follow a conv (a conv's pool is fused into conv.py): the 2x2 max or average pool (stride
+2, floor) and the global average pool, forward and backward, on activations [P, B, H, W, C] or, as the first layer,
+on the images of the resident data set [N, C, H, W] read by batch index (GATHER, augmented with AUG; no backward: the
+images need no gradient). Networks are grid axis 1. The max pool keeps the winning window position (int8) for its
+backward, as the fused conv pool does.
 """
 
 import triton
@@ -19,7 +19,8 @@ def _pool_fwd_kernel(x_ptr,  # [P, B, H, W, C] fp32, or the data set [N, C, H, W
                      out_ptr,  # fp32 [P, B, HO, WO, C], HO = H // 2, WO = W // 2
                      arg_ptr,  # int8 [P, B, HO, WO, C] winning window position (POOL == 1, max)
                      B, H, W, HO, WO, C, CUT,  # CUT: the cutout's side (AUG)
-                     GATHER: tl.constexpr, AUG: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                     GATHER: tl.constexpr, AUG: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B * HO * WO
@@ -149,7 +150,8 @@ def gap_fwd(x, idx, mean, std, gather, interpret, aug=None):
     dummy = out
     _gap_fwd_kernel[(triton.cdiv(bsz, bb), p)](
         x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, aug[0] if aug else dummy,
-        out, bsz, h, w, c, aug[1] if aug else 0, GATHER=gather, AUG=aug is not None, BLOCK_B=bb, BLOCK_C=triton.next_power_of_2(c))
+        out, bsz, h, w, c, aug[1] if aug else 0, GATHER=gather, AUG=aug is not None, BLOCK_B=bb,
+        BLOCK_C=triton.next_power_of_2(c))
     return out
 
 

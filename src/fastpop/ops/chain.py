@@ -10,6 +10,7 @@ it has one).
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 
 import torch
@@ -95,7 +96,15 @@ class ChainBackend:
         else:
             budget = CPU_CHUNK_BYTES
         per_net = 4 * batch_size * arch.train_floats_per_example()
-        return max(1, min(p, budget // per_net))
+        return max(1, min(p, budget // per_net, self._max_networks(p)))
+
+    def _max_networks(self, p: int) -> int:
+        """Networks one op may take: the op set's MAX_NETWORKS (a launch grid's limit), else any number."""
+        return getattr(self.ops, "MAX_NETWORKS", None) or max(p, 1)
+
+    def _pieces(self, lo: int, hi: int):
+        step = self._max_networks(hi - lo)
+        return [(a, min(hi, a + step)) for a in range(lo, hi, step)]
 
     def eval_floats(self, arch: Arch) -> int:
         return arch.activations_per_example()
@@ -104,12 +113,20 @@ class ChainBackend:
                   ) -> torch.Tensor:
         for g in pop.views(pop.grads):
             g[lo:hi].zero_()
-        out = loss(pop.arch, self.ops, pop.leaves(lo, hi), x, idx, y, mean, std, aug, smoothing)
-        out.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
-        return out.detach()
+        losses = []
+        for a, b in self._pieces(lo, hi):  # more networks than one op takes (an explicit chunk size): in pieces
+            part = None if aug is None else dataclasses.replace(aug, seeds=aug.seeds[a - lo:b - lo])
+            out = loss(pop.arch, self.ops, pop.leaves(a, b), x, idx[a - lo:b - lo], y[a - lo:b - lo], mean, std,
+                       part, smoothing)
+            out.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
+            losses.append(out.detach())
+        return torch.cat(losses)
 
     def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None):
-        return score(arch, self.ops, params, x, idx, y, mean, std, bits, bit_offset, per_example)
+        parts = [score(arch, self.ops, [v[a:b] for v in params], x, idx[a:b], y[a:b], mean, std, bits[a:b],
+                       bit_offset, None if per_example is None else tuple(t[a:b] for t in per_example))
+                 for a, b in self._pieces(0, idx.shape[0])]
+        return torch.cat([loss for loss, _ in parts]), torch.cat([pred for _, pred in parts])
 
     def optimizer_step(self, pop, groups, frozen, step: int) -> None:
         fused = getattr(self.ops, "optimizer_step", None)  # an op set's own update of all groups at once

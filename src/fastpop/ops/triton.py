@@ -19,8 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpop.kernels.triton import augment as _augment, conv as _conv, dense as _dense, head as _head, loss as _loss, optim as _optim
-from fastpop.kernels.triton import pool as _pool
+from fastpop.kernels.triton import augment as _augment, conv as _conv, dense as _dense, head as _head, loss as _loss
+from fastpop.kernels.triton import optim as _optim, pool as _pool
+
+
+# Networks are grid axis 1 of most kernels, which CUDA caps at 65,535: the chain runs no more in one op.
+MAX_NETWORKS = 65535
 
 
 def _interpret() -> bool:
