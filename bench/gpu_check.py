@@ -1,5 +1,7 @@
 """One prepared GPU check (bench/gpu_check.sh runs it): kernels against the torch reference at real shapes, then a
-full training step timed for every provider, with ceilings measured in the same run.
+full training step timed for every provider, with ceilings measured in the same run; the training recipe
+(augmentation in the first layer's gather, label smoothing, fused Nesterov and AdamW grid updates) checked the same
+way and timed against plain SGD.
 
     python bench/gpu_check.py            # on a CUDA GPU: checks at P = 1000 / 200, then timings
     python bench/gpu_check.py --small    # tiny shapes, checks only: runs on the CPU under TRITON_INTERPRET=1 (CI)
@@ -22,10 +24,11 @@ from fastpop.archs import build_arch
 from fastpop.benchmark import _loop_step, _vmap_step
 from fastpop.config import Config
 from fastpop.data import Dataset, Split, channel_stats
+from fastpop.data.augment import Augment, AugmentBatch
 from fastpop.data.orders import epoch_orders
 from fastpop.ops import chain, get_backend, reference, triton as triton_ops
 from fastpop.population import Population
-from fastpop.trainer import train_step
+from fastpop.trainer import network_groups, train_step
 
 CNN5 = "c32-c32-mp-c64k5-ap-c64-c64k1-gap-d128"
 
@@ -64,6 +67,69 @@ def check(data: Dataset, p: int, bsz: int, device, spec: str = "small-cnn") -> N
     del pop, grads
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def check_recipe(data: Dataset, p: int, bsz: int, device, spec: str = "small-cnn") -> None:
+    """The training recipe on the kernels: an augmented batch with label smoothing (loss and every gradient, triton
+    against reference), then one fused update of a two-group grid against the reference's ops, for Nesterov (bit
+    for bit) and AdamW (within fp32 rounding)."""
+    arch = build_arch(spec, data.in_shape, data.classes)
+    pop = Population(arch, list(range(p)), device, second_moment=True)
+    idx = epoch_orders(list(range(p)), 0, len(data.train))[:, :bsz].to(device)
+    aug = AugmentBatch(Augment.parse("flip,crop:2,cutout:3"), torch.arange(p, device=device) + 11, 3)
+    grads = {}
+    for name, ops in (("torch", reference), ("triton", triton_ops)):
+        pop.grads.zero_()
+        loss = chain.loss(arch, ops, pop.leaves(0, p), data.train.x, idx, data.train.y[idx], data.mean, data.std,
+                          aug, 0.1)
+        loss.sum().backward()
+        grads[name] = (loss.detach().clone(), pop.grads.clone())
+    (lr_, gr), (lt, gt) = grads["torch"], grads["triton"]
+    torch.testing.assert_close(lt, lr_, rtol=1e-4, atol=1e-5, msg=f"augmented loss, P={p} {data.in_shape}")
+    for (name, _), want, got in zip(arch.param_shapes(), pop.views(gr), pop.views(gt)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=f"augmented gradient of {name}")
+    for recipe in (dict(nesterov=True), dict(optimizer="adamw", weight_decay=0.05)):
+        cfgs = [Config(lr=lr, momentum=mo, **recipe) for lr, mo in ((0.1, 0.9), (0.02, 0.5))]
+        groups = [(0, p // 2, cfgs[0], 0.1), (p // 2, p, cfgs[1], 0.02)]
+        frozen = torch.zeros_like(pop.params, dtype=torch.bool)
+        frozen[: pop.sizes[0]] = True  # the first layer of the first networks: diverged, must not move
+        states = []
+        for step in (chain.optimizer_step, triton_ops.optimizer_step):
+            torch.manual_seed(0)
+            for buf in (pop.params, pop.grads, pop.momentum, pop.second):
+                buf.copy_(torch.randn_like(buf))
+            pop.second.abs_()
+            for s in (1, 2):
+                step(pop, groups, frozen, s)
+            states.append([t.clone() for t in (pop.params, pop.momentum, pop.second)])
+        for want, got, what in zip(*states, ("params", "momentum", "second moment")):
+            if "optimizer" not in recipe:
+                assert torch.equal(got, want), f"Nesterov {what}: not bit-identical to the reference"
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"{recipe} {what}")
+    print(f"ok: P={p} B={bsz} {spec} input {data.in_shape}: augmented and smoothed loss and gradients, grid "
+          f"updates (Nesterov bit for bit, AdamW)")
+
+
+def recipe_timings(data: Dataset, p: int, bsz: int, device, spec: str = "small-cnn") -> None:
+    """Eager triton training steps under each recipe, against plain SGD in the same run."""
+    arch = build_arch(spec, data.in_shape, data.classes)
+    backend = get_backend("triton", device)
+    rates = {}
+    for name, recipe in (("sgd", {}), ("nesterov", dict(nesterov=True)), ("adamw", dict(optimizer="adamw")),
+                         ("augment", dict(augment="flip,crop:4,cutout:8")),
+                         ("grid 3x2", dict(grid={"lr": [0.4, 0.2, 0.1], "weight_decay": [5e-4, 0]}))):
+        config = Config(seeds=p // 6 if "grid" in recipe else p, batch_size=bsz, **recipe)  # P networks in all
+        pop = Population(arch, config.init_seeds(), device, config.optimizer != "sgd")
+        idx = epoch_orders(config.order_seeds(), 0, len(data.train))[:, :bsz].to(device)
+        groups = network_groups(config)
+        lrs = [cfg.lr for _, _, cfg in groups]
+        order_seeds = torch.tensor(config.order_seeds(), device=device)
+        rates[name] = pop.p * bsz / _time(lambda: train_step(pop, backend, data, idx, lrs, config, pop.p, 1, 0,
+                                                             order_seeds, groups), reps=10)
+        print(f"triton eager {name:9s} {spec} P={pop.p} {data.in_shape}: {rates[name]:14,.0f} net-images/s "
+              f"({rates[name] / rates['sgd']:.2f}x plain SGD)")
+    del pop
+    torch.cuda.empty_cache()
 
 
 def check_graph(data: Dataset, p: int, bsz: int, device, spec: str = "small-cnn") -> None:
@@ -176,6 +242,7 @@ def main() -> int:
             check(synthetic(shape, 64, 10, device), 3, 8, device)
         check(synthetic((3, 8, 6), 16, 10, device), 3, 4, device, CNN5)
         check(synthetic((1, 8, 8), 64, 10, device), 3, 8, device, "mlp")
+        check_recipe(synthetic((2, 7, 6), 16, 10, device), 4, 4, device, "c3-ap-c4-flat-d5")
         return 0
     if device.type != "cuda":
         print("no CUDA device: run with --small for the interpreter checks")
@@ -187,6 +254,8 @@ def main() -> int:
         attempt(failures, check, data, 1000, 32, device, "mlp")
     attempt(failures, check, digits, 1000, 32, device, CNN5)
     attempt(failures, check, cifar, 200, 32, device, CNN5)
+    attempt(failures, check_recipe, cifar, 1000, 32, device)
+    attempt(failures, check_recipe, digits, 1000, 32, device, "mlp")
     attempt(failures, check_graph, cifar, 64, 32, device)
     attempt(failures, check_graph, cifar, 64, 32, device, CNN5)
     ceil = ceilings(device)
@@ -199,6 +268,7 @@ def main() -> int:
     for data in (cifar, digits):
         timings(data, 1000, 32, device, ceil, "mlp")
     timings(digits, 1000, 32, device, ceil, CNN5)
+    recipe_timings(cifar, 1000, 32, device)
     timings(cifar, 1000, 32, device, ceil, CNN5, reference_too=False)
     print(f"{len(failures)} checks failed: {failures}" if failures else "all checks passed")
     return 1 if failures else 0
