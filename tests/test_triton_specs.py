@@ -187,16 +187,19 @@ def test_more_networks_than_a_launch_takes_run_in_pieces(monkeypatch):
     aug = AugmentBatch(Augment.parse("flip,crop:1"), torch.arange(5) + 7, 1)
     labels = y[idx]
     whole = TRITON.gradients(pop, 0, 5, x, idx, labels, mean, std, aug), pop.grads.clone()
-    bits = torch.zeros(5, 8, dtype=torch.uint8)
-    scored = TRITON.score(arch, pop.views(pop.params), x, idx, labels, mean, std, bits, 0), bits.clone()
+    bits, extra = torch.zeros(5, 8, dtype=torch.uint8), (torch.zeros(5, 3), torch.zeros(5, 3))
+    scored = TRITON.score(arch, pop.views(pop.params), x, idx, labels, mean, std, bits, 0, extra), bits.clone()
+    margins = [t.clone() for t in extra]
     seen, gather = [], triton_ops.gather_images
     monkeypatch.setattr(triton_ops, "MAX_NETWORKS", 2)
     monkeypatch.setattr(triton_ops, "gather_images", lambda x, idx, *a: seen.append(len(idx)) or gather(x, idx, *a))
     assert TRITON.chunk_size(arch, 4, 5, CPU) == 2
     assert torch.equal(TRITON.gradients(pop, 0, 5, x, idx, labels, mean, std, aug), whole[0])
     assert torch.equal(pop.grads, whole[1])
-    loss, pred = TRITON.score(arch, pop.views(pop.params), x, idx, labels, mean, std, bits, 0)
+    extra[0].zero_(), extra[1].zero_()
+    loss, pred = TRITON.score(arch, pop.views(pop.params), x, idx, labels, mean, std, bits, 0, extra)
     assert torch.equal(loss, scored[0][0]) and torch.equal(pred, scored[0][1]) and torch.equal(bits, scored[1])
+    assert all(torch.equal(a, b) for a, b in zip(extra, margins))
     assert seen and max(seen) <= 2
     config = Config(arch="c3-ap-gap", seeds=1, optimizer="adam", grid={"lr": [0.1, 0.2, 0.3, 0.4, 0.5]})
     groups = [(lo, hi, cfg, cfg.lr) for lo, hi, cfg in network_groups(config)]
