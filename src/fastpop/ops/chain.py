@@ -59,9 +59,9 @@ def loss(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, aug=Non
          ) -> torch.Tensor:
     """Each network's mean cross-entropy [P] (label-smoothed by `smoothing`) on its batch idx [P, B] with labels
     y [P, B], augmented by aug (an AugmentBatch) when given."""
-    if _fused_head(arch) and not smoothing:
+    if _fused_head(arch):
         h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2, aug)
-        return ops.head_loss(h, w, b, y)
+        return ops.head_loss(h, w, b, y, smoothing)
     h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops), aug)
     return ops.cross_entropy(h, y, smoothing)
 
