@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     cscore.add_argument("runs", metavar="RUN", nargs="+")
     cscore.add_argument("--out", required=True, help="file for the float64 [N] C-scores (.npy)")
 
+    export = sub.add_parser("export", help="one row per example: accessibility, learned-at epoch, forgetting, TPA, "
+                            "C-score, plurality prediction, margin scores")
+    export.add_argument("run", metavar="RUN")
+    export.add_argument("--split", default="test", choices=("test", "train"))
+    export.add_argument("--format", choices=("csv", "parquet", "npz"), help="default: from --out's suffix")
+    export.add_argument("--out", required=True, help="the file to write (.csv, .parquet or .npz)")
+
     compare = sub.add_parser("compare", help="learning order of two or more populations on the same examples")
     compare.add_argument("runs", metavar="RUN", nargs="+", help="two or more run directories, or one grid run "
                          "(its groups are compared)")
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         commands = {"run": _run, "archs": _archs, "bench": _bench, "analyze": _analyze, "report": _report,
-                    "compare": _compare, "verify": _verify, "merge": _merge,
+                    "compare": _compare, "export": _export, "verify": _verify, "merge": _merge,
                     "cscore": _cscore, "experiment": _experiment}
         return commands[args.command](args)
     except UsageError as e:
@@ -327,6 +334,14 @@ def _report(args) -> int:
                      "analysis": Analysis.load(path.parent, args.split).to_json()})
         return 0
     print(f"wrote {path}" + (" (reused the current analysis)" if reused else ""))
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export
+    from .run import load_run
+
+    print(f"wrote {export(load_run(args.run), args.split, args.out, args.format)}")
     return 0
 
 

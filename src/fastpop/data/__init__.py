@@ -36,6 +36,7 @@ class Split:
     x: torch.Tensor  # [N, C, H, W], stored dtype
     y: torch.Tensor  # int64 [N]: index into the network's classes, -1 outside them
     index: torch.Tensor | None = None  # int64 [N]: each example's index in the source data set's split
+    label: torch.Tensor | None = None  # int64 [N]: each example's original class id (y is relative to the classes)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -67,7 +68,7 @@ class Dataset:
         return {"train": self.train, "test": self.test}[name]
 
     def to(self, device: torch.device) -> "Dataset":
-        move = lambda s: Split(s.x.to(device), s.y.to(device), s.index)  # noqa: E731
+        move = lambda s: Split(s.x.to(device), s.y.to(device), s.index, s.label)  # noqa: E731
         return Dataset(self.name, move(self.train), move(self.test), self.class_ids, self.mean.to(device),
                        self.std.to(device))
 
@@ -148,6 +149,7 @@ def load_dataset(config, device: torch.device, arrays=None) -> Dataset:
     if config.pixels == "shuffled":
         perm = np.random.default_rng(PIXEL_SEED).permutation(xtr.shape[2] * xtr.shape[3])
         xtr, xte = (x.reshape(*x.shape[:2], -1)[..., perm].reshape(x.shape) for x in (xtr, xte))
+    source_ytr, source_yte = ytr.astype(np.int64), yte.astype(np.int64)
     lookup = {c: i for i, c in enumerate(class_ids)}
     ytr = np.array([lookup[int(c)] for c in ytr], np.int64)
     yte = np.array([lookup.get(int(c), -1) for c in yte], np.int64)
@@ -155,9 +157,9 @@ def load_dataset(config, device: torch.device, arrays=None) -> Dataset:
         raise UsageError("the test split is empty after filtering")
     x_train = torch.from_numpy(np.ascontiguousarray(xtr))
     mean, std = channel_stats(x_train)
-    train = Split(x_train, torch.from_numpy(ytr), torch.from_numpy(itr.astype(np.int64)))
+    train = Split(x_train, torch.from_numpy(ytr), torch.from_numpy(itr.astype(np.int64)), torch.from_numpy(source_ytr))
     test = Split(torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte),
-                 torch.from_numpy(ite.astype(np.int64)))
+                 torch.from_numpy(ite.astype(np.int64)), torch.from_numpy(source_yte))
     return Dataset(config.dataset, train, test, class_ids, mean, std).to(device)
 
 
