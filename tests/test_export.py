@@ -62,3 +62,22 @@ def test_bad_export_requests(run, tmp_path, capsys):
     assert main(["export", str(run.path), "--out", str(tmp_path / "t.xlsx")]) == 2
     assert "export format must be one of" in capsys.readouterr().err
     assert main(["export", str(run.path), "--out", str(tmp_path / "missing" / "t.csv")]) == 2
+
+
+def test_examples_and_the_report_gallery(run, tmp_path):
+    from sklearn.datasets import load_digits
+
+    from fastpop.report import write_report
+
+    x, labels, index = run.examples("test")
+    source = load_digits()
+    np.testing.assert_array_equal(x[:, 0], source.images[index].astype(np.uint8))
+    np.testing.assert_array_equal(labels, source.target[index])
+    write_report(run, "test", tmp_path / "rep")
+    assert (tmp_path / "rep" / "gallery.png").exists()
+    rng = np.random.default_rng(0)
+    xs, ys = rng.integers(0, 255, (64, 6, 6), dtype=np.uint8), np.arange(64) % 2
+    mem = fastpop.train(fastpop.Config(seeds=2, epochs=1, batch_size=32, out=str(tmp_path / "mem")),
+                        data=fastpop.ArrayData(xs, ys, xs, ys))
+    write_report(mem, "test", tmp_path / "rep2")  # its images are not on disk: no gallery, no error
+    assert (tmp_path / "rep2" / "report.html").exists() and not (tmp_path / "rep2" / "gallery.png").exists()

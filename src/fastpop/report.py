@@ -144,6 +144,9 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
             folder)))
     if "confidence" in arrays:
         figures.append(("Data map: dataset cartography", draw_data_map(arrays, result.title, folder)))
+    gallery = draw_gallery(run, result, folder)
+    if gallery:
+        figures.append(("Hardest and easiest examples per class", gallery))
     if "aum" in arrays:
         fig, ax = plt.subplots(figsize=(5.4, 3.6), layout="constrained")
         ax.hist(arrays["aum"][np.isfinite(arrays["aum"])], bins=40, color="tab:olive", histtype="stepfilled")
@@ -152,6 +155,49 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
                title=f"Area under the margin\n{result.title}")
         figures.append(("Area under the margin", _save(fig, folder, "aum")))
     return figures
+
+
+GALLERY_CLASSES, GALLERY_EACH = 10, 4
+
+
+def draw_gallery(run: Run, result: Analysis, folder: Path) -> str | None:
+    """For up to GALLERY_CLASSES classes, the GALLERY_EACH least and most accessible examples as images, each with
+    its accessibility and, where predictions were recorded, the plurality prediction. None (no figure) when the
+    images cannot be loaded again here (a data set given in memory, files moved) or are not images."""
+    from .errors import UsageError
+
+    split = result.identity["split"]
+    try:
+        x, labels, _ = run.examples(split)
+    except UsageError:
+        return None
+    if x.shape[2] * x.shape[3] < 4 or x.shape[1] not in (1, 3):
+        return None
+    access = result.arrays["accessibility"]
+    preds = run.predictions(split)
+    plurality = None if preds is None else np.asarray(preds[-1])
+    classes = [c for c in np.unique(labels) if c >= 0][:GALLERY_CLASSES]
+    plt = _plt()
+    fig, axes = plt.subplots(len(classes), 2 * GALLERY_EACH, figsize=(2 * GALLERY_EACH * 1.1, len(classes) * 1.25),
+                             squeeze=False, layout="constrained")
+    for row, c in zip(axes, classes):
+        members = np.flatnonzero(labels == c)
+        order = members[np.argsort(access[members], kind="stable")]
+        picks = list(order[:GALLERY_EACH]) + list(order[::-1][:GALLERY_EACH][::-1])
+        for ax, n in zip(row, picks):
+            img = x[n].astype(np.float64)
+            img = (img - img.min()) / max(img.max() - img.min(), 1e-12)
+            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", interpolation="nearest")
+            caption = f"{access[n]:.2f}"
+            if plurality is not None:
+                caption += f" → {np.bincount(plurality[:, n]).argmax()}"
+            ax.set_title(caption, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(f"class {c}", fontsize=8)
+    fig.suptitle(f"Hardest (left) and easiest (right) examples per class: accessibility"
+                 f"{' → plurality prediction' if plurality is not None else ''}\n{result.title}", fontsize=9)
+    return _save(fig, folder, "gallery")
 
 
 def draw_data_map(arrays: dict, title: str, folder: Path) -> str:

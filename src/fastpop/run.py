@@ -44,6 +44,22 @@ class Run:
         data = self.manifest["dataset"]
         return build_arch(spec, data["in_shape"], data["classes"])
 
+    def examples(self, split: str = "test", data=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(images [N, C, H, W] as stored, original class ids int64 [N] (-1 unknown), each example's index in the
+        source data set's split int64 [N]) of a split, loaded again from the run's data set (`data`: the
+        ArrayData of a data set given in memory)."""
+        import torch
+
+        from .data import load_dataset
+
+        _check_split(split)
+        part = load_dataset(Config.from_dict(dict(self.config.to_dict(), device="cpu")), torch.device("cpu"),
+                            data).split(split)
+        if len(part) != self.n(split):
+            raise UsageError(f"the {split} data found now have {len(part)} examples; {self.path} was trained on "
+                             f"{self.n(split)}")
+        return part.x.numpy(), part.label.numpy(), part.index.numpy()
+
     @property
     def groups(self) -> list[dict] | None:
         """A grid run's combinations, each {hyperparameter: value, ..., "networks": [lo, hi)}; None without a
