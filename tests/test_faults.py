@@ -1,6 +1,7 @@
 """A kill at every write boundary of a run with divergence, subsets and predictions ends, after resume, in the
 same files as an uninterrupted run; and the writer lock under a race has exactly one owner."""
 
+import inspect
 import json
 import multiprocessing
 import socket
@@ -54,12 +55,14 @@ def killer(monkeypatch):
     for name in ("atomic_write", "_new_array", "flush_rows", "publish"):
         monkeypatch.setattr(rundir, name, wrap(getattr(rundir, name)))
     original = trainer.train_step
+    signature = inspect.signature(original)
 
-    def poisoned(pop, *args, **kwargs):
-        if kwargs.get("step", args[-1] if args else 0) == POISON_STEP:
+    def poisoned(*args, **kwargs):
+        call = signature.bind(*args, **kwargs).arguments
+        if call["step"] == POISON_STEP:
             with torch.no_grad():
-                pop.views(pop.params)[0][1].fill_(float("nan"))
-        return original(pop, *args, **kwargs)
+                call["pop"].views(call["pop"].params)[0][1].fill_(float("nan"))
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_step", poisoned)
     return box
