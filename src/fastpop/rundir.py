@@ -182,8 +182,8 @@ def manifest_problem(m) -> str | None:
         return "checkpoints_done exceeds the checkpoint plan"
     if m["status"] == "complete" and done != len(plan):
         return f"status complete with {done} of {len(plan)} checkpoints done"
-    last_step = plan[done - 1]["step"] if done else 0
-    if any(int(k) not in set(seeds) or s > last_step for k, s in m["diverged"].items()):
+    last_step, known = plan[done - 1]["step"] if done else 0, set(seeds)
+    if any(int(k) not in known or s > last_step for k, s in m["diverged"].items()):
         return "'diverged' names unknown seeds or steps past the last checkpoint"
     return None
 
