@@ -194,6 +194,7 @@ def _edit(meta, how):
         del meta["predictions"]
 
 
+CONFIG_EDITS = ("seed id", "reversed seeds", "epochs")  # sealed, they contradict only the config
 EDITS = ["seed id", "reversed seeds", "duplicated seeds", "n + 1", "complete half-done", "label hash", "epochs",
          "diverged key", "no predictions key"]
 
@@ -210,7 +211,10 @@ def test_an_edited_manifest_fails_verify_sealed_or_not(done, tmp_path, capsys, h
         else:
             (bad / MANIFEST).write_text(json.dumps(meta))
         before = _snapshot(bad)
-        for argv in (["verify", str(bad)], ["analyze", str(bad)], ["run", "--resume", str(bad), "--quiet"]):
+        commands = [["verify", str(bad)], ["run", "--resume", str(bad), "--quiet"]]
+        if not sealed or how not in CONFIG_EDITS:  # readers check integrity; verify and resume also the config
+            commands.append(["analyze", str(bad)])
+        for argv in commands:
             err = _one_line(capsys, main(argv))
             assert "run.json" in err or "checksum" in err or "already complete" in err, err
         assert _snapshot(bad) == before
