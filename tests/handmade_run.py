@@ -1,13 +1,12 @@
 """A run directory written by hand with numpy and json (no training), in the documented format, including the
 per-example arrays of `--record margin,loss,pred`: for analysis tests that need exact contents or odd plans."""
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
 from fastpop.metrics import pack
+from fastpop.rundir import FORMAT, row_checksum, write_manifest
 
 
 def write_run(path: Path, correct: dict, epochs: list[float], record=(), seed: int = 0, labels_sha="0" * 64,
@@ -30,17 +29,20 @@ def write_run(path: Path, correct: dict, epochs: list[float], record=(), seed: i
             arrays["pred"] = rng.integers(0, classes, c.shape).astype(np.uint8)
         for kind, arr in arrays.items():
             np.save(path / f"{split}.{kind}.npy", arr)
-            sums[f"{split}.{kind}"] = {str(i): hashlib.sha256(arr[i].tobytes()).hexdigest()[:16] for i in range(t)}
+            sums[f"{split}.{kind}"] = arr
     manifest = {
-        "format": 1, "status": "complete", "config": {"arch": "mlp", "seeds": p, "record": list(record)},
+        "format": FORMAT, "status": "complete", "config": {"arch": "mlp", "seeds": p, "record": list(record)},
         "seeds": list(range(p)), "arch": {"params_per_network": 10},
         "dataset": {"name": "digits", "classes": classes, "in_shape": [1, 8, 8]},
-        "splits": {s: {"n": c.shape[-1], "bytes_per_row": 8 * -(-c.shape[-1] // 64), "labels_sha256": labels_sha}
-                   for s, c in correct.items()},
-        "total_steps": 10 * len(epochs),
+        "splits": {s: {"n": c.shape[-1], "bytes_per_row": 8 * -(-c.shape[-1] // 64), "labels_sha256": labels_sha,
+                       "images_sha256": labels_sha} for s, c in correct.items()},
+        "steps_per_epoch": 10, "total_steps": 10 * len(epochs),
         "checkpoints": [{"step": 10 * (i + 1), "epoch": e} for i, e in enumerate(epochs)],
-        "checkpoints_done": t, "checksums": sums, "diverged": {}}
-    (path / "run.json").write_text(json.dumps(manifest))
+        "checkpoints_done": t, "files": {}, "diverged": {}, "predictions": False, "backend": "numba",
+        "device": "cpu"}
+    manifest["checksums"] = {name: {str(i): row_checksum(arr[i], manifest, *name.split("."), i) for i in range(t)}
+                             for name, arr in sums.items()}
+    write_manifest(path, manifest)
     return path
 
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from fastpop.rundir import write_manifest
 from handmade_run import random_correct, write_run
 
 import fastpop
@@ -157,8 +158,8 @@ def test_broken_run_directories(runs, tmp_path, capsys):
     assert "run.json says" in capsys.readouterr().err
     empty = _copy(runs[0], tmp_path / "empty")
     meta = json.loads((empty / "run.json").read_text())
-    meta["checkpoints_done"] = 0
-    (empty / "run.json").write_text(json.dumps(meta))
+    meta.update(checkpoints_done=0, status="interrupted", diverged={})
+    write_manifest(empty, meta)  # a valid run killed before its first checkpoint
     assert main(["analyze", str(empty)]) == 2
     assert "no completed checkpoint" in capsys.readouterr().err
     garbled = _copy(runs[0], tmp_path / "garbled")
@@ -169,12 +170,13 @@ def test_broken_run_directories(runs, tmp_path, capsys):
 
 def test_compare_refuses_different_data(runs, tmp_path, capsys):
     other = _copy(runs[1], tmp_path / "other")
-    meta = json.loads((other / "run.json").read_text())
-    meta["splits"]["test"]["labels_sha256"] = "0" * 64
-    (other / "run.json").write_text(json.dumps(meta))
-    assert main(["compare", str(runs[0].path), str(other), "--out", str(tmp_path / "c")]) == 2
-    assert "same data" in capsys.readouterr().err
-    assert not (tmp_path / "c").exists()
+    for field in ("labels_sha256", "images_sha256"):  # sealed, as if trained on other labels or images
+        meta = json.loads((runs[1].path / "run.json").read_text())
+        meta["splits"]["test"][field] = "0" * 64
+        write_manifest(other, meta)
+        assert main(["compare", str(runs[0].path), str(other), "--out", str(tmp_path / "c")]) == 2
+        assert "same data" in capsys.readouterr().err
+        assert not (tmp_path / "c").exists()
 
 
 def test_analysis_commands_do_not_load_torch(tmp_path):

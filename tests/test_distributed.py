@@ -8,6 +8,7 @@ import pytest
 
 import fastpop
 from fastpop.cli import main
+from fastpop.rundir import write_manifest
 from test_reliability import assert_same_run
 
 ARGS = ["--arch", "mlp", "--seeds", "5", "--seed-offset", "20", "--epochs", "2", "--batch-size", "64",
@@ -50,7 +51,7 @@ def test_merge_refuses_shards_that_do_not_fit(tmp_path, capsys):
         assert not out.exists()
     meta = json.loads((paths["c"] / "run.json").read_text())
     meta["status"] = "interrupted"
-    (paths["c"] / "run.json").write_text(json.dumps(meta))
+    write_manifest(paths["c"], meta)
     assert main(["merge", str(paths["c"]), "--out", str(tmp_path / "m")]) == 2
     assert "not complete" in capsys.readouterr().err
 

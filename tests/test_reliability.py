@@ -17,7 +17,7 @@ import fastpop
 from fastpop import trainer
 from fastpop.ops import numba_cpu
 from fastpop.cli import main
-from fastpop.rundir import LOCK, STATE
+from fastpop.rundir import LOCK, STATE, write_manifest
 
 RUN_ARGS = ["--arch", "small-cnn", "--seeds", "3,11,4,8", "--epochs", "3", "--batch-size", "16",
             "--record-every", "9", "--save-every", "4"]
@@ -31,10 +31,9 @@ def assert_same_run(a, b, nets=None):
         np.testing.assert_array_equal(a.bits(split), b.bits(split)[:, sel], err_msg=f"{split} bits")
         np.testing.assert_array_equal(a.loss(split), b.loss(split)[:, sel], err_msg=f"{split} loss")
         np.testing.assert_array_equal(a.accuracy(split), b.accuracy(split)[:, sel], err_msg=f"{split} acc")
-    sa, sb = (torch.load(r.path / STATE) for r in (a, b))
     for key in ("params", "momentum"):
-        assert torch.equal(sa[key], sb[key][sel]), key
-    assert sa["step"] == sb["step"]
+        assert torch.equal(a.weights(key), b.weights(key)[sel]), key
+    assert a.state()["step"] == b.state()["step"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +114,7 @@ def test_lock_refuses_a_second_writer_and_stale_locks_are_taken_over(tmp_path, r
     shutil.copytree(reference_run.path, run_dir)
     meta = json.loads((run_dir / "run.json").read_text())
     meta["status"] = "running"
-    (run_dir / "run.json").write_text(json.dumps(meta))
+    write_manifest(run_dir, meta)
     (run_dir / LOCK).write_text(str(os.getpid()))  # a live writer: this process
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
     assert "in use by process" in capsys.readouterr().err
@@ -135,7 +134,7 @@ def test_resume_refuses_complete_and_corrupt_runs_without_touching_them(tmp_path
     shutil.copytree(reference_run.path, bad)
     meta = json.loads((bad / "run.json").read_text())
     meta["status"] = "interrupted"
-    (bad / "run.json").write_text(json.dumps(meta))
+    write_manifest(bad, meta)
     (bad / STATE).write_bytes(b"garbage")
     before = {p.name: p.read_bytes() for p in bad.iterdir()}
     assert main(["run", "--resume", str(bad)]) == 2

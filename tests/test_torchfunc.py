@@ -88,7 +88,8 @@ def test_network_is_bit_identical_alone_or_in_company(tmp_path):
 def test_cli_module_arch_resume_and_analyze(tmp_path):
     """--arch module:..., interrupted after its first checkpoint and resumed from the CLI, equals an uninterrupted
     run; verify and analyze read it in other processes."""
-    env = {**__import__("os").environ, "PYTHONPATH": str(HERE)}
+    os = __import__("os")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     config = dict(COMMON, seeds=3, epochs=2, record_every=0)
     whole = fastpop.train(fastpop.Config(out=str(tmp_path / "whole"), **config), model=small_conv)
     steps = []

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import metrics as M
 from .errors import UsageError
-from .rundir import atomic_write, write_npy
+from .rundir import atomic_write, same_data, write_npy
 from .run import Run
 
 FORMAT = 1  # bump when what an Analysis holds changes, so saved ones stop counting as current
@@ -162,7 +162,10 @@ def analyze(run: Run, split: str = "test", checkpoint: int = -1, group: int | No
 
 
 def _extras(run: Run, split: str, t_sel: int, result: Analysis, nets: slice) -> None:
-    """The C-score, the consensus of predictions and the margin scores, where the run recorded what they need."""
+    """The C-score, the consensus of predictions and the margin scores, where the run recorded what they need;
+    how many of the networks diverged, where some did."""
+    if run.diverged:
+        result.extra["diverged"] = diverged_summary(run, nets)
     if split == "train" and run.member_bits() is not None:
         cs = M.cscore(run.bits("train")[-1][nets], run.member_bits()[nets], n=run.n("train"))
         result.arrays["cscore"] = cs.values
@@ -189,6 +192,16 @@ def _extras(run: Run, split: str, t_sel: int, result: Analysis, nets: slice) -> 
         margins.update(confidence_mean=_nanmean(cart.confidence), variability_mean=_nanmean(cart.variability))
     if margins:
         result.extra["margins"] = margins
+
+
+def diverged_summary(run: Run, nets: slice = slice(None)) -> dict:
+    """How many of networks `nets` diverged: they stay in every number, counted wrong on every example from the
+    step they diverged (so they pull means down and add to TPA = 0); `healthy_test_accuracy` leaves them out."""
+    healthy = run.healthy()[nets]
+    acc = np.asarray(run.accuracy("test")[-1][nets], np.float64)[healthy]
+    seeds = np.asarray(run.seeds)[nets][~healthy]
+    return {"networks": int((~healthy).sum()), "seeds": sorted(int(s) for s in seeds)[:100],
+            "healthy_test_accuracy": float(acc.mean()) if len(acc) else None}
 
 
 def _nanmean(x: np.ndarray) -> float | None:
@@ -255,8 +268,8 @@ def combined_cscore(runs: list[Run]) -> tuple[np.ndarray, list[float]]:
     scores, fractions = [], []
     for run in runs:
         run.require_checkpoint()
-        if (run.manifest["dataset"], run.manifest["splits"]["train"].get("labels_sha256")) != (
-                first.manifest["dataset"], first.manifest["splits"]["train"].get("labels_sha256")):
+        if run.manifest["dataset"] != first.manifest["dataset"] or not same_data(run.manifest, first.manifest,
+                                                                                 "train"):
             raise UsageError(f"{run.path} and {first.path} were not trained on the same data")
         scores.append(run_cscore(run))
         fractions.append(run.config.subset_fraction)
@@ -303,8 +316,7 @@ def compare(runs: list[Run], split: str = "test", threshold: float = 0.5) -> Com
     first = runs[0]
     for run in runs:
         run.require_checkpoint()
-        sa, sb = first.manifest["splits"][split], run.manifest["splits"][split]
-        if first.manifest["dataset"] != run.manifest["dataset"] or sa.get("labels_sha256") != sb.get("labels_sha256"):
+        if first.manifest["dataset"] != run.manifest["dataset"] or not same_data(first.manifest, run.manifest, split):
             raise UsageError(f"{first.path} and {run.path} were not trained on the same data; their {split} splits "
                              "cannot be compared")
     n = first.n(split)

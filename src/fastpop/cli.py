@@ -6,6 +6,8 @@ Bad input ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
+import re
 import sys
 from pathlib import Path
 
@@ -17,21 +19,30 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _int_list(text: str) -> list[int] | None:
+    """'3,7,11' (or '5,' for one) as ints; None unless every item is plain ASCII digits (int() also takes
+    '+3', ' 3', '3_0' and non-ASCII digits)."""
+    items = text.split(",")
+    if len(items) > 1 and items[-1] == "":
+        items = items[:-1]
+    if not all(re.fullmatch(r"[0-9]+", s) for s in items):
+        return None
+    return [int(s) for s in items]
+
+
 def parse_classes(text: str) -> list[int]:
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise UsageError(f"classes are comma-separated labels such as 0,1,2, got {text!r}") from None
+    classes = _int_list(text)
+    if classes is None:
+        raise argparse.ArgumentTypeError(f"classes are comma-separated labels such as 0,1,2, got {text!r}")
+    return classes
 
 
 def parse_seeds(text: str) -> int | list[int]:
     """'1000' is a count; '3,7,11' (or '5,' for one seed) is an explicit list."""
-    try:
-        if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
-        return int(text)
-    except ValueError:
-        raise UsageError(f"--seeds takes a count (1000) or a comma-separated list (3,7,11), got {text!r}") from None
+    seeds = _int_list(text)
+    if seeds is None:
+        raise argparse.ArgumentTypeError(f"a count (1000) or a comma-separated list (3,7,11), got {text!r}")
+    return seeds if "," in text else seeds[0]
 
 
 def parse_grid_item(text: str) -> tuple[str, list]:
@@ -177,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         commands = {"run": _run, "archs": _archs, "bench": _bench, "analyze": _analyze, "report": _report,
@@ -189,13 +201,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastpop: interrupted", file=sys.stderr)
         return 130
-    except ResourceError as e:
-        print(f"fastpop: error: {e}", file=sys.stderr)
+    except (ResourceError, MemoryError) as e:
+        print(f"fastpop: error: {' '.join(str(e).split()) or 'out of memory'}", file=sys.stderr)
         return 1
-    except OSError as e:  # the machine, not the input: a full disk, a vanished directory
-        print(f"fastpop: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; "
-              "a run directory keeps its last complete checkpoint (fastpop run --resume RUN)", file=sys.stderr)
-        return 1
+    except OSError as e:
+        return _os_error(e, args.command if args else "")
+
+
+# errors of the input (a path that cannot be read or written as asked) rather than of the machine
+_INPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                 errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _os_error(e: OSError, command: str) -> int:
+    """A failed read or write: exit 2 when the path is the problem, 1 when the machine is (a full disk, an I/O
+    error); only `run` owns a run directory that --resume can continue."""
+    where = f": {e.filename}" if e.filename else ""
+    if e.errno in _INPUT_ERRNOS:
+        print(f"fastpop: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    advice = "; the run directory keeps its last complete checkpoint (fastpop run --resume RUN)" \
+        if command == "run" else ""
+    print(f"fastpop: error: {e.strerror or e}{where}{advice}", file=sys.stderr)
+    return 1
 
 
 def _run(args) -> int:

@@ -18,6 +18,7 @@ SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 GRID_KEYS = ("lr", "momentum", "weight_decay", "label_smoothing", "crop", "cutout")
 STEP_MILESTONES = (0.5, 0.75)  # the step schedule multiplies lr by 0.1 at these fractions of training
+_STRINGS = ("dataset", "labels", "pixels", "vary", "schedule", "device", "backend")
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Config:
         from .archs import MODULE_PREFIX, parse_arch
         from .data import DATASETS, TEST_ONLY, valid_name
 
+        for name in _STRINGS:  # before any lookup: a list or table from TOML is unhashable
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"{name} must be a string, got {getattr(self, name)!r}")
         if isinstance(self.arch, str) and self.arch.startswith(MODULE_PREFIX):
             _check_module_path(self.arch)
         else:
@@ -272,6 +276,8 @@ class Config:
             raise UsageError(f"cannot read config {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"malformed TOML in {path}: {e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{path} is not UTF-8 text (TOML must be)") from None
         d = {k.replace("-", "_"): v for k, v in d.items()}
         d.update(overrides)
         return cls.from_dict(d)

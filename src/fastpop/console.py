@@ -55,6 +55,13 @@ def print_summary(run: Run, console: Console | None = None) -> None:
         acc = np.asarray(run.accuracy(split)[-1], dtype=np.float64)
         table.add_row(split, *(f"{v:.4f}" for v in (acc.mean(), acc.std(), acc.min(), acc.max())))
     console.print(table)
+    if run.diverged:
+        healthy = run.healthy()
+        acc = np.asarray(run.accuracy("test")[-1], np.float64)[healthy]
+        console.print(f"{len(run.diverged)} of {len(run.seeds)} networks diverged (seeds "
+                      f"{', '.join(map(str, sorted(run.diverged)[:10]))}{', ...' if len(run.diverged) > 10 else ''}): "
+                      f"counted wrong on every example above; mean test acc of the other "
+                      f"{int(healthy.sum())}: {acc.mean() if len(acc) else float('nan'):.4f}", soft_wrap=True)
     t = run.manifest.get("timings", {})
     if "wall_s" in t:
         console.print(f"wall {t['wall_s']:.1f} s (train {t['train_s']:.1f} s, evaluation {t['eval_s']:.1f} s), "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -20,76 +20,100 @@ import torch
 from .config import Config
 from .errors import UsageError
 from .run import Run
-from .rundir import STATE, RunWriter, check_new_out, record_arrays
+from .rundir import (MEMBER, RunWriter, check_new_out, diverged_row, integrity_problems, layer_major, networks,
+                     record_arrays, release_lock)
 
 # what may differ between shards of one population
 _SHARD_FIELDS = ("shard", "out", "device", "max_nets_per_chunk")
 
 
 def merge(shard_paths: list[str | Path], out: str | Path) -> Run:
-    """Join complete shard run directories into one new run directory at `out`."""
+    """Join the complete shard run directories of one population into one new run directory at `out`.
+
+    Every shard is verified first (rows, state, membership, divergence), and they must be the shards i/n of one n
+    of one config on the same data whose seeds together are exactly the config's; anything else is refused
+    before anything is written. The output is built under a temporary name and appears whole: a merge killed
+    half-way leaves nothing at `out`, and running the same command again merges anew."""
     out = Path(out)
-    check_new_out(out)
-    shards = [Run(p) for p in shard_paths]
-    if not shards:
+    if not shard_paths:
         raise UsageError("merge needs at least one shard")
-    by_index = {}
-    for run in shards:
-        if run.status != "complete":
-            raise UsageError(f"{run.path} is not complete (status {run.status}); finish it with --resume first")
-        if run.config.shard is None:
-            raise UsageError(f"{run.path} is not a shard (trained without --shard)")
-        i, n = map(int, run.config.shard.split("/"))
-        if i in by_index:
-            raise UsageError(f"{run.path} and {by_index[i].path} are both shard {run.config.shard}")
-        by_index[i] = run
-    first = shards[0]
-    n = int(first.config.shard.split("/")[1])
-    if sorted(by_index) != list(range(n)):
-        missing = sorted(set(range(n)) - set(by_index))
-        raise UsageError(f"shards do not fit together: {n} expected, missing {missing or 'none'}, "
-                         f"found {sorted(by_index)}")
-    key = _population_key(first)
-    for run in shards[1:]:
-        if _population_key(run) != key:
-            raise UsageError(f"{run.path} is not a shard of the same population as {first.path} "
-                             "(config, data or checkpoints differ)")
-    ordered = [by_index[i] for i in range(n)]
-    manifest = dict(first.manifest)
-    config = dict(first.manifest["config"], shard=None, out=str(out))
-    manifest.update(config=config, shard=None, status="running", checkpoints_done=0, checksums={},
+    real = check_new_out(out)
+    ordered = _check_shards([Run(p) for p in shard_paths])
+    first = ordered[0]
+    config = dict(first.manifest["config"], shard=None, out=str(real))
+    manifest = {k: v for k, v in first.manifest.items() if k not in ("manifest_sha256", "timings")}
+    manifest.update(config=config, shard=None, status="running", checkpoints_done=0, checksums={}, files={},
                     seeds=sum((r.seeds for r in ordered), []),
-                    init_seeds=sum((r.manifest["init_seeds"] for r in ordered), []),
-                    order_seeds=sum((r.manifest["order_seeds"] for r in ordered), []),
-                    diverged={k: v for r in ordered for k, v in r.manifest.get("diverged", {}).items()},
+                    diverged={k: v for r in ordered for k, v in r.manifest["diverged"].items()},
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     merged_from=[str(r.path) for r in ordered])
-    writer = RunWriter.create(out, manifest)
-    try:
-        t = len(first.checkpoints)
+    files = {}
+    if first.member_bits() is not None:
+        files[MEMBER] = np.concatenate([r.member_bits() for r in ordered])
+    t = len(first.checkpoints)
+
+    def fill(writer: RunWriter) -> None:
         for k in range(t):
             rows = {}
             for split, kind, *_ in record_arrays(manifest):
                 rows.setdefault(split, {})[kind] = np.concatenate([r.record_array(split, kind)[k] for r in ordered])
             writer.write_rows(k, rows)
-        states = [torch.load(r.path / STATE, map_location="cpu") for r in ordered]
-        writer.save_state({"step": states[0]["step"], "checkpoints_done": t,
-                           **{key: torch.cat([s[key] for s in states]) for key in ("params", "momentum",
-                                                                                     "diverged_at")}})
-        writer.save_array("diverged.npy", np.concatenate([np.load(r.path / "diverged.npy") for r in ordered]))
-        if first.member_bits() is not None:
-            writer.save_array("train.member.npy", np.concatenate([r.member_bits() for r in ordered]))
-        writer.commit(t)
-    except BaseException:
-        writer.close("failed")
-        raise
-    writer.close("complete", timings={"merged_shards": n})
-    return Run(out)
+        states = [r.state() for r in ordered]
+        shapes = states[0]["shapes"]
+        keys = ("params", "momentum") + (("second_moment",) if "second_moment" in states[0] else ())
+        rows = {key: layer_major(torch.cat([networks(s[key], len(r.seeds), shapes) for s, r in zip(states, ordered)]),
+                                 shapes) for key in keys}
+        writer.save_state(states[0]["step"], t, shapes, rows["params"], rows["momentum"],
+                          torch.cat([s["diverged_at"] for s in states]), rows.get("second_moment"))
+        writer.save_diverged(diverged_row(manifest))
+        writer.commit(t, status="complete", timings={"merged_shards": len(ordered)})
+
+    writer = RunWriter.create(real, manifest, files, fill)
+    release_lock(writer.path, writer.lock)
+    return Run(real)
+
+
+def _check_shards(shards: list[Run]) -> list[Run]:
+    """The shards in index order, or UsageError: each complete and undamaged, all i/n of one n, of one population,
+    their seeds together exactly the config's."""
+    by_index, counts = {}, set()
+    for run in shards:
+        if run.status != "complete":
+            raise UsageError(f"{run.path} is not complete (status {run.status}); finish it with --resume first")
+        if run.config.shard is None:
+            raise UsageError(f"{run.path} is not a shard (trained without --shard)")
+        problems, _ = integrity_problems(run.path, run.manifest)
+        if problems:
+            raise UsageError(f"{run.path} is damaged: {problems[0]} (fastpop verify {run.path} lists all)")
+        i, n = map(int, run.config.shard.split("/"))
+        counts.add(n)
+        if i in by_index:
+            raise UsageError(f"{run.path} and {by_index[i].path} are both shard {i} ({run.config.shard})")
+        by_index[i] = run
+    if len(counts) > 1:
+        raise UsageError(f"the shards split the seeds in different ways: {sorted(r.config.shard for r in shards)}")
+    n = counts.pop()
+    if sorted(by_index) != list(range(n)):
+        missing = sorted(set(range(n)) - set(by_index))
+        raise UsageError(f"shards do not fit together: {n} expected, missing {missing or 'none'}, "
+                         f"found {sorted(by_index)}")
+    ordered = [by_index[i] for i in range(n)]
+    key = _population_key(ordered[0])
+    for run in ordered[1:]:
+        if _population_key(run) != key:
+            raise UsageError(f"{run.path} is not a shard of the same population as {ordered[0].path} "
+                             "(config, data, backend or checkpoints differ)")
+    want = Config.from_dict(dict(ordered[0].manifest["config"], shard=None)).seed_list
+    if sum((r.seeds for r in ordered), []) != want:
+        raise UsageError("the shards' seeds together are not the config's seeds")
+    return ordered
 
 
 def _population_key(run: Run) -> tuple:
-    config = {k: v for k, v in run.manifest["config"].items() if k not in _SHARD_FIELDS}
-    return (repr(sorted(config.items())), repr(run.manifest["splits"]), repr(run.manifest["checkpoints"]),
-            repr(run.manifest["dataset"]))
+    m = run.manifest
+    config = {k: v for k, v in m["config"].items() if k not in _SHARD_FIELDS}
+    return (repr(sorted(config.items())), repr(m["splits"]), repr(m["checkpoints"]), repr(m["dataset"]),
+            m["backend"], m["device"].split(":")[0], repr(m["arch"]))
 
 
 def torchrun_world() -> tuple[int, int, int] | None:
@@ -117,6 +141,13 @@ def run_torchrun(config: Config | None, resume_path: Path | None, progress, shou
     mine = shard_dir(out, rank, world)
     dist.init_process_group("gloo", timeout=timedelta(days=7))  # only barriers go through it
     try:
+        if resume_path is not None and (out / "run.json").exists() and Run(out).status == "complete":
+            # killed after the merge, while removing the shards: only the cleanup is left
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(mine.parent, ignore_errors=True)
+                return Run(out)
+            return None
         if resume_path is None:
             check_new_out(out)  # every rank: all refuse together instead of leaving peers at the barrier
             device = config.device

@@ -4,7 +4,8 @@ Populations (all the same size, digits by default): mlp, small-cnn and wide-cnn;
 train labels (the breakdown case); small-cnn trained on the first half of the classes and tested on the other half
 (out-of-sample: only predictions can agree). One report compares them: TP-agreement against the nulls per
 population, cross-architecture Spearman and containment, the breakdown case, the out-of-sample consensus.
-Re-running the command reuses finished populations and resumes interrupted ones.
+Re-running the command reuses finished populations and resumes interrupted ones; a population trained with other
+settings (networks, epochs, data set) is refused, never reused.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ HALVES = {"digits": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]), "cifar10": ([0, 1, 2, 3,
 def populations(dataset: str, nets: int, epochs: int | None, data_dir: str | None) -> dict[str, dict]:
     if dataset not in HALVES:
         raise UsageError(f"experiment paper runs on {', '.join(HALVES)}, not {dataset!r}")
-    base = dict(dataset=dataset, seeds=nets, data_dir=data_dir, **({"epochs": epochs} if epochs else {}))
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise UsageError(f"--epochs must be a positive integer, got {epochs!r}")
+    base = dict(dataset=dataset, seeds=nets, data_dir=data_dir, **({"epochs": epochs} if epochs is not None else {}))
     seen, unseen = HALVES[dataset]
     pops = {arch: dict(base, arch=arch) for arch in ARCHS}
     pops["random-labels"] = dict(base, arch="small-cnn", labels="random")
@@ -51,6 +54,7 @@ def paper(out: str | Path, dataset: str = "digits", nets: int = 100, epochs: int
         path = out / name
         if (path / "run.json").exists():
             run = Run(path)
+            _check_same_population(run, config)
             runs[name] = run if run.status == "complete" else resume(path, progress)
         else:
             out.mkdir(parents=True, exist_ok=True)
@@ -58,12 +62,26 @@ def paper(out: str | Path, dataset: str = "digits", nets: int = 100, epochs: int
     summary = summarize(runs)
     summary["wall_s_this_session"] = time.perf_counter() - t0
     summary["command"] = f"fastpop experiment paper --out {out} --dataset {dataset} --nets {nets}" + (
-        f" --epochs {epochs}" if epochs else "")
+        f" --epochs {epochs}" if epochs is not None else "")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     figures = draw(runs, summary, out)
     path = out / "report.html"
     path.write_text(_html(summary, figures))
     return path
+
+
+# settings that may differ between the population on disk and the request: they never change its record
+_FREE = ("out", "device", "max_nets_per_chunk", "cuda_graphs", "backend")
+
+
+def _check_same_population(run: Run, config: Config) -> None:
+    have = {k: v for k, v in run.manifest["config"].items() if k not in _FREE}
+    want = {k: v for k, v in config.to_dict().items() if k not in _FREE}
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
+        shown = ", ".join(f"{k} {have.get(k)!r} (asked {want.get(k)!r})" for k in diff[:4])
+        raise UsageError(f"{run.path} holds a population trained with other settings: {shown}; give another --out "
+                         "or remove it")
 
 
 def summarize(runs: dict[str, Run]) -> dict:

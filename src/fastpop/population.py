@@ -8,6 +8,7 @@ Gradients and momentum live in flat buffers of the same layout, so the optimizer
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 
@@ -33,6 +34,9 @@ def init_network(arch: Arch, seed: int) -> torch.Tensor:
     return (u * 2 - 1) * bound
 
 
+INIT_BLOCK = 1024  # networks drawn at a time when a population is built
+
+
 class Population:
     def __init__(self, arch: Arch, init_seeds: list[int], device: torch.device, second_moment: bool = False):
         self.arch = arch
@@ -44,8 +48,14 @@ class Population:
         self.grads = torch.zeros_like(self.params)
         self.momentum = torch.zeros_like(self.params)  # SGD's momentum, Adam's first moment
         self.second = torch.zeros_like(self.params) if second_moment else None  # Adam's second moment
-        unique = {s: init_network(arch, s) for s in dict.fromkeys(init_seeds)}
-        self.set_networks(torch.stack([unique[s] for s in init_seeds]))
+        # drawn INIT_BLOCK networks at a time, so that no [P, D] copy exists beside the buffers; a seed shared
+        # by many networks (--vary order) is drawn once
+        shared = {s for s, n in Counter(init_seeds).items() if n > 1}
+        drawn = {s: init_network(arch, s) for s in shared}
+        for lo in range(0, self.p, INIT_BLOCK):
+            block = init_seeds[lo:lo + INIT_BLOCK]
+            self.set_networks(torch.stack([drawn[s] if s in shared else init_network(arch, s) for s in block]),
+                              lo=lo)
         self.diverged_at = torch.full((self.p,), -1, dtype=torch.int64, device=device)  # step, or -1
         self.frozen: torch.Tensor | None = None  # flat bool mask of diverged networks' entries; None if none
 
@@ -77,12 +87,13 @@ class Population:
         views = self.views(self.params if buf is None else buf)
         return torch.cat([v.reshape(self.p, -1) for v in views], dim=1)
 
-    def set_networks(self, rows: torch.Tensor, buf: torch.Tensor | None = None) -> None:
-        """Write network-major rows [P, D] into a flat buffer (default: the parameters)."""
+    def set_networks(self, rows: torch.Tensor, buf: torch.Tensor | None = None, lo: int = 0) -> None:
+        """Write network-major rows [K, D] into networks lo..lo+K-1 of a flat buffer (default: the parameters)."""
         rows = rows.to(self.params.device)
         start = 0
         for v, n in zip(self.views(self.params if buf is None else buf), self.sizes):
-            v.copy_(rows[:, start:start + n].view_as(v))
+            part = v[lo:lo + len(rows)]
+            part.copy_(rows[:, start:start + n].view_as(part))
             start += n
 
     def blocks(self, lo: int, hi: int, frozen: torch.Tensor | None):

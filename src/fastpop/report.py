@@ -270,6 +270,11 @@ def summary_rows(result: Analysis) -> list[tuple[str, str]]:
         rows.append(("agreement with the plurality prediction", f"{c['mean']:.4f}{chance}"))
     if extra.get("cscore_mean") is not None:
         rows.append(("mean C-score (held-out networks' accuracy)", f"{extra['cscore_mean']:.4f}"))
+    if extra.get("diverged"):
+        d, healthy = extra["diverged"], extra["diverged"]["healthy_test_accuracy"]
+        rows.append(("diverged networks (counted wrong on every example in every number here)",
+                     f"{d['networks']} of {result.identity['P']} networks diverged (seeds {d['seeds'][:10]})"
+                     + (f"; mean test acc of the others {healthy:.4f}" if healthy is not None else "")))
     for key, value in extra.get("margins", {}).items():
         if value is not None:
             rows.append((key.replace("_", " "), f"{value:.4f}"))

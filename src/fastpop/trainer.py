@@ -8,9 +8,9 @@ and the learning rate from the step, so a run resumed from a saved state continu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,9 +31,10 @@ from .data.orders import epoch_orders, subsets
 from .errors import ResourceError, UsageError
 from .ops import get_backend, resolve_device
 from .population import Population
-from .recorder import evaluate, pack_bits, record
+from .recorder import evaluate, record
 from .run import Run
-from .rundir import FORMAT, SPLITS, STATE, RunWriter, bytes_per_row, check_new_out
+from .rundir import (FORMAT, MEMBER, SPLITS, STATE, RunWriter, bytes_per_row, check_new_out, checkpoint_plan,
+                     diverged_map, integrity_problems, pack_member)
 
 
 class Interrupted(Exception):
@@ -88,10 +89,10 @@ def prepare(config: Config, out: Path | None = None, model: Callable | None = No
     n = round(config.subset_fraction * len(data.train))  # examples each network trains on
     if config.batch_size > n:
         raise UsageError(f"batch_size {config.batch_size} is larger than the {n} training examples of a network")
-    if out is None:
-        out = Path(config.out) if config.out else default_out(config)
-        check_new_out(out)
     seeds = config.shard_seeds()
+    check_memory(len(seeds), arch.params_per_network(), device, 3 + (config.optimizer != "sgd"))
+    if out is None:
+        out = check_new_out(Path(config.out) if config.out else default_out(config))
     chunk = chunk_size(config.max_nets_per_chunk, arch, config.batch_size, len(seeds), device, backend)
     plan = checkpoint_plan(config.epochs, n // config.batch_size, config.record_every)
     # drawn from each network's own seed; both the membership record and the batch orders use it
@@ -124,16 +125,30 @@ def resolve_arch(config: Config, data: Dataset, device: torch.device, model: Cal
 
 def default_out(config: Config) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.arch}-{config.dataset}-P{len(config.seed_list)}-{stamp}"
+    dataset = f"npz-{Path(config.dataset[4:]).stem}" if config.dataset.startswith("npz:") else config.dataset
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{config.arch}-{dataset}-P{len(config.seed_list)}-{stamp}")
+    return Path("runs") / name
 
 
-def checkpoint_plan(epochs: int, steps_per_epoch: int, record_every: int) -> list[dict]:
-    """Record after the last step of every epoch, and after every `record_every` steps when that is set."""
-    total = epochs * steps_per_epoch
-    steps = {e * steps_per_epoch for e in range(1, epochs + 1)}
-    if record_every:
-        steps |= set(range(record_every, total + 1, record_every))
-    return [{"step": s, "epoch": s / steps_per_epoch} for s in sorted(steps)]
+def check_memory(p: int, d: int, device: torch.device, buffers: int) -> None:
+    """Refuse a population whose `buffers` float32 buffers of P * D (parameters, gradients, momentum, and Adam's
+    second moment) cannot fit the device's free memory, before allocating anything."""
+    need = buffers * 4 * p * d
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _host_available()
+    if free is not None and need > free:
+        raise ResourceError(f"{p:,} networks of {d:,} parameters need {need / 2**30:,.1f} GiB for parameters, "
+                            f"gradients and momentum; {device} has {free / 2**30:,.1f} GiB free: train fewer "
+                            f"networks per process (--shard i/n)")
+
+
+def _host_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def chunk_size(setting: int | str, arch: Arch, batch_size: int, p: int, device: torch.device, backend) -> int:
@@ -217,11 +232,10 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
     setup = prepare(config, model=model, data=data)
     setup.config.out = str(setup.out)
     pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device, config.optimizer != "sgd")
-    writer = RunWriter.create(setup.out, _manifest(setup))
-    if setup.subset is not None:
-        member = torch.zeros(len(setup.seeds), len(setup.data.train), dtype=torch.bool)
-        member.scatter_(1, setup.subset, True)
-        writer.save_array("train.member.npy", pack_bits(member))
+    files = {}
+    if setup.subset is not None:  # inside the new directory before it appears: no kill can lose it
+        files[MEMBER] = pack_member(setup.subset.cpu().numpy(), len(setup.data.train))
+    writer = RunWriter.create(setup.out, _manifest(setup), files)
     return _run(setup, pop, writer, 0, progress, should_stop)
 
 
@@ -234,31 +248,65 @@ def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
     the longer run would have had (the result is the run trained that long in one go)."""
     run = Run(path)
     if epochs is not None and epochs != run.config.epochs:
+        _checked(run)
         extend(run, epochs)
         run = Run(path)
     if run.status == "complete":
         raise UsageError(f"{run.path} is already complete")
+    m = run.manifest
+    state = _checked(run)
+    pinned = dict(run.config.to_dict(), backend=m["backend"], device=_pinned_device(m, run.config))
     if max_nets_per_chunk is not None:
-        run.config = Config.from_dict(dict(run.config.to_dict(), max_nets_per_chunk=max_nets_per_chunk))
+        pinned["max_nets_per_chunk"] = max_nets_per_chunk
+    run.config = Config.from_dict(pinned)
     setup = prepare(run.config, out=run.path, model=model, data=data)
-    for split in SPLITS:
-        if run.manifest["splits"][split].get("labels_sha256") != _labels_sha(setup.data, split):
-            raise UsageError(f"the {split} data of {run.path} differ from the data found now; cannot resume")
+    if setup.backend.name != m["backend"] or setup.device.type != m["device"].split(":")[0]:
+        raise UsageError(f"{run.path} trained with the {m['backend']} backend on {m['device']}; this machine gives "
+                         f"{setup.backend.name} on {setup.device}: resume it where its kernels run")
+    for split, info in _data_identity(setup.data).items():
+        if (m["splits"][split]["images_sha256"], m["splits"][split]["labels_sha256"]) != (
+                info["images_sha256"], info["labels_sha256"]):
+            raise UsageError(f"the {split} images or labels of {run.path} differ from the data found now; "
+                             "cannot resume")
     pop = Population(setup.arch, _shard(run.config.init_seeds(), run.config), setup.device,
                      run.config.optimizer != "sgd")
     step, done = 0, 0
-    if (run.path / STATE).exists():
-        state = _load_state(run.path / STATE, pop, setup.total_steps)
+    if state is not None:
+        _load_state(state, pop)
         step, done = state["step"], state["checkpoints_done"]
-    if done > len(run.manifest["checkpoints"]) or done > run.manifest["checkpoints_done"] + 1:
-        raise UsageError(f"{run.path / STATE} counts {done} checkpoints; run.json only "
-                         f"{run.manifest['checkpoints_done']}: the directory is inconsistent")
-    writer = RunWriter.reopen(run.path, run.manifest)  # grows record arrays an interrupted extend left short
-    for split in SPLITS:  # shape checks before anything is written
-        run.bits(split), run.loss(split), run.accuracy(split)
-    writer.adopt_rows(run.manifest["checkpoints_done"], done)  # rows up to `done` were flushed before the state
-    writer.commit(done, status="running")
+        del state
+    writer = RunWriter.reopen(run.path, m)
+    try:
+        writer.adopt_rows(m["checkpoints_done"], done)  # rows up to `done` were flushed before the state
+        # divergence as of checkpoint `done`, rebuilt from the state: a kill may have come before it was written
+        at = pop.diverged_at.cpu().numpy()
+        upto = setup.checkpoints[done - 1]["step"] if done else 0
+        writer.save_diverged(np.where((at >= 0) & (at <= upto), at, -1))
+        writer.commit(done, status="running", diverged=diverged_map(setup.seeds, at, upto))
+    except BaseException:
+        writer.close("failed")
+        raise
     return _run(setup, pop, writer, step, progress, should_stop)
+
+
+def _checked(run: Run) -> dict | None:
+    """The run's saved state (None before its first), after every completed row, the membership record, the
+    state and the divergence record passed their checks; UsageError naming the first problem otherwise."""
+    problems, state = integrity_problems(run.path, run.manifest)
+    if problems:
+        raise UsageError(f"{run.path} is damaged, cannot resume: {problems[0]} (fastpop verify {run.path} lists "
+                         "all)")
+    return state
+
+
+def _pinned_device(m: dict, config: Config) -> str:
+    """The device a resume runs on: the run's own kind of device (its kernels give its bits); an explicit
+    cuda:N of the config (a torchrun rank's) is kept."""
+    kind = m["device"].split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"the run trained on {m['device']} with the {m['backend']} backend; resume it on a "
+                         "machine with CUDA (its kernels give its bits)")
+    return config.device if config.device.split(":")[0] == kind else kind
 
 
 def extend(run: Run, epochs: int) -> None:
@@ -288,7 +336,7 @@ def extend(run: Run, epochs: int) -> None:
 
 def _steps_done(run: Run) -> int:
     if (run.path / STATE).exists():
-        return int(torch.load(run.path / STATE, map_location="cpu")["step"])
+        return int(run.state()["step"])
     return 0
 
 
@@ -372,8 +420,9 @@ def _step_function(setup: Setup, pop: Population, batch_shape):
 
 
 def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: int) -> float:
-    """Evaluate every network on both splits; then, in this order, flush the rows, save the state, and let the
-    manifest count checkpoint t: a kill between any two leaves a resumable directory."""
+    """Evaluate every network on both splits; then, in this order, flush the rows, save the state, write
+    diverged.npy, and let the manifest count checkpoint t: a kill between any two leaves a resumable directory
+    (resume counts rows the state counts, and rebuilds diverged.npy from the state)."""
     records, asked = {}, set(setup.config.record)
     for split in SPLITS:
         data = setup.data.split(split)
@@ -387,33 +436,28 @@ def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: 
     writer.write_rows(t, records)
     _save_state(pop, writer, step, t + 1)
     diverged = pop.diverged_at.cpu().numpy()
-    writer.save_array("diverged.npy", diverged)
-    writer.commit(t + 1, diverged={str(setup.seeds[k]): int(diverged[k]) for k in np.flatnonzero(diverged >= 0)})
+    writer.save_diverged(diverged)
+    writer.commit(t + 1, diverged=diverged_map(setup.seeds, diverged, step))
     acc = records["test"]["acc"][diverged < 0]
     return float(acc.mean()) if len(acc) else float("nan")
 
 
 def _save_state(pop: Population, writer: RunWriter, step: int, checkpoints_done: int) -> None:
-    state = {"step": step, "checkpoints_done": checkpoints_done, "params": pop.networks().cpu(),
-             "momentum": pop.networks(pop.momentum).cpu(), "diverged_at": pop.diverged_at.cpu()}
+    """The population's own flat buffers (layer-major, see rundir.save_state): saved without a copy on the CPU."""
+    writer.save_state(step, checkpoints_done, pop.shapes, pop.params, pop.momentum, pop.diverged_at, pop.second)
+
+
+def _load_state(state: dict, pop: Population) -> None:
+    """A checked state (rundir.load_state) into the population's buffers."""
+    if [list(s) for s in pop.shapes] != state["shapes"]:
+        raise UsageError(f"the saved state's layers {state['shapes']} are not this architecture's")
+    if (pop.second is None) != (state.get("second_moment") is None):
+        raise UsageError("the saved state's optimizer moments do not fit this run's optimizer")
+    pop.params.copy_(state["params"])
+    pop.momentum.copy_(state["momentum"])
     if pop.second is not None:
-        state["second_moment"] = pop.networks(pop.second).cpu()
-    writer.save_state(state)
-
-
-def _load_state(path: Path, pop: Population, total_steps: int) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu")
-        pop.set_networks(state["params"])
-        pop.set_networks(state["momentum"], pop.momentum)
-        if pop.second is not None:
-            pop.set_networks(state["second_moment"], pop.second)
-        pop.set_diverged(state["diverged_at"])
-        if not 0 <= state["step"] <= total_steps:
-            raise ValueError(f"step {state['step']} outside 0..{total_steps}")
-        return state
-    except Exception as e:  # torch.load raises many kinds on a damaged file
-        raise UsageError(f"{path} is corrupt or does not fit this run ({type(e).__name__})") from None
+        pop.second.copy_(state["second_moment"])
+    pop.set_diverged(state["diverged_at"])
 
 
 def _shard(values: list[int], config: Config) -> list[int]:
@@ -426,8 +470,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _labels_sha(data: Dataset, split: str) -> str:
-    return hashlib.sha256(data.split(split).y.cpu().numpy().tobytes()).hexdigest()
+def _data_identity(data: Dataset) -> dict:
+    return {s: {"images_sha256": data.split(s).images_sha256(), "labels_sha256": data.split(s).labels_sha256()}
+            for s in SPLITS}
 
 
 def _manifest(setup: Setup) -> dict:
@@ -437,25 +482,27 @@ def _manifest(setup: Setup) -> dict:
         "status": "running",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
-        "seeds": setup.seeds,
-        "init_seeds": _shard(config.init_seeds(), config),
-        "order_seeds": _shard(config.order_seeds(), config),
+        "seeds": setup.seeds,  # the init and order seeds follow from them and the config's vary and shared_seed
         "shard": config.shard,
         "arch": {"name": str(arch), "spec": arch.spec, "params_per_network": arch.params_per_network(),
                  "flops_per_example": arch.flops_per_example(),
                  "param_shapes": [[n, list(s)] for n, s in arch.param_shapes()]},
         "dataset": {"name": data.name, "classes": data.classes, "in_shape": list(data.in_shape)},
-        "splits": {s: {"n": len(data.split(s)), "bytes_per_row": bytes_per_row(len(data.split(s))),
-                       "labels_sha256": _labels_sha(data, s)} for s in SPLITS},
+        "splits": {s: {"n": len(data.split(s)), "bytes_per_row": bytes_per_row(len(data.split(s))), **ident}
+                   for s, ident in _data_identity(data).items()},
         "steps_per_epoch": setup.steps_per_epoch,
         "total_steps": setup.total_steps,
         "checkpoints": setup.checkpoints,
         "checkpoints_done": 0,
+        "checksums": {},
+        "files": {},
         "diverged": {},
         "predictions": bool(config.record_predictions or data.open_set),
         "groups": _groups_manifest(config),
         "class_ids": data.class_ids,
-        "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
+        "device": str(setup.device),
+        "device_name": platform.processor() or platform.machine() if setup.device.type == "cpu"
+        else torch.cuda.get_device_name(setup.device),
         "backend": setup.backend.name,
         "backend_note": setup.backend.native(arch),
         "versions": {"fastpop": __version__, "python": platform.python_version(), "torch": torch.__version__,

@@ -12,6 +12,7 @@ correct) and its predictions are recorded instead.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,19 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def images_sha256(self) -> str:
+        """sha256 of the images as trained on (dtype, shape and bytes): the data identity a run records."""
+        return array_sha256(self.x.cpu().numpy())
+
+    def labels_sha256(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.y.cpu().numpy(), np.int64).tobytes()).hexdigest()
+
+
+def array_sha256(arr: np.ndarray) -> str:
+    h = hashlib.sha256(f"{arr.dtype.str} {list(arr.shape)}".encode())
+    h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    return h.hexdigest()
 
 
 @dataclass

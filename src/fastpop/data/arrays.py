@@ -87,6 +87,8 @@ def check_split(x, y, split: str, layout: str = "auto") -> tuple[np.ndarray, np.
         raise UsageError(f"{split} split: object arrays (ragged images?); give one numeric array per split")
     if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
         raise UsageError(f"x_{split} must be uint8 or float, got {x.dtype}")
+    if x.ndim == 0 or y.ndim == 0:  # a scalar has no len()
+        raise UsageError(f"x_{split} and y_{split} must be arrays over examples, got shapes {x.shape}, {y.shape}")
     if len(x) == 0:
         raise UsageError(f"the {split} split is empty")
     if np.issubdtype(x.dtype, np.floating):
