@@ -122,3 +122,28 @@ def test_bad_arrays_get_one_line_and_write_nothing(tmp_path, data, message):
         fastpop.train(fastpop.Config(out=str(tmp_path / "r"), **COMMON), data=data)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "r").exists()
+
+
+def test_runs_store_source_indices_and_labels_and_a_copy_of_data_on_request(tmp_path):
+    data = fastpop.ArrayData(X, Y, XT, YT, name="toy")
+    run = fastpop.train(fastpop.Config(save_data=True, classes=[1, 3], out=str(tmp_path / "r"), **COMMON), data=data)
+    from fastpop.export import example_table
+
+    table = example_table(run, "train")
+    np.testing.assert_array_equal(table["source_index"], np.flatnonzero(np.isin(Y, [1, 3])))
+    np.testing.assert_array_equal(table["label"], Y[np.isin(Y, [1, 3])])
+    x, labels, index = run.examples("test")  # from the copy in the run directory, in any process
+    np.testing.assert_array_equal(x, XT.transpose(0, 3, 1, 2)[index])
+    (tmp_path / "r" / "data.x_test.npy").write_bytes((tmp_path / "r" / "data.x_train.npy").read_bytes())
+    assert main(["verify", str(tmp_path / "r")]) == 2  # a damaged copy is caught
+    with pytest.raises(fastpop.UsageError, match="save_data keeps a copy"):
+        fastpop.train(fastpop.Config(save_data=True, out=str(tmp_path / "d"), **COMMON))
+
+
+def test_a_saved_copy_resumes_without_the_arrays(tmp_path):
+    steps = []
+    with pytest.raises(fastpop.Interrupted):
+        fastpop.train(fastpop.Config(save_data=True, out=str(tmp_path / "r"), **COMMON),
+                      data=fastpop.ArrayData(X, Y, XT, YT), progress=lambda p: steps.append(1),
+                      should_stop=lambda: len(steps) == 1)
+    assert fastpop.resume(tmp_path / "r").status == "complete"

@@ -25,6 +25,7 @@ _STRINGS = ("dataset", "labels", "pixels", "vary", "schedule", "device", "backen
 class Config:
     arch: str = "small-cnn"  # a preset, a spec ("c8-mp-c16-gap"), a fastpop.Arch, or module:package.module:function
     dataset: str = "digits"  # digits, mnist, fashion-mnist, cifar10, cifar100, gaussian, npz:PATH or hf:PATH
+    save_data: bool = False  # keep a copy of data given in memory (fastpop.train(data=...)) in the run directory
     image_column: str = "image"  # hf: the image column
     label_column: str = "label"  # hf: the label column
     data_dir: str | None = None  # where the data files are (default $FASTPOP_DATA or ./data)
@@ -105,6 +106,8 @@ class Config:
                 raise UsageError("superclass needs dataset cifar100")
         if not isinstance(self.cuda_graphs, bool):
             raise UsageError("cuda_graphs must be true or false")
+        if not isinstance(self.save_data, bool):
+            raise UsageError("save_data must be true or false")
         if not isinstance(self.record_predictions, bool):
             raise UsageError("record_predictions must be true or false")
         if not isinstance(self.record, list) or not set(self.record) <= {"margin", "loss", "pred"}:

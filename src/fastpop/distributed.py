@@ -20,8 +20,8 @@ import torch
 from .config import Config
 from .errors import UsageError
 from .run import Run
-from .rundir import (MEMBER, RunWriter, check_new_out, diverged_row, integrity_problems, layer_major, networks,
-                     record_arrays, release_lock)
+from .rundir import (MEMBER, RunWriter, check_new_out, diverged_row, integrity_problems, layer_major, load_file,
+                     networks, record_arrays, release_lock)
 
 # what may differ between shards of one population
 _SHARD_FIELDS = ("shard", "out", "device", "max_nets_per_chunk")
@@ -47,7 +47,7 @@ def merge(shard_paths: list[str | Path], out: str | Path) -> Run:
                     diverged={k: v for r in ordered for k, v in r.manifest["diverged"].items()},
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     merged_from=[str(r.path) for r in ordered])
-    files = {}
+    files = {name: load_file(first.path, first.manifest, name) for name in first.manifest["files"] if name != MEMBER}
     if first.member_bits() is not None:
         files[MEMBER] = np.concatenate([r.member_bits() for r in ordered])
     t = len(first.checkpoints)

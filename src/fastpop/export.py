@@ -18,7 +18,7 @@ import numpy as np
 
 from . import metrics as M
 from .errors import UsageError
-from .rundir import atomic_write
+from .rundir import atomic_write, load_file
 from .run import Run
 
 FORMATS = ("csv", "parquet", "npz")
@@ -102,13 +102,12 @@ def _cell(v) -> str:
 
 
 def _stored(run: Run, split: str, kind: str) -> np.ndarray:
-    """{split}.{kind}.npy of the run (int64 [N]), or -1 for every example where the run has none."""
-    path = run.path / f"{split}.{kind}.npy"
-    if not path.exists():
+    """{split}.{kind}.npy of the run (int64 [N], checked), or -1 for every example where the run has none."""
+    arr = load_file(run.path, run.manifest, f"{split}.{kind}.npy")
+    if arr is None:
         return np.full(run.n(split), -1, np.int64)
-    arr = np.load(path)
     if arr.shape != (run.n(split),):
-        raise UsageError(f"{path} holds {arr.shape}, expected ({run.n(split)},)")
+        raise UsageError(f"{run.path}/{split}.{kind}.npy holds {arr.shape}, expected ({run.n(split)},)")
     return arr.astype(np.int64)
 
 

@@ -54,11 +54,22 @@ class Run:
 
         _check_split(split)
         part = load_dataset(Config.from_dict(dict(self.config.to_dict(), device="cpu")), torch.device("cpu"),
-                            data).split(split)
+                            data or self.saved_data()).split(split)
         if len(part) != self.n(split):
             raise UsageError(f"the {split} data found now have {len(part)} examples; {self.path} was trained on "
                              f"{self.n(split)}")
         return part.x.numpy(), part.label.numpy(), part.index.numpy()
+
+    def saved_data(self):
+        """The ArrayData of a run trained on data in memory with save_data (its copy in the run directory,
+        checked), else None."""
+        from .data.arrays import SAVED, from_saved
+        from .rundir import load_file
+
+        if not all(name in self.manifest.get("files", {}) for name in SAVED):
+            return None
+        arrays = {name: load_file(self.path, self.manifest, name) for name in SAVED}
+        return from_saved(arrays, self.config.dataset.removeprefix("arrays:"))
 
     @property
     def groups(self) -> list[dict] | None:

@@ -321,6 +321,33 @@ def member_problems(folder: Path, m: dict) -> list[str]:
     return [] if file_sha256(data) == want else [f"{MEMBER} does not match its checksum"]
 
 
+def file_problems(folder: Path, m: dict) -> list[str]:
+    """Every file run.json lists besides the membership (each split's example indices and labels, a saved copy of
+    in-memory data) readable and matching its checksum."""
+    out = []
+    for name, want in m["files"].items():
+        if name == MEMBER:
+            continue
+        try:
+            data = (folder / name).read_bytes()
+        except OSError as e:
+            out.append(f"{name} cannot be read ({e.strerror or e})")
+            continue
+        if file_sha256(data) != want:
+            out.append(f"{name} does not match its checksum")
+    return out
+
+
+def load_file(folder: Path, m: dict, name: str) -> np.ndarray | None:
+    """A file run.json lists, checked against its checksum; None when it lists no file of that name."""
+    if name not in m.get("files", {}):
+        return None
+    problems = file_problems(folder, {"files": {name: m["files"][name]}})
+    if problems:
+        raise UsageError(f"{folder}: {problems[0]}")
+    return np.load(folder / name)
+
+
 def pack_member(subset: np.ndarray, n: int) -> np.ndarray:
     """int [P, M] each network's train examples -> uint8 [P, R] membership bits in the record's layout (with
     numpy's packbits: about P * N bytes of scratch, where the record's bit packer takes several times more)."""
@@ -467,7 +494,7 @@ def integrity_problems(folder: Path, m: dict, rows: bool = True) -> tuple[list[s
                 problems += row_problems(m, split, kind, open_array(folder, m, split, kind))
             except UsageError as e:
                 problems.append(str(e))
-    problems += member_problems(folder, m)
+    problems += member_problems(folder, m) + file_problems(folder, m)
     state = None
     if (folder / STATE).exists() or m["checkpoints_done"]:
         try:

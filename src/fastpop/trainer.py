@@ -25,7 +25,7 @@ from . import __version__
 from .archs import MODULE_PREFIX, Arch, build_arch
 from .config import Config
 from .data import Dataset, load_dataset
-from .data.arrays import ArrayData
+from .data.arrays import ArrayData, from_saved, saved_files
 from .data.augment import Augment, AugmentBatch
 from .data.orders import epoch_orders, subsets
 from .errors import ResourceError, UsageError
@@ -232,9 +232,16 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
     setup = prepare(config, model=model, data=data)
     setup.config.out = str(setup.out)
     pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device, config.optimizer != "sgd")
-    files = {}
-    if setup.subset is not None:  # inside the new directory before it appears: no kill can lose it
+    files = {}  # inside the new directory before it appears: no kill can lose them
+    if setup.subset is not None:
         files[MEMBER] = pack_member(setup.subset.cpu().numpy(), len(setup.data.train))
+    for split in SPLITS:  # each example's index in its source split and its original label
+        part = setup.data.split(split)
+        files[f"{split}.index.npy"], files[f"{split}.label.npy"] = part.index.numpy(), part.label.numpy()
+    if config.save_data:
+        if data is None:
+            raise UsageError("save_data keeps a copy of data given in memory (fastpop.train(config, data=...))")
+        files.update(saved_files(data))
     writer = RunWriter.create(setup.out, _manifest(setup), files)
     return _run(setup, pop, writer, 0, progress, should_stop)
 
@@ -259,7 +266,7 @@ def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
     if max_nets_per_chunk is not None:
         pinned["max_nets_per_chunk"] = max_nets_per_chunk
     run.config = Config.from_dict(pinned)
-    setup = prepare(run.config, out=run.path, model=model, data=data)
+    setup = prepare(run.config, out=run.path, model=model, data=data or run.saved_data())
     if setup.backend.name != m["backend"] or setup.device.type != m["device"].split(":")[0]:
         raise UsageError(f"{run.path} trained with the {m['backend']} backend on {m['device']}; this machine gives "
                          f"{setup.backend.name} on {setup.device}: resume it where its kernels run")

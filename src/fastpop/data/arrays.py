@@ -79,6 +79,22 @@ class ArrayData:
         return cls(*arrays, name=name, layout=layout)
 
 
+# a saved copy in a run directory: file -> (split, 0 images / 1 labels)
+SAVED = {f"data.{k}_{split}.npy": (split, i) for split in ("train", "test") for i, k in enumerate("xy")}
+
+
+def saved_files(data: ArrayData) -> dict[str, np.ndarray]:
+    """The copy of in-memory data that `save_data` keeps in the run directory: checked, [N, C, H, W]."""
+    splits = data.splits()
+    return {name: splits[split][i] for name, (split, i) in SAVED.items()}
+
+
+def from_saved(arrays: dict[str, np.ndarray], name: str) -> ArrayData:
+    """The ArrayData of a copy `saved_files` made (`arrays`: its files by name)."""
+    parts = [arrays[f"data.{k}_{split}.npy"] for split in ("train", "test") for k in "xy"]
+    return ArrayData(*parts, name=name, layout="nchw")
+
+
 def check_split(x, y, split: str, layout: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """One split's images and labels as (x [N, C, H, W] uint8 or float32, y int64 [N]), or one line saying what
     is wrong."""
