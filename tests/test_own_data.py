@@ -147,3 +147,10 @@ def test_a_saved_copy_resumes_without_the_arrays(tmp_path):
                       data=fastpop.ArrayData(X, Y, XT, YT), progress=lambda p: steps.append(1),
                       should_stop=lambda: len(steps) == 1)
     assert fastpop.resume(tmp_path / "r").status == "complete"
+
+
+def test_npz_path_is_stored_absolute(tmp_path, monkeypatch):
+    np.savez(tmp_path / "d.npz", x_train=X, y_train=Y, x_test=XT, y_test=YT)
+    monkeypatch.chdir(tmp_path)
+    run = fastpop.train(fastpop.Config(dataset="npz:d.npz", out=str(tmp_path / "r"), **COMMON))
+    assert run.config.dataset == f"npz:{tmp_path / 'd.npz'}"

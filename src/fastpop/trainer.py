@@ -229,6 +229,11 @@ def train(config: Config, progress: Callable[[Progress], None] | None = None,
         config = Config.from_dict(dict(config.to_dict(), arch=f"module:{model.__module__}:{model.__qualname__}"))
     if data is not None:
         config = Config.from_dict(dict(config.to_dict(), dataset=f"arrays:{data.name}"))
+    for field in ("dataset", "test_dataset"):  # file data sets by absolute path: readable from any folder
+        name = getattr(config, field)
+        if name and name.startswith(("npz:", "hf:")):
+            kind, path = name.split(":", 1)
+            config = Config.from_dict(dict(config.to_dict(), **{field: f"{kind}:{Path(path).expanduser().resolve()}"}))
     setup = prepare(config, model=model, data=data)
     setup.config.out = str(setup.out)
     pop = Population(setup.arch, _shard(config.init_seeds(), config), setup.device, config.optimizer != "sgd")
