@@ -315,3 +315,50 @@ def test_analyze_and_compare_take_a_grid_group_by_group(tmp_path, capsys):
     assert (tmp_path / "a" / "group-1" / "test.metrics.json").exists()
     assert main(["analyze", str(run.path), "--group", "2"]) == 2
     assert "no group 2" in capsys.readouterr().err
+
+
+def test_added_seeds_and_merged_runs_equal_the_population_trained_in_one_go(tmp_path, capsys):
+    common = dict(epochs=1, batch_size=256, record_every=3, subset_fraction=0.8)
+    whole = fastpop.train(fastpop.Config(seeds=5, out=str(tmp_path / "whole"), **common))
+    fastpop.train(fastpop.Config(seeds=3, out=str(tmp_path / "grow"), **common))
+    assert main(["run", "--resume", str(tmp_path / "grow"), "--add-seeds", "2", "--quiet"]) == 0
+    grown = fastpop.load_run(tmp_path / "grow")
+    assert grown.seeds == whole.seeds and grown.config.seeds == 5
+    assert torch.equal(grown.weights(), whole.weights())
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(grown.bits(split), whole.bits(split))
+    np.testing.assert_array_equal(grown.member_bits(), whole.member_bits())
+    assert main(["verify", str(tmp_path / "grow")]) == 0 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "grow", "whole"]
+    fastpop.train(fastpop.Config(seeds=[9, 2], out=str(tmp_path / "a"), **common))
+    fastpop.train(fastpop.Config(seeds=[4], out=str(tmp_path / "b"), **common))
+    assert main(["merge", str(tmp_path / "b"), str(tmp_path / "a"), "--out", str(tmp_path / "ab")]) == 0
+    assert fastpop.load_run(tmp_path / "ab").seeds == [4, 9, 2]  # runs in order of their first seed
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "ab"), "--out", str(tmp_path / "x")]) == 2
+    assert "share seed(s) 2, 9" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    fastpop.train(fastpop.Config(seeds=[7], out=str(tmp_path / "c"), **dict(common, lr=0.05)))
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "x")]) == 2
+    assert "not of one population" in capsys.readouterr().err
+
+
+def test_adding_seeds_killed_between_its_renames_is_finished_by_the_same_command(tmp_path, monkeypatch):
+    from fastpop import distributed
+
+    common = dict(epochs=1, batch_size=256)
+    whole = fastpop.train(fastpop.Config(seeds=3, out=str(tmp_path / "whole"), **common))
+    fastpop.train(fastpop.Config(seeds=2, out=str(tmp_path / "grow"), **common))
+    real = distributed.os.rename
+
+    def dies_before_the_new_run_moves_in(a, b):
+        if str(b) == str(tmp_path / "grow"):
+            raise KeyboardInterrupt  # killed after the old run was moved aside
+        real(a, b)
+
+    monkeypatch.setattr(distributed.os, "rename", dies_before_the_new_run_moves_in)
+    with pytest.raises(KeyboardInterrupt):
+        distributed.add_seeds(tmp_path / "grow", 1)
+    monkeypatch.setattr(distributed.os, "rename", real)
+    assert not (tmp_path / "grow").exists()
+    grown = distributed.add_seeds(tmp_path / "grow", 1)
+    assert torch.equal(grown.weights(), whole.weights())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grow", "whole"]

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                      help="run the training step eagerly on CUDA instead of replaying a captured graph")
     run.add_argument("--nesterov", action="store_const", const=True, default=None, help="Nesterov momentum (sgd)")
+    run.add_argument("--add-seeds", type=int, metavar="K", help="with --resume RUN: add K networks (the seeds after "
+                     "the population's last) to a complete run")
     run.add_argument("--grid", nargs="+", type=parse_grid_item, metavar="KEY=V1,V2",
                      help="train every combination (lr, momentum, weight-decay, label-smoothing, crop, cutout) with "
                           "--seeds networks each, e.g. --grid lr=0.4,0.1 weight-decay=5e-4,0")
@@ -251,6 +253,10 @@ def _run(args) -> int:
         with ProgressBar(enabled=not args.quiet) as bar:
             if torchrun_world():
                 run = run_torchrun(config, Path(args.resume) if args.resume else None, bar.update, lambda: bool(stop))
+            elif args.resume and args.add_seeds is not None:
+                from .distributed import add_seeds
+
+                run = add_seeds(args.resume, args.add_seeds, bar.update, lambda: bool(stop))
             elif args.resume:
                 run = resume(args.resume, bar.update, lambda: bool(stop), overrides.get("max_nets_per_chunk"),
                              epochs=overrides.get("epochs"))

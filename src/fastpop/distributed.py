@@ -27,20 +27,28 @@ from .rundir import (MEMBER, RunWriter, check_new_out, diverged_row, integrity_p
 _SHARD_FIELDS = ("shard", "out", "device", "max_nets_per_chunk")
 
 
-def merge(shard_paths: list[str | Path], out: str | Path) -> Run:
+def merge(shard_paths: list[str | Path], out: str | Path, final: Path | None = None) -> Run:
     """Join the complete shard run directories of one population into one new run directory at `out`.
 
     Every shard is verified first (rows, state, membership, divergence), and they must be the shards i/n of one n
     of one config on the same data whose seeds together are exactly the config's; anything else is refused
     before anything is written. The output is built under a temporary name and appears whole: a merge killed
-    half-way leaves nothing at `out`, and running the same command again merges anew."""
+    half-way leaves nothing at `out`, and running the same command again merges anew.
+
+    Complete runs that are not shards merge too when they are of one population apart from their seeds, none
+    shared (more networks for a population): the output holds the runs in order of their first seed."""
     out = Path(out)
     if not shard_paths:
         raise UsageError("merge needs at least one shard")
     real = check_new_out(out)
-    ordered = _check_shards([Run(p) for p in shard_paths])
+    runs = [Run(p) for p in shard_paths]
+    if all(r.config.shard is None for r in runs) and len(runs) > 1:
+        ordered, config = _check_disjoint(runs)
+    else:
+        ordered = _check_shards(runs)
+        config = dict(ordered[0].manifest["config"], shard=None)
     first = ordered[0]
-    config = dict(first.manifest["config"], shard=None, out=str(real))
+    config = dict(config, out=str(final or real))  # final: where the output will be moved (add_seeds)
     manifest = {k: v for k, v in first.manifest.items() if k not in ("manifest_sha256", "timings")}
     manifest.update(config=config, shard=None, status="running", checkpoints_done=0, checksums={}, files={},
                     seeds=sum((r.seeds for r in ordered), []),
@@ -109,9 +117,76 @@ def _check_shards(shards: list[Run]) -> list[Run]:
     return ordered
 
 
-def _population_key(run: Run) -> tuple:
+def _check_disjoint(runs: list[Run]) -> tuple[list[Run], dict]:
+    """Complete, undamaged runs of one population that differ only in their seeds, none shared: (the runs in
+    order of their first seed, the config of all their networks: a seed count where the seeds run on without a
+    gap, else the list), or UsageError."""
+    for run in runs:
+        if run.status != "complete":
+            raise UsageError(f"{run.path} is not complete (status {run.status}); finish it with --resume first")
+        if run.config.grid:
+            raise UsageError(f"{run.path} trains a grid; its groups hold consecutive seeds, so only its own shards "
+                             "merge into it")
+        problems, _ = integrity_problems(run.path, run.manifest)
+        if problems:
+            raise UsageError(f"{run.path} is damaged: {problems[0]} (fastpop verify {run.path} lists all)")
+    ordered = sorted(runs, key=lambda r: r.seeds[0])
+    key = _population_key(ordered[0], seeds=False)
+    for run in ordered[1:]:
+        if _population_key(run, seeds=False) != key:
+            raise UsageError(f"{run.path} and {ordered[0].path} are not of one population (config apart from the "
+                             "seeds, data, backend or checkpoints differ)")
+    seeds = sum((r.seeds for r in ordered), [])
+    if len(set(seeds)) < len(seeds):
+        shared = sorted({s for s in seeds if seeds.count(s) > 1})[:5]
+        raise UsageError(f"the runs share seed(s) {', '.join(map(str, shared))}: each network may be merged once")
+    contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    config = dict(ordered[0].manifest["config"], shard=None, seeds=len(seeds) if contiguous else seeds,
+                  seed_offset=seeds[0] if contiguous else 0)
+    return ordered, config
+
+
+def add_seeds(path: str | Path, count: int, progress=None, should_stop=None) -> Run:
+    """Add `count` networks to a complete population: the seeds after its last, trained as a run of their own
+    in PATH.add-COUNT (resumed by the same command if interrupted), then merged with it into PATH. The result is
+    the population trained in one go. Swapped in by two renames; a kill between them is finished by the same
+    command."""
+    from .trainer import resume, train
+
+    path = Path(path)
+    merged, old = path.with_name(path.name + ".merged"), path.with_name(path.name + ".old")
+    if not path.exists() and merged.exists() and old.exists():  # killed between the two renames
+        os.rename(merged, path)
+    if not 1 <= count <= 10_000_000:
+        raise UsageError(f"--add-seeds takes a count of networks, 1 to 10,000,000; got {count}")
+    run = Run(path)
+    if run.status != "complete":
+        raise UsageError(f"{run.path} is not complete (status {run.status}); finish it with --resume first")
+    if run.config.shard is not None or run.config.grid:
+        raise UsageError(f"{run.path} is a shard or a grid; add seeds to a whole population without a grid")
+    extra = path.with_name(f"{path.name}.add-{count}")
+    if extra.exists() and (extra / "run.json").exists():
+        more = Run(extra)
+        if more.status != "complete":
+            more = resume(extra, progress, should_stop)
+    else:
+        start = max(run.seeds) + 1
+        more = train(Config.from_dict(dict(run.config.to_dict(), seeds=count, seed_offset=start, out=str(extra))),
+                     progress, should_stop)
+    shutil.rmtree(merged, ignore_errors=True)
+    merge([path, extra], merged, final=Path(os.path.realpath(path)))
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(path, old)
+    os.rename(merged, path)
+    shutil.rmtree(old)
+    shutil.rmtree(extra)
+    return Run(path)
+
+
+def _population_key(run: Run, seeds: bool = True) -> tuple:
     m = run.manifest
-    config = {k: v for k, v in m["config"].items() if k not in _SHARD_FIELDS}
+    skip = _SHARD_FIELDS + (() if seeds else ("seeds", "seed_offset"))
+    config = {k: v for k, v in m["config"].items() if k not in skip}
     return (repr(sorted(config.items())), repr(m["splits"]), repr(m["checkpoints"]), repr(m["dataset"]),
             m["backend"], m["device"].split(":")[0], repr(m["arch"]))
 
