@@ -155,8 +155,12 @@ def add_seeds(path: str | Path, count: int, progress=None, should_stop=None) -> 
 
     path = Path(path)
     merged, old = path.with_name(path.name + ".merged"), path.with_name(path.name + ".old")
-    if not path.exists() and merged.exists() and old.exists():  # killed between the two renames
+    extra = path.with_name(f"{path.name}.add-{count}")
+    if not path.exists() and merged.exists() and old.exists():  # killed between the two renames: finish them
         os.rename(merged, path)
+        shutil.rmtree(old)
+        shutil.rmtree(extra, ignore_errors=True)
+        return Run(path)
     if not 1 <= count <= 10_000_000:
         raise UsageError(f"--add-seeds takes a count of networks, 1 to 10,000,000; got {count}")
     run = Run(path)
@@ -164,7 +168,6 @@ def add_seeds(path: str | Path, count: int, progress=None, should_stop=None) -> 
         raise UsageError(f"{run.path} is not complete (status {run.status}); finish it with --resume first")
     if run.config.shard is not None or run.config.grid:
         raise UsageError(f"{run.path} is a shard or a grid; add seeds to a whole population without a grid")
-    extra = path.with_name(f"{path.name}.add-{count}")
     if extra.exists() and (extra / "run.json").exists():
         more = Run(extra)
         if more.status != "complete":
