@@ -64,7 +64,7 @@ def kernels(p, n, t):
 
     def ref_learned():
         stays = np.logical_and.accumulate(c[::-1], axis=0)[::-1]
-        return t - stays.sum(0)
+        return np.where(stays[-1], t - stays.sum(0), np.nan).astype(np.float32)
 
     cf = c[-1].astype(np.float32)
     rows = [

@@ -16,6 +16,9 @@ def test_end_to_end_run(tmp_path):
                            "--batch-size", "128", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "test" in proc.stdout and str(out) in proc.stdout and "net-images/s" in proc.stdout
+    # stderr is a pipe here, as under SLURM or nohup: plain lines, the last at the final checkpoint
+    assert proc.stderr.splitlines()[-1].startswith(f"{out}: step 11/11 epoch 1.00/1 ")
+    assert "(checkpoint 1)" in proc.stderr
     bits = np.load(out / "test.bits.npy")
     assert bits.shape[:2] == (1, 3)
 

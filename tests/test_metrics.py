@@ -39,12 +39,13 @@ def records(draw):
 
 def naive_learned_at(c):
     t_, p_, n_ = c.shape
-    out = np.full((p_, n_), t_)
+    out = np.full((p_, n_), np.nan, np.float32)  # NaN: wrong at the last checkpoint
     for p, n in itertools.product(range(p_), range(n_)):
         t = t_
         while t > 0 and c[t - 1, p, n]:
             t -= 1
-        out[p, n] = t
+        if t < t_:
+            out[p, n] = t
     return out
 
 
@@ -64,6 +65,17 @@ def test_counts_order_and_forgetting(path, c):
         np.testing.assert_array_equal(f.events, (c[:-1] & ~c[1:]).sum(0))
         np.testing.assert_array_equal(f.never, ~c.any(0))
     assert M.speed_counts(c).counts.dtype == np.uint16 and M.tpa_counts(c).counts.dtype == np.int32
+
+
+def test_learned_at_never_is_not_a_checkpoint():
+    """An example wrong at the last checkpoint has no learning checkpoint: NaN, which no mean takes silently and
+    no index accepts (it was T, which reads as the last epoch of a T-epoch run)."""
+    c = np.array([[[1, 0, 1]], [[1, 1, 0]], [[1, 1, 0]]], bool)  # T = 3, P = 1, N = 3
+    at = M.learned_at(pack(c), 3).checkpoint
+    np.testing.assert_array_equal(at, [[0, 1, np.nan]])
+    assert np.isnan(at.mean()) and np.nanmean(at) == 0.5
+    with pytest.raises(IndexError):
+        np.arange(3)[at]
 
 
 def naive_kappa(c):

@@ -6,7 +6,11 @@
     fastpop.load_run("runs/demo")
 """
 
-__version__ = "0.1.0"
+import logging
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # a library prints nothing unless its user asks
+
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it from here
 
 # Imported on first use, so `import fastpop.metrics` (numpy only) does not pay for torch and the trainer.
 _LAZY = {"Arch": "archs", "ArrayData": "data.arrays", "Config": "config", "UsageError": "errors", "Run": "run",

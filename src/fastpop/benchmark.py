@@ -224,3 +224,8 @@ def print_table(rows: list[Row], batch_size: int) -> None:
         table.add_row(r.provider, str(r.p), f"{r.net_images_per_s:,.0f}", f"{r.gflops:.1f}",
                       f"{100 * r.gflops / r.ceiling_gflops:.1f}", f"{speed_up:.2f}x", f"{r.peak_rss_gib:.2f}")
     Console(width=120).print(table)
+    from . import __version__
+    from .machine import describe, machine_facts
+
+    facts = machine_facts()
+    print(f"machine: {describe(facts)}; fastpop {__version__}, commit {facts['commit']}, torch {torch.__version__}")

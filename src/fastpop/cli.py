@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import logging
 import re
 import sys
 from pathlib import Path
@@ -56,82 +58,113 @@ def parse_grid_item(text: str) -> tuple[str, list]:
         raise argparse.ArgumentTypeError(f"takes KEY=V1,V2 (numbers), got {text!r}") from None
 
 
-RUN_FLAGS = {  # flag -> (type, help); each maps onto the Config field of the same name
-    "arch": (str, "a preset (small-cnn, wide-cnn, mlp), a spec such as c8-mp-c16-mp-c16-gap, or "
-                  "module:package.module:function (see `fastpop archs`)"),
-    "dataset": (str, "digits, mnist, fashion-mnist, cifar10, cifar100, gaussian, npz:PATH or hf:PATH (a saved "
-                     "Hugging Face dataset)"),
-    "data-dir": (str, "folder with the data files (default $FASTPOP_DATA or ./data)"),
-    "image-column": (str, "hf:PATH data sets: the image column"),
-    "label-column": (str, "hf:PATH data sets: the label column"),
-    "classes": (parse_classes, "train (and test) only on these classes, e.g. 0,1,2,3,4"),
-    "test-dataset": (str, "test on another data set's test split, or noise"),
-    "test-classes": (parse_classes, "test only on these classes; unseen ones record predictions"),
-    "labels": (str, "true, or random: train labels permuted once (fixed seed)"),
-    "pixels": (str, "natural, or shuffled: one fixed pixel permutation for all images"),
-    "separation": (float, "class separation of --dataset gaussian"),
-    "superclass": (int, "CIFAR-100 superclass to keep (16: small mammals)"),
-    "subset-fraction": (float, "each network trains on its own random subset of this fraction"),
-    "seeds": (parse_seeds, "a count (1000) or a list (3,7,11)"),
-    "seed-offset": (int, "first seed when --seeds is a count"),
-    "vary": (str, "what differs between networks: both, init or order"),
-    "shared-seed": (int, "seed of what --vary keeps the same for all networks"),
-    "epochs": (int, "epochs"),
-    "batch-size": (int, "examples per network per step"),
-    "optimizer": (str, "sgd, adam or adamw"),
-    "lr": (float, "peak learning rate"),
-    "momentum": (float, "SGD momentum"),
-    "betas": (lambda v: [float(b) for b in v.split(",")], "Adam's beta1,beta2 (0.9,0.999)"),
-    "eps": (float, "Adam's epsilon"),
-    "weight-decay": (float, "weight decay (adamw: decoupled)"),
-    "label-smoothing": (float, "label smoothing of the cross-entropy, as F.cross_entropy's"),
-    "augment": (str, "augmentation drawn per network, example and epoch: flip, crop:N, cutout:N (comma-separated)"),
-    "schedule": (str, "learning-rate schedule: constant, step or cosine"),
-    "warmup-epochs": (float, "linear warm-up length in epochs"),
-    "record-every": (int, "also record every this many steps (0: once per epoch)"),
-    "record": (lambda v: [k for k in v.split(",") if k], "per-example arrays to store besides the bits: any of "
-                                                         "margin, loss, pred (comma-separated)"),
-    "save-every": (int, "also save the training state every this many steps"),
-    "max-nets-per-chunk": (lambda v: v if v == "auto" else int(v), "networks per forward/backward pass, or auto"),
-    "shard": (str, "i/n: train only the i-th of n blocks of the seeds (join with fastpop merge)"),
-    "device": (str, "auto, cpu, cuda or cuda:N"),
-    "backend": (str, "auto (numba on the CPU, triton on CUDA), numba, torch (the reference), triton, or "
-                     "torch.func (module archs)"),
-    "out": (str, "new run directory (default runs/ARCH-DATASET-PN-TIME)"),
-}
+def parse_floats(text: str) -> list[float]:
+    """'0.9,0.999' -> [0.9, 0.999]."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers such as 0.9,0.999, got {text!r}") from None
+
+
+def parse_names(text: str) -> list[str]:
+    """'margin,loss' -> ["margin", "loss"]."""
+    return [k for k in text.split(",") if k]
+
+
+def _chunk(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+# parsers of the run options; any other takes the type of Config's default (str where that is None)
+_TYPES = {"classes": parse_classes, "test_classes": parse_classes, "seeds": parse_seeds, "betas": parse_floats,
+          "grid": parse_grid_item, "record": parse_names, "max_nets_per_chunk": _chunk}
+_NARGS = {"grid": "+"}  # --grid lr=0.4,0.1 momentum=0.9,0.8
+
+
+def _run_flags() -> dict:
+    """flag name -> Option for every run option that takes a value (the switches are added apart)."""
+    from .options import OPTIONS, default
+
+    return {o.name.replace("_", "-"): o for o in OPTIONS if not isinstance(default(o.name), bool)}
+
+
+RUN_FLAGS = _run_flags()
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Says every option's default, except where there is none to say or the help says it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _VersionAction(argparse.Action):
+    """--version: fastpop's version, and its commit when it runs from a checkout (looked up only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+        from .machine import source_commit
+
+        commit = source_commit()
+        print(f"fastpop {__version__}" + (f" (commit {commit})" if commit else ""))
+        parser.exit()
+
+
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    from .options import GROUPS, OPTIONS, default, default_text, flag
+
+    groups = {g: run.add_argument_group(f"{g} options") for g in GROUPS}
+    for o in OPTIONS:
+        text = f"{o.help} (default: {default_text(o)})".replace("%", "%%")
+        value = default(o.name)
+        if isinstance(value, bool):  # a switch: --name turns on a default-false one, --no-name off a default-true one
+            groups[o.group].add_argument(flag(o), dest=o.name, action="store_const", const=not value, default=None,
+                                         help=text)
+        else:
+            typ = _TYPES.get(o.name) or (type(value) if value is not None else str)
+            groups[o.group].add_argument(flag(o), dest=o.name, type=typ, nargs=_NARGS.get(o.name), default=None,
+                                         metavar=o.metavar, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastpop", description="Train populations of small networks and study their agreement.")
+    from .config import Config
+
+    parser = _Parser(prog="fastpop", description="Train populations of small networks and study their agreement.",
+                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action=_VersionAction, help="print fastpop's version (and commit) and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
     run = sub.add_parser("run", help="train a population into a new run directory")
-    run.add_argument("--config", metavar="FILE.toml", help="config file; flags given here override it")
-    for flag, (typ, text) in RUN_FLAGS.items():
-        run.add_argument(f"--{flag}", type=typ, default=None, help=text)
-    run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
-                     help="run the training step eagerly on CUDA instead of replaying a captured graph")
-    run.add_argument("--nesterov", action="store_const", const=True, default=None, help="Nesterov momentum (sgd)")
-    run.add_argument("--add-seeds", type=int, metavar="K", help="with --resume RUN: add K networks (the seeds after "
-                     "the population's last) to a complete run")
-    run.add_argument("--grid", nargs="+", type=parse_grid_item, metavar="KEY=V1,V2",
-                     help="train every combination (lr, momentum, weight-decay, label-smoothing, crop, cutout) with "
-                          "--seeds networks each, e.g. --grid lr=0.4,0.1 weight-decay=5e-4,0")
-    run.add_argument("--record-predictions", action="store_const", const=True, default=None,
-                     help="store predicted test labels [T, P, N]")
-    run.add_argument("--resume", metavar="RUN", help="continue an interrupted run directory (no other options)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    control = run.add_argument_group("config file, resuming and display")
+    control.add_argument("--config", metavar="FILE.toml", help="config file; flags given here override it (default: "
+                         "none)")
+    control.add_argument("--resume", metavar="RUN", help="continue an interrupted run directory, or train a "
+                         "finished one on to more --epochs (no other options but those, --add-seeds and --max-nets-per-chunk)")
+    control.add_argument("--add-seeds", type=int, metavar="K", help="with --resume RUN: add K networks (the seeds "
+                         "after the population's last) to a complete run")
+    control.add_argument("--quiet", action="store_true", help="no progress display (a bar on a terminal, else a "
+                         "plain line per checkpoint and every 30 s)")
+    _add_run_options(run)
 
     verify = sub.add_parser("verify", help="check a run directory: shapes, manifest, checksums, state")
     verify.add_argument("run", metavar="RUN")
 
     merge = sub.add_parser("merge", help="join the shard run directories of one population")
     merge.add_argument("shards", metavar="SHARD", nargs="+")
-    merge.add_argument("--out", required=True, help="new run directory")
+    merge.add_argument("--out", required=True, help="new run directory (required)")
+    merge.add_argument("--allow-mixed-machines", action="store_true", help="join shards trained on different "
+                       "instruction sets, GPU models, kinds of device or backends (their last bits may differ)")
 
     archs = sub.add_parser("archs", help="list architectures with their size and cost")
     archs.add_argument("--input-shape", default="1x8x8", help="C x H x W (default: digits, 1x8x8)")
-    archs.add_argument("--classes", type=int, default=10)
+    archs.add_argument("--classes", type=int, default=10, help="classes of the classifier")
     archs.add_argument("--arch", help="a spec (e.g. c16k5-mp-c32-gap-d64) or preset to size instead of the presets")
 
     analyze = sub.add_parser("analyze", help="agreement and learning-order metrics of a run directory")
@@ -154,15 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     experiment = sub.add_parser("experiment", help="reproduce a study end to end")
     experiment.add_argument("name", choices=["paper"])
     experiment.add_argument("--out", required=True, help="folder for the populations and the report")
-    experiment.add_argument("--dataset", default="digits")
+    experiment.add_argument("--dataset", default="digits", help="digits, or cifar10 for the full-scale version")
     experiment.add_argument("--nets", type=int, default=100, help="networks per population")
-    experiment.add_argument("--epochs", type=int, default=None)
-    experiment.add_argument("--data-dir", default=None)
-    experiment.add_argument("--quiet", action="store_true")
+    experiment.add_argument("--epochs", type=int, default=None, help="epochs per population (default: "
+                            f"{Config.epochs}, as fastpop run)")
+    experiment.add_argument("--data-dir", default=None, help="folder with the data files (default: $FASTPOP_DATA or "
+                            "./data)")
+    experiment.add_argument("--quiet", action="store_true", help="no progress display")
 
     cscore = sub.add_parser("cscore", help="C-score per train example from runs with --subset-fraction")
     cscore.add_argument("runs", metavar="RUN", nargs="+")
-    cscore.add_argument("--out", required=True, help="file for the float64 [N] C-scores (.npy)")
+    cscore.add_argument("--out", required=True, help="file for the float64 [N] C-scores: .npy, or .csv (index,cscore)")
 
     export = sub.add_parser("export", help="one row per example: accessibility, learned-at epoch, forgetting, TPA, "
                             "C-score, plurality prediction, margin scores")
@@ -184,12 +219,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--nets", default="10,100,1000", help="population sizes, comma-separated")
     bench.add_argument("--steps", type=int, default=20, help="timed steps per provider and size")
     bench.add_argument("--arch", default="small-cnn", help="a preset or spec")
-    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--batch-size", type=int, default=32, help="examples per network per step")
     bench.add_argument("--loop-max-nets", type=int, default=1000, help="skip the module loop above this P")
+    for command in sub.choices.values():
+        for action in command._actions:  # a default nobody described is still said
+            if action.help is None and action.option_strings and action.default not in (None, False):
+                action.help = "(default: %(default)s)"
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    handler = logging.StreamHandler(sys.stderr)  # the library's warnings (its info goes to the progress display)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("fastpop: %(message)s"))
+    logging.getLogger("fastpop").addHandler(handler)
+    try:
+        return _main(argv)
+    finally:
+        logging.getLogger("fastpop").removeHandler(handler)
+
+
+def _main(argv: list[str] | None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
@@ -232,12 +282,12 @@ def _run(args) -> int:
     import signal
 
     from .config import Config
-    from .console import ProgressBar, print_summary
+    from .console import print_summary, progress_display
     from .distributed import run_torchrun, torchrun_world
+    from .options import OPTIONS
     from .trainer import Interrupted, resume, train
 
-    names = [k.replace("-", "_") for k in [*RUN_FLAGS, "nesterov", "record-predictions", "cuda-graphs"]]
-    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    overrides = {o.name: getattr(args, o.name) for o in OPTIONS if getattr(args, o.name) is not None}
     if args.grid:
         overrides["grid"] = dict(args.grid)
     if args.resume and (set(overrides) - {"max_nets_per_chunk", "epochs"} or args.config):
@@ -250,7 +300,7 @@ def _run(args) -> int:
     stop = []  # SIGINT/SIGTERM ask the trainer to stop at the next step boundary and save
     handlers = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with ProgressBar(enabled=not args.quiet) as bar:
+        with progress_display(args.quiet) as bar:
             if torchrun_world():
                 run = run_torchrun(config, Path(args.resume) if args.resume else None, bar.update, lambda: bool(stop))
             elif args.resume and args.add_seeds is not None:
@@ -290,7 +340,7 @@ def _merge(args) -> int:
     from .console import print_summary
     from .distributed import merge
 
-    print_summary(merge(args.shards, args.out))
+    print_summary(merge(args.shards, args.out, allow_mixed_machines=args.allow_mixed_machines))
     return 0
 
 
@@ -429,22 +479,43 @@ def _cscore(args) -> int:
     from .analysis import combined_cscore
     from .run import load_run
 
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".csv"):
+        raise UsageError(f"--out takes a .npy or .csv file name, got {args.out!r}")
     scores, fractions = combined_cscore([load_run(p) for p in args.runs])
-    np.save(args.out, scores)
+    write_scores(out, scores)
     print(f"C-score over subset fractions {fractions}: mean {np.nanmean(scores):.4f}, "
-          f"{int(np.isnan(scores).sum())} examples seen by every network; wrote {args.out}")
+          f"{int(np.isnan(scores).sum())} examples seen by every network; wrote {out}")
     return 0
+
+
+def write_scores(out: Path, scores) -> None:
+    """float64 [N] scores at exactly `out` (np.save would append .npy to any other name): .npy, or .csv with a
+    header and one `index,cscore` row per example (NaN where no network was held out)."""
+    import io
+
+    import numpy as np
+
+    from .rundir import atomic_write
+
+    buf = io.BytesIO()
+    if out.suffix == ".csv":
+        np.savetxt(buf, np.column_stack([np.arange(len(scores)), scores]), fmt=["%d", "%.17g"], delimiter=",",
+                   header="index,cscore", comments="")
+    else:
+        np.save(buf, scores)
+    atomic_write(out, buf.getvalue())
 
 
 def _experiment(args) -> int:
     import json
 
-    from .console import ProgressBar
+    from .console import progress_display
     from .experiment import paper
 
     if args.nets < 2:
         raise UsageError("--nets must be at least 2")
-    with ProgressBar(enabled=not args.quiet, per_run=True) as bar:
+    with progress_display(args.quiet, per_run=True) as bar:
         path = paper(args.out, args.dataset, args.nets, args.epochs, args.data_dir, bar.update)
     summary = json.loads((path.parent / "summary.json").read_text())
     for name, row in summary["populations"].items():

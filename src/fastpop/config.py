@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import UsageError
+from .errors import UsageError, shown
 
 VARY = ("both", "init", "order")
 SCHEDULES = ("constant", "step", "cosine")
@@ -73,18 +73,19 @@ class Config:
 
         for name in _STRINGS:  # before any lookup: a list or table from TOML is unhashable
             if not isinstance(getattr(self, name), str):
-                raise UsageError(f"{name} must be a string, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be a string, got {shown(getattr(self, name))}")
         if isinstance(self.arch, str) and self.arch.startswith(MODULE_PREFIX):
             _check_module_path(self.arch)
         else:
             arch = parse_arch(self.arch)
             self.arch = arch.name or arch.spec
         if not valid_name(self.dataset):
-            raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}, npz:PATH, hf:PATH")
+            raise UsageError(f"unknown dataset {shown(self.dataset)}; valid: {', '.join(DATASETS)}, npz:PATH, hf:PATH")
         if not (isinstance(self.image_column, str) and isinstance(self.label_column, str)):
             raise UsageError("image_column and label_column must be column names")
-        if self.test_dataset is not None and not valid_name(self.test_dataset, test=True):
-            raise UsageError(f"unknown test dataset {self.test_dataset!r}; valid: "
+        if self.test_dataset is not None and not (isinstance(self.test_dataset, str)
+                                                  and valid_name(self.test_dataset, test=True)):
+            raise UsageError(f"unknown test dataset {shown(self.test_dataset)}; valid: "
                              f"{', '.join(DATASETS + TEST_ONLY)}, npz:PATH")
         for name in ("classes", "test_classes"):
             v = getattr(self, name)
@@ -111,7 +112,7 @@ class Config:
         if not isinstance(self.record_predictions, bool):
             raise UsageError("record_predictions must be true or false")
         if not isinstance(self.record, list) or not set(self.record) <= {"margin", "loss", "pred"}:
-            raise UsageError(f"record takes a list of margin, loss, pred; got {self.record!r}")
+            raise UsageError(f"record takes a list of margin, loss, pred; got {shown(self.record)}")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise UsageError("data_dir must be a path string")
         _check_int("seed_offset", self.seed_offset, 0, 2**62)
@@ -135,21 +136,21 @@ class Config:
         _check_int("batch_size", self.batch_size, 1, 1_000_000)
         _check_int("record_every", self.record_every, 0, 10**9)
         _check_int("save_every", self.save_every, 0, 10**9)
-        if self.max_nets_per_chunk != "auto":
+        if not (isinstance(self.max_nets_per_chunk, str) and self.max_nets_per_chunk == "auto"):
             _check_int("max_nets_per_chunk", self.max_nets_per_chunk, 1, 10**9)
         self._check_grid()
         if self.shard is not None:
             parts = str(self.shard).split("/")
             ok = len(parts) == 2 and all(x.isdigit() for x in parts) and 0 <= int(parts[0]) < int(parts[1])
             if not ok or int(parts[1]) > len(self.seed_list):
-                raise UsageError(f"shard must be i/n with 0 <= i < n <= number of seeds, got {self.shard!r}")
+                raise UsageError(f"shard must be i/n with 0 <= i < n <= number of seeds, got {shown(self.shard)}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if not isinstance(self.nesterov, bool):
             raise UsageError("nesterov must be true or false")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise UsageError("nesterov needs optimizer sgd with momentum > 0")
         if not (isinstance(self.betas, (list, tuple)) and len(self.betas) == 2):
-            raise UsageError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+            raise UsageError(f"betas must be two numbers in [0, 1), got {shown(self.betas)}")
         self.betas = list(self.betas)
         for beta in self.betas:
             _check_float("betas", beta, 0.0, 1.0, high_open=True)
@@ -290,12 +291,12 @@ def _check_module_path(arch: str) -> None:
     """module:package.module:function, each part a dotted Python name."""
     parts = arch.split(":")
     if len(parts) != 3 or not all(re.fullmatch(r"[\w.<>]+", x) for x in parts[1:]):
-        raise UsageError(f"arch {arch!r}: a module is given as module:package.module:function")
+        raise UsageError(f"arch {shown(arch)}: a module is given as module:package.module:function")
 
 
 def _check_int(name, v, lo, hi):
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise UsageError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        raise UsageError(f"{name} must be an integer in [{lo}, {hi}], got {shown(v)}")
 
 
 def _check_float(name, v, lo, hi, low_open=False, high_open=False):
@@ -303,9 +304,9 @@ def _check_float(name, v, lo, hi, low_open=False, high_open=False):
     ok = ok and (lo < v if low_open else lo <= v) and (v < hi if high_open else v <= hi)
     if not ok:
         brackets = ("(" if low_open else "[") + f"{lo}, {hi}" + (")" if high_open else "]")
-        raise UsageError(f"{name} must be a number in {brackets}, got {v!r}")
+        raise UsageError(f"{name} must be a number in {brackets}, got {shown(v)}")
 
 
 def _check_choice(name, v, choices):
     if v not in choices:
-        raise UsageError(f"unknown {name} {v!r}; valid: {', '.join(choices)}")
+        raise UsageError(f"unknown {name} {shown(v)}; valid: {', '.join(choices)}")

@@ -1,6 +1,11 @@
-"""Terminal display for the CLI: a progress bar fed by the trainer's callback, and the end-of-run summary."""
+"""What the CLI shows: a progress bar on a terminal, plain progress lines off one (SLURM, nohup, a pipe), and the
+end-of-run summary."""
 
 from __future__ import annotations
+
+import sys
+import time
+from datetime import timedelta
 
 import numpy as np
 from rich.console import Console
@@ -45,10 +50,59 @@ class ProgressBar:
         self.bar.update(self.task, completed=p.step, **fields)
 
 
+class ProgressLines:
+    """Off a terminal: one plain line at the first step, at every checkpoint and every `every_s` seconds between,
+    so a long job's log shows signs of life (a bar's redraws would be lost or garble it)."""
+
+    def __init__(self, stream=None, every_s: float = 30.0, clock=time.monotonic):
+        self.stream, self.every_s, self.clock = stream or sys.stderr, every_s, clock
+        self.last = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def update(self, p: Progress) -> None:
+        now = self.clock()
+        if p.checkpoint is None and self.last is not None and now - self.last < self.every_s:
+            return
+        self.last = now
+        print(progress_line(p), file=self.stream, flush=True)
+
+
+def progress_line(p: Progress) -> str:
+    eta = "-" if p.eta_s is None else str(timedelta(seconds=round(p.eta_s)))
+    acc = "-" if p.mean_test_acc is None else f"{p.mean_test_acc:.4f}"
+    where = f"{p.run_dir}: " if p.run_dir else ""
+    line = (f"{where}step {p.step}/{p.total_steps} epoch {p.epoch:.2f}/{p.epochs:g} "
+            f"{p.net_images_per_s:,.0f} net-img/s ETA {eta} mean test acc {acc}")
+    return line + (f" (checkpoint {p.checkpoint + 1})" if p.checkpoint is not None else "")
+
+
+def progress_display(quiet: bool, per_run: bool = False, stream=None):
+    """The bar on a terminal, plain lines elsewhere, nothing with --quiet."""
+    stream = stream or sys.stderr
+    if not quiet and not stream.isatty():
+        return ProgressLines(stream)
+    return ProgressBar(enabled=not quiet, per_run=per_run)
+
+
+def seeds_text(seeds: list[int]) -> str:
+    """Which seeds, as "seeds 0 to 999" for a range, else the first few: shows what --seeds 5 (five networks)
+    and --seeds 5, (seed 5) gave."""
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"seeds {seeds[0]} to {seeds[-1]}"
+    return "seeds " + ", ".join(map(str, seeds[:5])) + (", ..." if len(seeds) > 5 else "")
+
+
 def print_summary(run: Run, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"{run.config.arch} on {run.config.dataset}: {len(run.seeds)} networks, "
-                        f"{len(run.checkpoints)} checkpoints")
+    table = Table(title=f"{run.config.arch} on {run.config.dataset}: {len(run.seeds)} networks "
+                        f"({seeds_text(run.seeds)}), {len(run.checkpoints)} checkpoints")
     for col in ("split", "mean acc", "std", "min", "max"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for split in ("train", "test"):
@@ -66,6 +120,10 @@ def print_summary(run: Run, console: Console | None = None) -> None:
     if "wall_s" in t:
         console.print(f"wall {t['wall_s']:.1f} s (train {t['train_s']:.1f} s, evaluation {t['eval_s']:.1f} s), "
                       f"{t['net_images_per_s']:,.0f} net-images/s in training")
+    if "isa" in run.manifest.get("host", {}):
+        from .machine import describe
+
+        console.print(f"machine: {describe(run.manifest['host'])}", soft_wrap=True)
     console.print(f"run directory: {run.path}")
 
 

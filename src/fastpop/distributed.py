@@ -19,6 +19,7 @@ import torch
 
 from .config import Config
 from .errors import UsageError
+from .machine import machine_mismatch
 from .run import Run
 from .rundir import (MEMBER, RunWriter, check_new_out, diverged_row, integrity_problems, layer_major, load_file,
                      networks, record_arrays, release_lock)
@@ -27,13 +28,16 @@ from .rundir import (MEMBER, RunWriter, check_new_out, diverged_row, integrity_p
 _SHARD_FIELDS = ("shard", "out", "device", "max_nets_per_chunk")
 
 
-def merge(shard_paths: list[str | Path], out: str | Path, final: Path | None = None) -> Run:
+def merge(shard_paths: list[str | Path], out: str | Path, final: Path | None = None,
+          allow_mixed_machines: bool = False) -> Run:
     """Join the complete shard run directories of one population into one new run directory at `out`.
 
     Every shard is verified first (rows, state, membership, divergence), and they must be the shards i/n of one n
     of one config on the same data whose seeds together are exactly the config's; anything else is refused
-    before anything is written. The output is built under a temporary name and appears whole: a merge killed
-    half-way leaves nothing at `out`, and running the same command again merges anew.
+    before anything is written. Shards trained (or resumed) on different kinds of device, backends, instruction
+    sets or GPU models are refused too unless `allow_mixed_machines`: their last bits depend on where each
+    trained. The output is built under a temporary name and appears whole: a merge killed half-way leaves
+    nothing at `out`, and running the same command again merges anew.
 
     Complete runs that are not shards merge too when they are of one population apart from their seeds, none
     shared (more networks for a population): the output holds the runs in order of their first seed."""
@@ -48,6 +52,9 @@ def merge(shard_paths: list[str | Path], out: str | Path, final: Path | None = N
         ordered = _check_shards(runs)
         config = dict(ordered[0].manifest["config"], shard=None)
     first = ordered[0]
+    mixed = machine_mismatch([(str(r.path), r.manifest) for r in ordered])
+    if mixed and not allow_mixed_machines:
+        raise UsageError(f"{mixed}; merge them anyway with --allow-mixed-machines")
     config = dict(config, out=str(final or real))  # final: where the output will be moved (add_seeds)
     manifest = {k: v for k, v in first.manifest.items() if k not in ("manifest_sha256", "timings")}
     manifest.update(config=config, shard=None, status="running", checkpoints_done=0, checksums={}, files={},
@@ -55,6 +62,9 @@ def merge(shard_paths: list[str | Path], out: str | Path, final: Path | None = N
                     diverged={k: v for r in ordered for k, v in r.manifest["diverged"].items()},
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     merged_from=[str(r.path) for r in ordered])
+    # where each block of networks trained: per shard, the machine of every session (created, then resumed)
+    manifest["shard_hosts"] = [[r.manifest.get("host"), *r.manifest.get("resumed_on", [])] for r in ordered]
+    manifest.pop("resumed_on", None)  # the first shard's own; the merged run was never resumed
     files = {name: load_file(first.path, first.manifest, name) for name in first.manifest["files"] if name != MEMBER}
     if first.member_bits() is not None:
         files[MEMBER] = np.concatenate([r.member_bits() for r in ordered])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .errors import UsageError
+from .errors import UsageError, shown
 from .rundir import (MANIFEST, SPLITS, diverged_row, load_member, load_state, manifest_problem, networks, open_array,
                      read_manifest, row_problems)
 
@@ -109,8 +109,12 @@ class Run:
         return self._array(split, "bits")
 
     def correct(self, split: str, t: int = -1) -> np.ndarray:
-        """bool [P, N]: which network is right on which example at checkpoint t."""
-        bits = self.bits(split)[t]
+        """bool [P, N]: which network is right on which example at checkpoint t (0-based; negative from the end)."""
+        bits, done = self.bits(split), len(self.checkpoints)
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not -done <= t < done:
+            raise UsageError(f"checkpoint {shown(t)} is out of range: {self.path} has {done} completed checkpoints"
+                             + (f" (0 to {done - 1}, or -1 for the last)" if done else ""))
+        bits = bits[t]
         return np.unpackbits(bits, axis=-1, count=self.n(split), bitorder="little").astype(bool)
 
     def predictions(self, split: str = "test") -> np.ndarray | None:
@@ -193,5 +197,5 @@ def load_run(path: str | Path) -> Run:
 
 
 def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise UsageError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if not isinstance(split, str) or split not in SPLITS:
+        raise UsageError(f"unknown split {shown(split)}; valid: {', '.join(SPLITS)}")

@@ -29,12 +29,15 @@ from .data.arrays import ArrayData, from_saved, saved_files
 from .data.augment import Augment, AugmentBatch
 from .data.orders import epoch_orders, subsets
 from .errors import ResourceError, UsageError
+from .machine import machine_facts
 from .ops import get_backend, resolve_device
 from .population import Population
 from .recorder import evaluate, record
 from .run import Run
 from .rundir import (FORMAT, MEMBER, SPLITS, STATE, RunWriter, bytes_per_row, check_new_out, checkpoint_plan,
                      diverged_map, integrity_problems, pack_member)
+
+log = logging.getLogger("fastpop")  # the library's messages; it installs no handler (the CLI does)
 
 
 class Interrupted(Exception):
@@ -47,13 +50,28 @@ class Interrupted(Exception):
 
 @dataclass
 class Progress:
-    """What a progress callback receives after every step."""
+    """What a progress callback receives after every step; at a checkpoint also every network's accuracy and loss
+    on both splits, so a logger hook reads no files:
+
+        def hook(p):
+            if p.checkpoint is not None:
+                wandb.log({"test_acc": p.accuracy["test"].mean(), "loss": p.loss["train"].mean()}, step=p.step)
+    """
 
     step: int
     total_steps: int
     epoch: float
     net_images_per_s: float  # training steps only, evaluation excluded
     mean_test_acc: float | None  # at the latest checkpoint, over networks that have not diverged
+    eta_s: float | None = None  # seconds left at this session's pace so far, evaluation included
+    run_dir: str | None = None
+    checkpoint: int | None = None  # the checkpoint recorded after this step (0-based), else None
+    accuracy: dict[str, np.ndarray] | None = None  # at a checkpoint: {"train", "test"} -> float32 [P]
+    loss: dict[str, np.ndarray] | None = None  # at a checkpoint: {"train", "test"} -> float32 [P] (NaN: diverged)
+
+    @property
+    def epochs(self) -> float:
+        return self.epoch * self.total_steps / self.step if self.step else float("nan")
 
 
 @dataclass
@@ -119,7 +137,7 @@ def resolve_arch(config: Config, data: Dataset, device: torch.device, model: Cal
     arch, backend = build_arch(config.arch, data.in_shape, data.classes), get_backend(config.backend, device)
     note = backend.native(arch)
     if note:  # said once per run: in the log and in run.json
-        logging.getLogger("fastpop").warning("backend %s: %s", backend.name, note)
+        log.warning("backend %s: %s", backend.name, note)
     return arch, backend
 
 
@@ -298,6 +316,8 @@ def resume(path: str | Path, progress: Callable[[Progress], None] | None = None,
     except BaseException:
         writer.close("failed")
         raise
+    # each session's machine, written with the next checkpoint: a resume elsewhere may change the last bits
+    writer.manifest["resumed_on"] = [*run.manifest.get("resumed_on", []), machine_facts(setup.device)]
     return _run(setup, pop, writer, step, progress, should_stop)
 
 
@@ -353,6 +373,9 @@ def _steps_done(run: Run) -> int:
 
 
 def _run(setup: Setup, pop: Population, writer: RunWriter, start: int, progress, should_stop) -> Run:
+    log.info("%s: %s %d networks of %s on %s with the %s backend on %s, steps %d to %d", setup.out,
+             "resuming" if start else "training", pop.p, setup.arch, setup.data.name, setup.backend.name,
+             setup.device, start + 1, setup.total_steps)
     try:
         timings = _loop(setup, pop, writer, start, progress, should_stop)
     except Interrupted:
@@ -369,6 +392,7 @@ def _run(setup: Setup, pop: Population, writer: RunWriter, start: int, progress,
                                 f"is saved: fastpop run --resume {setup.out} --max-nets-per-chunk {smaller}") from e
         raise
     writer.close("complete", timings=timings)
+    log.info("%s: complete in %.1f s", setup.out, timings["wall_s"])
     return Run(setup.out)
 
 
@@ -399,15 +423,22 @@ def _loop(setup: Setup, pop: Population, writer: RunWriter, start: int, progress
         _sync(setup.device)
         train_s += time.perf_counter() - t0
         done = step + 1
+        records = None
         if done in record_at:
             t0 = time.perf_counter()
-            mean_test_acc = _checkpoint(setup, pop, writer, record_at[done], done)
+            records = _checkpoint(setup, pop, writer, record_at[done], done)
+            mean_test_acc = _mean_healthy(records["test"]["acc"], pop)
             eval_s += time.perf_counter() - t0
+            log.info("%s: checkpoint %d of %d at step %d (epoch %.2f): mean test acc %.4f, mean train loss %.4f",
+                     setup.out, record_at[done] + 1, len(setup.checkpoints), done, done / spe, mean_test_acc,
+                     _mean_healthy(records["train"]["loss"], pop))
         elif config.save_every and done % config.save_every == 0:
             _save_state(pop, writer, done, writer.manifest["checkpoints_done"])
         if progress:
             rate = pop.p * bsz * (done - start) / max(train_s, 1e-9)
-            progress(Progress(done, total, done / spe, rate, mean_test_acc))
+            eta = (time.perf_counter() - t_start) / (done - start) * (total - done)
+            progress(Progress(done, total, done / spe, rate, mean_test_acc, eta, str(setup.out),
+                              *_checkpoint_fields(record_at.get(done), records)))
         if should_stop and should_stop() and done < total:
             if done not in record_at:
                 _save_state(pop, writer, done, writer.manifest["checkpoints_done"])
@@ -450,8 +481,22 @@ def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: 
     diverged = pop.diverged_at.cpu().numpy()
     writer.save_diverged(diverged)
     writer.commit(t + 1, diverged=diverged_map(setup.seeds, diverged, step))
-    acc = records["test"]["acc"][diverged < 0]
+    return records
+
+
+def _mean_healthy(acc: np.ndarray, pop: Population) -> float:
+    """Mean of a per-network value [P] (accuracy, loss) over the networks that have not diverged (NaN when all
+    have)."""
+    acc = acc[pop.diverged_at.cpu().numpy() < 0]
     return float(acc.mean()) if len(acc) else float("nan")
+
+
+def _checkpoint_fields(t: int | None, records: dict | None) -> tuple:
+    """(checkpoint, accuracy, loss) of Progress: each split's per-network arrays at a checkpoint, else Nones."""
+    if records is None:
+        return None, None, None
+    return (t, {s: np.array(r["acc"], np.float32) for s, r in records.items()},
+            {s: np.array(r["loss"], np.float32) for s, r in records.items()})
 
 
 def _save_state(pop: Population, writer: RunWriter, step: int, checkpoints_done: int) -> None:
@@ -519,7 +564,7 @@ def _manifest(setup: Setup) -> dict:
         "backend_note": setup.backend.native(arch),
         "versions": {"fastpop": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__, "numba": version("numba"), "scikit-learn": version("scikit-learn")},
-        "host": {"machine": platform.machine(), "cpus": torch.get_num_threads()},
+        "host": machine_facts(setup.device),
     }
 
 

@@ -30,8 +30,9 @@ class Accessibility:
 
 @dataclass(frozen=True)
 class LearnedAt:
-    """checkpoint [P, N] (uint16; int32 from T = 65,536 on): the first checkpoint from which network p stays right
-    on example n; `checkpoints` (T) when it never does."""
+    """checkpoint float32 [P, N]: the first checkpoint (0-based) from which network p stays right on example n;
+    NaN when it is wrong at the last of the `checkpoints` (T). NaN, not a number like T: it cannot index a
+    checkpoint, and a mean over it has to say how it treats the unlearned (np.nanmean)."""
     split: str
     checkpoint: np.ndarray
     checkpoints: int
@@ -80,7 +81,8 @@ def accessibility(src, n: int | None = None, split: str = DEFAULT_SPLIT) -> Acce
 
 
 def learned_at(src, n: int | None = None, split: str = DEFAULT_SPLIT) -> LearnedAt:
-    """The first checkpoint from which each network stays right on each example (T when never)."""
+    """The first checkpoint from which each network stays right on each example (NaN when it is not right at the
+    last)."""
     rec = as_record(src, n, split)
     if rec.small:
         stays = np.logical_and.accumulate(rec.dense()[::-1], axis=0)  # right at every checkpoint from here on
@@ -90,7 +92,9 @@ def learned_at(src, n: int | None = None, split: str = DEFAULT_SPLIT) -> Learned
 
         out = _numba.counts_out(rec.p, rec.n, rec.t)
         _numba.run_sliced(_numba.learned_at, rec.p, rec.words(), out)
-    return LearnedAt(rec.split, out, rec.t)
+    at = out.astype(np.float32)  # exact below T = 2^24
+    at[out == rec.t] = np.nan  # T: not learned by the last checkpoint
+    return LearnedAt(rec.split, at, rec.t)
 
 
 def forgetting(src, n: int | None = None, split: str = DEFAULT_SPLIT) -> Forgetting:
