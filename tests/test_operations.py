@@ -17,6 +17,7 @@ import fastpop
 from fastpop import machine, options
 from fastpop.cli import build_parser, main
 from fastpop.console import ProgressLines, progress_display
+from fastpop.rundir import write_manifest
 from fastpop.trainer import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,7 +249,7 @@ def test_bench_names_its_machine(capsys):
 def _edit_manifest(path, **host):
     m = json.loads((path / "run.json").read_text())
     m["host"].update(host)
-    (path / "run.json").write_text(json.dumps(m))
+    write_manifest(path, m)  # sealed: as if that shard had been trained there
 
 
 def test_merge_refuses_shards_from_different_machines_unless_allowed(tmp_path, capsys):
