@@ -28,8 +28,10 @@ def example_table(run: Run, split: str = "test") -> dict[str, np.ndarray]:
     """The columns of the per-example table, each [N]."""
     run.require_checkpoint()
     rec = M.as_record(run, split=split)
-    epochs = np.array([c["epoch"] for c in run.checkpoints] + [np.nan])
-    learned = epochs[M.learned_at(rec).checkpoint]  # [P, N], NaN for never
+    at = M.learned_at(rec).checkpoint  # [P, N], NaN: not learned by the last checkpoint
+    learned = np.full(at.shape, np.nan)
+    known = ~np.isnan(at)
+    learned[known] = np.array([c["epoch"] for c in run.checkpoints])[at[known].astype(np.intp)]
     forget = M.forgetting(rec)
     speed = M.speed_counts(rec)
     table = {"id": np.arange(rec.n), "source_index": _stored(run, split, "index"),
