@@ -120,6 +120,9 @@ def _subcommands():
     return parser, sub.choices
 
 
+CONTROL = ("resume", "quiet", "add_seeds")  # run's flags that are no Config field and have no default to say
+
+
 def test_every_option_with_a_default_says_it_in_help():
     parser, commands = _subcommands()
     for name, command in [("fastpop", parser), *commands.items()]:
@@ -128,7 +131,7 @@ def test_every_option_with_a_default_says_it_in_help():
             if not action.option_strings or action.dest in ("help", "version"):
                 continue
             text = formatter._expand_help(action) if action.help else ""
-            if action.default not in (None, False) or name == "run" and action.dest not in ("resume", "quiet"):
+            if action.default not in (None, False) or name == "run" and action.dest not in CONTROL:
                 assert "default" in text, (name, action.option_strings, text)
 
 
@@ -139,7 +142,8 @@ def test_run_flags_are_grouped_and_are_exactly_configs_fields():
     for group in options.GROUPS:
         assert groups[f"{group} options"] == [o.name for o in options.OPTIONS if o.group == group]
     assert sorted([*(o.name for o in options.OPTIONS), *options.LIBRARY_ONLY]) == sorted(options.config_fields())
-    flags = {s for a in run._actions for s in a.option_strings} - {"-h", "--help", "--config", "--resume", "--quiet"}
+    flags = {s for a in run._actions for s in a.option_strings} - {"-h", "--help"}
+    flags -= {f"--{name.replace('_', '-')}" for name in ("config", *CONTROL)}
     assert flags == {options.flag(o) for o in options.OPTIONS}
 
 
