@@ -77,7 +77,7 @@ def _chunk(text: str) -> int | str:
 
 # parsers of the run options; any other takes the type of Config's default (str where that is None)
 _TYPES = {"classes": parse_classes, "test_classes": parse_classes, "seeds": parse_seeds, "betas": parse_floats,
-          "grid": parse_grid_item, "record": parse_names, "max_nets_per_chunk": _chunk}
+          "grid": parse_grid_item, "record": parse_names, "max_nets_per_chunk": _chunk, "superclass": int}
 _NARGS = {"grid": "+"}  # --grid lr=0.4,0.1 momentum=0.9,0.8
 
 
