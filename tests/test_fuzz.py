@@ -95,7 +95,7 @@ JSON_FIELDS = st.sampled_from(["seeds", "checkpoints", "checkpoints_done", "spli
 JUNK = st.sampled_from([None, -1, 10**9, "x", [], {}, [1, 1], 1.5, True])
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damage=DAMAGE, name=FILES, field=JSON_FIELDS, junk=JUNK, frac=st.floats(0, 1),
        command=st.sampled_from(["analyze", "verify", "resume", "report"]))
 def test_damaged_run_directories(tmp_path_factory, capsys, base_run, damage, name, field, junk, frac, command):
