@@ -33,13 +33,14 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every network on the whole split, `chunk` networks at a time: (correctness bits uint8 [P, R] in the
     record's layout, argmax == label with ties to the lowest class index; each network's mean cross-entropy [P]
-    over the examples with a label in its classes, NaN when there are none; predicted class index int64 [P, N]).
+    over the examples with a label in its classes, NaN when there are none; predicted class index int32 [P, N]).
     per_example: (margin, xent) float32 [P, N] filled in the same pass (`Backend.score`). A diverged network is
     wrong on every example, its loss, margins and losses are NaN and its predictions 0."""
     p, n = pop.p, len(split)
     device = split.y.device
     bits = torch.zeros(p, bytes_per_row(n), dtype=torch.uint8, device=device)
-    pred = torch.empty(p, n, dtype=torch.int64, device=device)
+    # int32: the predictions of P = 20,000 networks on 1,438 examples are 115 MB, not 230
+    pred = torch.empty(p, n, dtype=torch.int32, device=device)
     loss = torch.zeros(p, dtype=torch.float64, device=device)
     params = pop.views(pop.params)
     chunk = min(chunk or p, max(1, EVAL_FLOATS // (EVAL_EXAMPLES * backend.eval_floats(arch))))
