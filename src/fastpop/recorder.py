@@ -29,18 +29,18 @@ def pack_bits(correct: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Tensor, std: torch.Tensor,
-             chunk: int | None = None, per_example: tuple[torch.Tensor, torch.Tensor] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             chunk: int | None = None, per_example: tuple[torch.Tensor, torch.Tensor] | None = None,
+             predictions: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Every network on the whole split, `chunk` networks at a time: (correctness bits uint8 [P, R] in the
     record's layout, argmax == label with ties to the lowest class index; each network's mean cross-entropy [P]
-    over the examples with a label in its classes, NaN when there are none; predicted class index int32 [P, N]).
+    over the examples with a label in its classes, NaN when there are none; predicted class index int32 [P, N], or None unless `predictions`).
     per_example: (margin, xent) float32 [P, N] filled in the same pass (`Backend.score`). A diverged network is
     wrong on every example, its loss, margins and losses are NaN and its predictions 0."""
     p, n = pop.p, len(split)
     device = split.y.device
     bits = torch.zeros(p, bytes_per_row(n), dtype=torch.uint8, device=device)
-    # int32: the predictions of P = 20,000 networks on 1,438 examples are 115 MB, not 230
-    pred = torch.empty(p, n, dtype=torch.int32, device=device)
+    # int32, and only when asked: the predictions of P = 20,000 networks on 1,438 examples take 115 MB
+    pred = torch.empty(p, n, dtype=torch.int32, device=device) if predictions else None
     loss = torch.zeros(p, dtype=torch.float64, device=device)
     params = pop.views(pop.params)
     chunk = min(chunk or p, max(1, EVAL_FLOATS // (EVAL_EXAMPLES * backend.eval_floats(arch))))
@@ -50,14 +50,17 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
             hi = min(n, lo + EVAL_EXAMPLES)
             idx = torch.arange(lo, hi, device=device).expand(phi - plo, -1).contiguous()  # the same examples
             extra = None if per_example is None else tuple(t[plo:phi, lo:hi] for t in per_example)
-            summed, pred[plo:phi, lo:hi] = backend.score(arch, [v[plo:phi] for v in params], split.x, idx,
-                                                         split.y[idx], mean, std, bits[plo:phi], lo, extra)
+            summed, block = backend.score(arch, [v[plo:phi] for v in params], split.x, idx, split.y[idx], mean,
+                                          std, bits[plo:phi], lo, extra)
+            if pred is not None:
+                pred[plo:phi, lo:hi] = block
             loss[plo:phi] += summed.double()
     labelled = int((split.y >= 0).sum())
     loss = loss / labelled if labelled else torch.full_like(loss, float("nan"))
     dead = pop.diverged_at >= 0
     bits[dead] = 0
-    pred[dead] = 0
+    if pred is not None:
+        pred[dead] = 0
     loss[dead] = float("nan")
     for t in per_example or ():
         t[dead] = float("nan")

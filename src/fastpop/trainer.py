@@ -471,9 +471,9 @@ def _checkpoint(setup: Setup, pop: Population, writer: RunWriter, t: int, step: 
         data = setup.data.split(split)
         extra = tuple(torch.empty(pop.p, len(data), device=setup.device) for _ in range(2)) \
             if asked & {"margin", "loss"} else None
-        bits, loss, pred = evaluate(setup.arch, setup.backend, pop, data, setup.data.mean, setup.data.std,
-                                    setup.chunk, extra)
         keep = "pred" in asked or (split == "test" and writer.manifest["predictions"])
+        bits, loss, pred = evaluate(setup.arch, setup.backend, pop, data, setup.data.mean, setup.data.std,
+                                    setup.chunk, extra, keep)
         records[split] = record(bits, loss, len(data), pred if keep else None, setup.data.class_ids,
                                 extra[0] if "margin" in asked else None, extra[1] if "loss" in asked else None)
     writer.write_rows(t, records)
