@@ -96,6 +96,20 @@ class Population:
             part.copy_(rows[:, start:start + n].view_as(part))
             start += n
 
+    def group_blocks(self, groups) -> tuple[list[tuple[int, int]] | None, list[int]]:
+        """Where each group's networks lie in the flat buffers, for optimizer kernels that take per-block
+        scalars: blocks [(start, end)] layer-major, then group, and the index of the group that owns each; None
+        (one block of everything) for one group of all networks. groups: [(lo, hi, ...)]."""
+        if len(groups) == 1 and tuple(groups[0][:2]) == (0, self.p):
+            return None, [0]
+        blocks, owners, start = [], [], 0
+        for n in self.sizes:
+            for g, (lo, hi, *_) in enumerate(groups):
+                blocks.append((start + lo * n, start + hi * n))
+                owners.append(g)
+            start += self.p * n
+        return blocks, owners
+
     def blocks(self, lo: int, hi: int, frozen: torch.Tensor | None):
         """The optimizer's buffers (params, grads, momentum, second moment or None, frozen or None) of networks
         lo:hi as 1-D tensors: the whole flat buffers in one block for all networks, else one block per layer (a

@@ -115,7 +115,8 @@ class NumbaBackend:
     def optimizer_step(self, pop, groups, frozen, step: int) -> None:
         """`reference.sgd_step` bit for bit, or `reference.adam_step` within fp32 rounding: one pass over all
         networks, each group's entries with its own scalars."""
-        blocks, owners = _blocks(pop, groups)
+        blocks, owners = pop.group_blocks(groups)
+        blocks = None if blocks is None else np.array(blocks, np.int64)
         config = groups[0][2]
         lr = [groups[g][3] for g in owners]
         wd = [groups[g][2].weight_decay for g in owners]
@@ -158,20 +159,6 @@ def _whole(buf) -> np.ndarray:
 
 def _mask(frozen) -> np.ndarray:
     return np.empty(0, np.bool_) if frozen is None else frozen.numpy()
-
-
-def _blocks(pop, groups) -> tuple[np.ndarray, list[int]]:
-    """Flat-buffer blocks [m, 2] (layer-major, then group: each group's networks in each layer) and the group that
-    owns each; one block of everything for one group of all networks."""
-    if len(groups) == 1 and groups[0][:2] == (0, pop.p):
-        return _whole(pop.params), [0]
-    blocks, owners, start = [], [], 0
-    for n in pop.sizes:
-        for g, (lo, hi, _, _) in enumerate(groups):
-            blocks.append((start + lo * n, start + hi * n))
-            owners.append(g)
-        start += pop.p * n
-    return np.array(blocks, np.int64), owners
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -243,26 +243,13 @@ def _copy_back(per_example, out) -> None:
             view.copy_(written)
 
 
-def optimizer_blocks(pop, groups):
-    """Flat-buffer blocks [m, 2] (layer-major, then group: each group's networks in each layer) and the group that
-    owns each; None (one block of everything) for one group of all networks."""
-    if len(groups) == 1 and tuple(groups[0][:2]) == (0, pop.p):
-        return None, [0]
-    blocks, owners, start = [], [], 0
-    for n in pop.sizes:
-        for g, (lo, hi, _, _) in enumerate(groups):
-            blocks.append((start + lo * n, start + hi * n))
-            owners.append(g)
-        start += pop.p * n
-    return torch.tensor(blocks, dtype=torch.int64), owners
-
-
 @torch.no_grad()
 def optimizer_step(pop, groups, frozen, step: int) -> None:
     """The whole population's update in one launch, each group's entries with its own scalars (groups: [(lo, hi,
     config, lr)]): `reference.sgd_step` bit for bit (Nesterov too), or `reference.adam_step` within fp32
     rounding. With one group of all networks, lr may be a one-element device tensor (the CUDA-graph path)."""
-    blocks, owners = optimizer_blocks(pop, groups)
+    blocks, owners = pop.group_blocks(groups)
+    blocks = None if blocks is None else torch.tensor(blocks, dtype=torch.int64)
     config = groups[0][2]
     if blocks is None:
         lr, wd = groups[0][3], config.weight_decay
