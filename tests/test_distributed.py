@@ -72,3 +72,21 @@ def test_torchrun_two_gloo_processes(tmp_path, single):
     assert run.seeds == single.seeds and run.status == "complete"
     assert_same_run(single, run)
     assert not out.with_name(out.name + ".shards").exists()
+
+
+def test_torchrun_resume_merges_shards_a_killed_merge_left(tmp_path, single):
+    """Both ranks' shards complete, the merge killed before RUN appeared (its temporary folder left behind):
+    the documented `torchrun ... fastpop run --resume RUN` merges them into RUN."""
+    out = tmp_path / "run"
+    shards = out.with_name(out.name + ".shards")
+    for rank in range(2):
+        assert main(["run", *ARGS, "--shard", f"{rank}/2", "--out", str(shards / f"{rank}-of-2"), "--quiet"]) == 0
+    (tmp_path / f".run.tmp-{__import__('socket').gethostname()}-999999").mkdir()  # a dead merge's half
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+           "-m", "fastpop", "run", "--resume", str(out), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = fastpop.load_run(out)
+    assert run.status == "complete" and run.seeds == single.seeds
+    assert_same_run(single, run)
+    assert not shards.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
