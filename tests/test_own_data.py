@@ -154,3 +154,12 @@ def test_npz_path_is_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = fastpop.train(fastpop.Config(dataset="npz:d.npz", out=str(tmp_path / "r"), **COMMON))
     assert run.config.dataset == f"npz:{tmp_path / 'd.npz'}"
+
+
+def test_examples_refuse_changed_images(tmp_path):
+    run = fastpop.train(fastpop.Config(out=str(tmp_path / "r"), **COMMON), data=fastpop.ArrayData(X, Y, XT, YT))
+    changed = XT.copy()
+    changed[3] ^= 1
+    with pytest.raises(fastpop.UsageError, match="differ from those"):
+        run.examples("test", data=fastpop.ArrayData(X, Y, changed, YT))
+    assert run.examples("test", data=fastpop.ArrayData(X, Y, XT, YT))[0].shape == (30, 3, 6, 6)

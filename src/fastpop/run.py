@@ -55,9 +55,8 @@ class Run:
         _check_split(split)
         part = load_dataset(Config.from_dict(dict(self.config.to_dict(), device="cpu")), torch.device("cpu"),
                             data or self.saved_data()).split(split)
-        if len(part) != self.n(split):
-            raise UsageError(f"the {split} data found now have {len(part)} examples; {self.path} was trained on "
-                             f"{self.n(split)}")
+        if part.images_sha256() != self.manifest["splits"][split]["images_sha256"]:
+            raise UsageError(f"the {split} images found now differ from those {self.path} was trained on")
         return part.x.numpy(), part.label.numpy(), part.index.numpy()
 
     def saved_data(self):
