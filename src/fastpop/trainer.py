@@ -25,7 +25,7 @@ from . import __version__
 from .archs import MODULE_PREFIX, Arch, build_arch
 from .config import Config
 from .data import Dataset, load_dataset
-from .data.arrays import ArrayData, from_saved, saved_files
+from .data.arrays import ArrayData, saved_files
 from .data.augment import Augment, AugmentBatch
 from .data.orders import epoch_orders, subsets
 from .errors import ResourceError, UsageError
