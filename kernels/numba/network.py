@@ -560,12 +560,13 @@ def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, b
         row = np.empty(ptab[:, 1].sum(), np.float32)
         logits = np.empty((k_out, nb), np.float32)
         right = np.zeros(-(-nb // 8) * 8, np.uint8)
+        no_aug = np.zeros(4, np.int64)  # evaluation never augments
         for p in range(t, n, threads):
             _move_row(params, ptab, p, row, True)
             # evaluation shows every network the same examples: the input layer is gathered once per thread
             # (its gather and shifted copies cost 10% of an evaluation pass)
             gather = p < threads or not np.array_equal(idx[p], idx[p - threads])
-            _forward(x, idx[p], mean, std, row, ops, nb, act, logits, gather, np.zeros(4, np.int64), 0)
+            _forward(x, idx[p], mean, std, row, ops, nb, act, logits, gather, no_aug, 0)
             total = np.float32(0)
             for b in range(nb):
                 best, at, m = logits[0, b], 0, logits[0, b]

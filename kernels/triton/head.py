@@ -10,7 +10,7 @@ wrong and are left out of the loss.
 import triton
 import triton.language as tl
 
-from .loss import blocks as _loss_blocks, dlogits, labelled_count, row_loss, store_bits, store_per_example
+from .loss import blocks as _loss_blocks, dlogits, labelled_count, score_rows
 
 
 @triton.jit
@@ -46,14 +46,11 @@ def _head_fwd_kernel(h_ptr,  # fp32 [P, B, S, C] last conv output, S = H*W pixel
         logits = tl.dot(g, wt, input_precision="ieee") + bias[None, :]
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
         y = tl.load(y_ptr + p * B + bb, mask=b_ok, other=-1)
-        loss, labelled = row_loss(logits, y, k, k_ok, b_ok, K, smoothing)
+        loss, labelled = score_rows(logits, y, k, k_ok, b_ok, K, smoothing, p, b0, bb, B, bits_ptr, pred_ptr,
+                                    margin_ptr, xent_ptr, ROW_BYTES, BIT_OFFSET, EVAL, PER_EXAMPLE, BLOCK_B)
         total += loss
         count += labelled
-        if EVAL:
-            store_bits(bits_ptr, pred_ptr, p, b0, bb, b_ok, logits, y, B, ROW_BYTES, BIT_OFFSET, BLOCK_B)
-            if PER_EXAMPLE:
-                store_per_example(margin_ptr, xent_ptr, p, bb, b_ok, logits, y, k, loss, B)
-        else:
+        if not EVAL:
             tl.store(g_ptr + (p * B + bb[:, None]) * C + c[None, :], g, mask=b_ok[:, None] & c_ok[None, :])
             tl.store(logits_ptr + (p * B + bb[:, None]) * K + k[None, :], logits,
                      mask=b_ok[:, None] & k_ok[None, :])

@@ -49,6 +49,19 @@ def store_per_example(margin_ptr, xent_ptr, p, bb, b_ok, logits, y, k, loss, B):
 
 
 @triton.jit
+def score_rows(logits, y, k, k_ok, b_ok, K, smoothing, p, b0, bb, B, bits_ptr, pred_ptr, margin_ptr, xent_ptr,
+               ROW_BYTES, BIT_OFFSET, EVAL: tl.constexpr, PER_EXAMPLE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """row_loss of a block of rows; in evaluation also their bits and predictions (store_bits) and, with
+    PER_EXAMPLE, their margins and losses (store_per_example). Returns (loss, labelled)."""
+    loss, labelled = row_loss(logits, y, k, k_ok, b_ok, K, smoothing)
+    if EVAL:
+        store_bits(bits_ptr, pred_ptr, p, b0, bb, b_ok, logits, y, B, ROW_BYTES, BIT_OFFSET, BLOCK_B)
+        if PER_EXAMPLE:
+            store_per_example(margin_ptr, xent_ptr, p, bb, b_ok, logits, y, k, loss, B)
+    return loss, labelled
+
+
+@triton.jit
 def dlogits(logits, y, k, k_ok, b_ok, scale, K, smoothing):
     """(softmax - target) * scale for labelled rows, 0 elsewhere, the target as in row_loss; logits
     [BLOCK_B, BLOCK_K], padded at -inf."""
@@ -92,13 +105,10 @@ def _ce_fwd_kernel(logits_ptr,  # fp32 [P, B, K]
                          other=0.0)
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
         y = tl.load(y_ptr + p * B + bb, mask=b_ok, other=-1)
-        loss, labelled = row_loss(logits, y, k, k_ok, b_ok, K, smoothing)
+        loss, labelled = score_rows(logits, y, k, k_ok, b_ok, K, smoothing, p, b0, bb, B, bits_ptr, pred_ptr,
+                                    margin_ptr, xent_ptr, ROW_BYTES, BIT_OFFSET, EVAL, PER_EXAMPLE, BLOCK_B)
         total += loss
         count += labelled
-        if EVAL:
-            store_bits(bits_ptr, pred_ptr, p, b0, bb, b_ok, logits, y, B, ROW_BYTES, BIT_OFFSET, BLOCK_B)
-        if PER_EXAMPLE:
-            store_per_example(margin_ptr, xent_ptr, p, bb, b_ok, logits, y, k, loss, B)
     if EVAL:
         tl.store(loss_ptr + p, tl.sum(total, axis=0))
     else:
