@@ -2,6 +2,10 @@
 
 Grammar: tokens joined by "-", read left to right from the image to the classifier.
   cN, cNkK  conv with N output channels and a K x K kernel (K odd, 1 to 7; default 3), padding K // 2, then ReLU
+  cNs2      the same conv with stride 2 (output ceil(H / 2) x ceil(W / 2)); combines with kK: c16k5s2
+  cNb       conv (no bias) + BatchNorm + ReLU, as nn.Conv2d(bias=False), nn.BatchNorm2d, nn.ReLU; c16k5s2b
+  rN, rNs2  residual basic block (He et al. 2016) with N channels: conv 3x3 (stride 1 or 2) + BN + ReLU, conv 3x3
+            + BN, plus the block's input (a 1x1 conv + BN projection when channels or stride change), then ReLU
   mp, ap    2x2 max / average pool, stride 2 (floor, as nn.MaxPool2d(2) and nn.AvgPool2d(2))
   gap       global average pool: [C, H, W] -> [C]
   flat      flatten: [C, H, W] -> [C*H*W], nn.Flatten's order
@@ -29,13 +33,32 @@ MAX_LAYERS = 64
 KERNEL_SIZES = (1, 3, 5, 7)
 
 
+STRIDES = (1, 2)
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults
+
+
 @dataclass(frozen=True)
 class Conv:
     out: int
     k: int = 3
+    stride: int = 1
+    bn: bool = False  # BatchNorm after it (and no bias)
 
     def __str__(self) -> str:
-        return f"c{self.out}" + (f"k{self.k}" if self.k != 3 else "")
+        return (f"c{self.out}" + (f"k{self.k}" if self.k != 3 else "") + (f"s{self.stride}" if self.stride != 1 else "")
+                + ("b" if self.bn else ""))
+
+
+@dataclass(frozen=True)
+class Residual:
+    """A basic block: conv 3x3 (stride) + BN + ReLU, conv 3x3 + BN, plus the input (or its 1x1 conv + BN
+    projection when channels or stride change), ReLU."""
+
+    out: int
+    stride: int = 1
+
+    def __str__(self) -> str:
+        return f"r{self.out}" + (f"s{self.stride}" if self.stride != 1 else "")
 
 
 @dataclass(frozen=True)
@@ -66,13 +89,14 @@ class Dense:
         return f"d{self.out}"
 
 
-Layer = Conv | Pool | GlobalAvgPool | Flatten | Dense
+Layer = Conv | Residual | Pool | GlobalAvgPool | Flatten | Dense
 
 
 @dataclass(frozen=True)
 class Op:
-    """One resolved layer of a network. kind: conv, maxpool, avgpool, gap, flat or dense. (c, h, w): its input
-    shape (dense: c features, h = w = 1); out: output channels or features; k: kernel size; relu: ReLU after it."""
+    """One resolved layer of a network. kind: conv, res (a residual basic block), maxpool, avgpool, gap, flat or
+    dense. (c, h, w): its input shape (dense: c features, h = w = 1); out: output channels or features; k: kernel
+    size; relu: ReLU after it; stride: a conv's or block's; bn: BatchNorm after the conv (a block always has)."""
 
     kind: str
     c: int
@@ -81,14 +105,21 @@ class Op:
     out: int
     k: int = 0
     relu: bool = False
+    stride: int = 1
+    bn: bool = False
 
     @property
     def out_hw(self) -> tuple[int, int]:
         if self.kind in ("maxpool", "avgpool"):
             return self.h // 2, self.w // 2
-        if self.kind == "conv":
-            return self.h, self.w
+        if self.kind in ("conv", "res"):
+            return -(-self.h // self.stride), -(-self.w // self.stride)
         return 1, 1
+
+    @property
+    def projects(self) -> bool:
+        """A residual block whose skip is a 1x1 conv + BN (channels or stride change), not the identity."""
+        return self.kind == "res" and (self.c != self.out or self.stride != 1)
 
     @property
     def in_size(self) -> int:
@@ -100,7 +131,7 @@ class Op:
         return self.out * h * w
 
 
-_TOKEN = re.compile(r"c(\d+)(?:k(\d+))?|d(\d+)|mp|ap|gap|flat")
+_TOKEN = re.compile(r"c(\d+)(?:k(\d+))?(?:s(\d+))?(b)?|r(\d+)(?:s(\d+))?|d(\d+)|mp|ap|gap|flat")
 
 
 def parse_layers(spec: str) -> tuple[Layer, ...]:
@@ -114,15 +145,18 @@ def parse_layers(spec: str) -> tuple[Layer, ...]:
     for tok in tokens:
         m = _TOKEN.fullmatch(tok)
         if m is None:
-            raise UsageError(f"arch spec {spec!r}: unknown token {tok!r} (cN, cNkK, mp, ap, gap, flat, dN)")
+            raise UsageError(f"arch spec {spec!r}: unknown token {tok!r} (cN[kK][s2][b], rN[s2], mp, ap, gap, flat, "
+                             "dN)")
         if m.group(1):
             out, k = int(m.group(1)), int(m.group(2) or 3)
             if k not in KERNEL_SIZES:
                 raise UsageError(f"arch spec {spec!r}: token {tok!r} has kernel size {k}; valid: "
                                  f"{', '.join(map(str, KERNEL_SIZES))}")
-            layers.append(Conv(_width(spec, tok, out), k))
-        elif m.group(3):
-            layers.append(Dense(_width(spec, tok, int(m.group(3)))))
+            layers.append(Conv(_width(spec, tok, out), k, _stride(spec, tok, m.group(3)), bool(m.group(4))))
+        elif m.group(5):
+            layers.append(Residual(_width(spec, tok, int(m.group(5))), _stride(spec, tok, m.group(6))))
+        elif m.group(7):
+            layers.append(Dense(_width(spec, tok, int(m.group(7)))))
         else:
             layers.append({"mp": Pool("max"), "ap": Pool("avg"), "gap": GlobalAvgPool(), "flat": Flatten()}[tok])
     _check_order(spec, layers)
@@ -135,10 +169,16 @@ def _width(spec: str, tok: str, n: int) -> int:
     return n
 
 
+def _stride(spec: str, tok: str, s: str | None) -> int:
+    if s is not None and int(s) not in STRIDES:
+        raise UsageError(f"arch spec {spec!r}: token {tok!r} has stride {s}; valid: 1, 2")
+    return int(s or 1)
+
+
 def _check_order(spec: str, layers) -> None:
     spatial, reduced = False, False  # a conv or pool seen; gap or flat seen
     for layer in layers:
-        if isinstance(layer, (Conv, Pool)):
+        if isinstance(layer, (Conv, Residual, Pool)):
             if reduced:
                 raise UsageError(f"arch spec {spec!r}: {layer} after gap/flat or a dense layer; convs and pools "
                                  "come first")
@@ -197,9 +237,12 @@ class Arch:
         if self.flat_input:  # dense layers on the flattened image
             c, h, w = c * h * w, 1, 1
         for layer in self.layers:
-            if isinstance(layer, Conv):
-                ops.append(Op("conv", c, h, w, layer.out, layer.k, True))
-                c = layer.out
+            if isinstance(layer, (Conv, Residual)):
+                if isinstance(layer, Conv):
+                    ops.append(Op("conv", c, h, w, layer.out, layer.k, True, layer.stride, layer.bn))
+                else:
+                    ops.append(Op("res", c, h, w, layer.out, 3, True, layer.stride, True))
+                c, (h, w) = layer.out, ops[-1].out_hw
             elif isinstance(layer, Pool):
                 if h < 2 or w < 2:
                     raise UsageError(f"arch {self}: {layer} would pool {h}x{w} below 1x1 (images "
@@ -232,13 +275,51 @@ class Arch:
         return isinstance(self.layers[0], Dense)
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        """Names and shapes of one network's parameters, in the order nn.Module lists them."""
-        shapes = []
-        for i, op in enumerate(self.convs):
-            shapes += [(f"conv{i}.weight", (op.out, op.c, op.k, op.k)), (f"conv{i}.bias", (op.out,))]
-        for i, op in enumerate(self.dense):
-            shapes += [(f"dense{i}.weight", (op.out, op.c)), (f"dense{i}.bias", (op.out,))]
-        return shapes
+        """Names and shapes of one network's parameters, in the order nn.Module lists them (layer by layer)."""
+        return [(n, s) for n, s, _ in self._tensors() if not n.endswith(("running_mean", "running_var"))]
+
+    def stat_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of one network's BatchNorm running statistics (mean, then variance, layer by layer):
+        training state beside the parameters; empty without BatchNorm."""
+        return [(n, s) for n, s, _ in self._tensors() if n.endswith(("running_mean", "running_var"))]
+
+    @property
+    def batchnorm(self) -> bool:
+        return any(op.bn for op in self.ops)
+
+    def _tensors(self):
+        """(name, shape, op index) of every parameter and running statistic in order."""
+        out, convs, blocks, dense = [], 0, 0, 0
+
+        def conv(name, i, cout, cin, k, bias):
+            out.append((f"{name}.weight", (cout, cin, k, k), i))
+            if bias:
+                out.append((f"{name}.bias", (cout,), i))
+
+        def bn(name, i, ch):
+            out.extend([(f"{name}.weight", (ch,), i), (f"{name}.bias", (ch,), i),
+                        (f"{name}.running_mean", (ch,), i), (f"{name}.running_var", (ch,), i)])
+
+        for i, op in enumerate(self.ops):
+            if op.kind == "conv":
+                conv(f"conv{convs}", i, op.out, op.c, op.k, not op.bn)
+                if op.bn:
+                    bn(f"bn{convs}", i, op.out)
+                convs += 1
+            elif op.kind == "res":
+                r = f"res{blocks}"
+                conv(f"{r}.conv1", i, op.out, op.c, 3, False)
+                bn(f"{r}.bn1", i, op.out)
+                conv(f"{r}.conv2", i, op.out, op.out, 3, False)
+                bn(f"{r}.bn2", i, op.out)
+                if op.projects:
+                    conv(f"{r}.proj", i, op.out, op.c, 1, False)
+                    bn(f"{r}.projbn", i, op.out)
+                blocks += 1
+            elif op.kind == "dense":
+                out += [(f"dense{dense}.weight", (op.out, op.c), i), (f"dense{dense}.bias", (op.out,), i)]
+                dense += 1
+        return out
 
     def params_per_network(self) -> int:
         return sum(math.prod(s) for _, s in self.param_shapes())
@@ -247,8 +328,11 @@ class Arch:
         """Forward multiply-adds times 2 (bias, ReLU, pooling and softmax not counted); a training step is ~3x."""
         flops = 0
         for op in self.ops:
+            oh, ow = op.out_hw
             if op.kind == "conv":
-                flops += 2 * op.k * op.k * op.c * op.out * op.h * op.w
+                flops += 2 * op.k * op.k * op.c * op.out * oh * ow
+            elif op.kind == "res":
+                flops += 2 * 9 * (op.c + op.out) * op.out * oh * ow + (2 * op.c * op.out * oh * ow if op.projects else 0)
             elif op.kind == "dense":
                 flops += 2 * op.c * op.out
         return flops
@@ -262,9 +346,12 @@ class Arch:
         ReLU and pool outputs, their gradients): sizes --max-nets-per-chunk auto."""
         total = self.in_shape[0] * self.in_shape[1] * self.in_shape[2]
         for op in self.ops:
+            oh, ow = op.out_hw
             total += op.out_size * (2 if op.relu else 1)
             if op.kind == "conv":
-                total += (op.k * op.k * op.c + 1) * op.h * op.w + 2 * op.out * op.h * op.w
+                total += (op.k * op.k * op.c + 1) * oh * ow + (4 if op.bn else 2) * op.out_size
+            elif op.kind == "res":  # two convs' columns, six BN-sized activations, the projection's
+                total += (9 * (op.c + op.out) + op.c) * oh * ow + 10 * op.out_size
         return 2 * total
 
     def describe(self) -> str:
@@ -272,8 +359,11 @@ class Arch:
         words = {"maxpool": "max pool", "avgpool": "avg pool", "gap": "global avg pool"}
         parts = []
         for op in self.ops:
+            stride = f" stride {op.stride}" if op.stride != 1 else ""
             if op.kind == "conv":
-                parts.append(f"conv {op.k}x{op.k} {op.out}")
+                parts.append(f"conv {op.k}x{op.k} {op.out}{stride}" + (" bn" if op.bn else ""))
+            elif op.kind == "res":
+                parts.append(f"res block {op.out}{stride}" + (" (projection)" if op.projects else ""))
             elif op.kind == "flat":
                 parts.append(f"flatten {op.out}")
             elif op.kind == "dense":
@@ -286,10 +376,17 @@ class Arch:
         """The same network as a plain nn.Module, parameters in `param_shapes` order."""
         from torch import nn
 
+        from .blocks import BasicBlock
+
         layers: list = [nn.Flatten()] if self.flat_input else []
         for op in self.ops:
             if op.kind == "conv":
-                layers += [nn.Conv2d(op.c, op.out, op.k, padding=op.k // 2), nn.ReLU()]
+                layers.append(nn.Conv2d(op.c, op.out, op.k, op.stride, padding=op.k // 2, bias=not op.bn))
+                if op.bn:
+                    layers.append(nn.BatchNorm2d(op.out, eps=BN_EPS, momentum=BN_MOMENTUM))
+                layers.append(nn.ReLU())
+            elif op.kind == "res":
+                layers.append(BasicBlock(op.c, op.out, op.stride))
             elif op.kind == "maxpool":
                 layers.append(nn.MaxPool2d(2))
             elif op.kind == "avgpool":
@@ -310,6 +407,12 @@ PRESETS = {
     "small-cnn": ("c8-mp-c16-mp-c16-gap", "conv 8-16-16 (3x3, ReLU, pool after the first two), global avg pool, linear"),
     "wide-cnn": ("c32-mp-c64-mp-c64-gap", "small-cnn with 4x the channels: conv 32-64-64"),
     "mlp": ("d64-d64", "two hidden layers of 64 with ReLU on the flattened image"),
+    "resnet8": ("c16b-r16-r32s2-r64s2-gap", "CIFAR ResNet-8 (He et al. 2016): conv 16 + BN, one basic block per "
+                "stage at 16-32-64 channels, global avg pool, linear"),
+    "resnet20": ("c16b-r16-r16-r16-r32s2-r32-r32-r64s2-r64-r64-gap", "CIFAR ResNet-20: three basic blocks per stage "
+                 "at 16-32-64 channels"),
+    "vgg-small": ("c32b-c32b-mp-c64b-c64b-mp-c128b-c128b-mp-gap", "VGG-style: pairs of 3x3 conv + BN + ReLU at "
+                  "32-64-128 channels, a max pool after each pair, global avg pool, linear"),
 }
 
 MODULE_PREFIX = "module:"  # --arch module:package.module:function, any nn.Module (the torch.func backend)

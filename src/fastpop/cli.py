@@ -358,14 +358,20 @@ def _archs(args) -> int:
     if args.classes < 2:
         raise UsageError("--classes must be at least 2")
     table = Table(title=f"architectures for input {'x'.join(map(str, shape))}, {args.classes} classes")
-    for col in ("arch", "spec", "params/network", "forward FLOPs/example", "layers"):
-        table.add_column(col, justify="right" if "/" in col else "left", no_wrap=col != "layers")
     archs = {args.arch: None} if args.arch is not None else {name: text for name, (_, text) in PRESETS.items()}
+    rows = []
     for name, text in archs.items():
         arch = build_arch(name, shape, args.classes)
-        text = text or arch.describe()
-        table.add_row(str(arch), arch.spec, f"{arch.params_per_network():,}", f"{arch.flops_per_example():,}", text)
-    Console().print(table)
+        rows.append((str(arch), arch.spec, f"{arch.params_per_network():,}", f"{arch.flops_per_example():,}",
+                     text or arch.describe()))
+    for i, col in enumerate(("arch", "spec", "params/network", "forward FLOPs/example", "layers")):
+        # every column but the description as wide as its longest entry: names and specs are copied from here
+        width = None if col == "layers" else max(len(col) if "/" not in col else 0, *(len(r[i]) for r in rows))
+        table.add_column(col, justify="right" if "/" in col else "left", no_wrap=col != "layers", min_width=width)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    (console if console.is_terminal else Console(width=200)).print(table)  # piped: never cut a spec
     return 0
 
 

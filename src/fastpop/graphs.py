@@ -22,14 +22,15 @@ class GraphedStep:
         self.lr = torch.zeros(1, device=dev)
         self.step = torch.zeros((), dtype=torch.int64, device=dev)
         self.frozen = torch.zeros(pop.p * pop.d, dtype=torch.bool, device=dev)
-        saved = [t.clone() for t in (pop.params, pop.momentum, pop.diverged_at)]
+        state = (pop.params, pop.momentum, pop.diverged_at, pop.stats)
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: autotuning, allocator, autograd graph
             for _ in range(2):
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
-        for t, s in zip((pop.params, pop.momentum, pop.diverged_at), saved):
+        for t, s in zip(state, saved):
             t.copy_(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

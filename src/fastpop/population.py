@@ -20,18 +20,33 @@ def init_network(arch: Arch, seed: int) -> torch.Tensor:
     """Network `seed`'s initial parameters, flat [D] in `param_shapes` order, on the CPU.
 
     torch.nn's default distributions: Conv2d and Linear weights and biases are all U(-1/sqrt(fan_in),
-    1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5) reduces to that bound). One draw of D numbers per network.
+    1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5) reduces to that bound); BatchNorm's weight 1 and bias 0. One
+    draw of D numbers per network (BatchNorm's entries drawn too, then set, so other layers' draws do not move).
     """
     if hasattr(arch, "init_network"):  # a user's module initialises itself
         return arch.init_network(seed)
-    parts = []
+    bounds, fixed = [], []
     for name, shape in arch.param_shapes():
+        n = math.prod(shape)
+        if _batchnorm(name):
+            bounds.append(torch.zeros(n))
+            fixed.append(torch.full((n,), 1.0 if name.endswith("weight") else 0.0))
+            continue
         if name.endswith("weight"):  # a bias follows its weight and shares its fan_in
             fan_in = math.prod(shape[1:])
-        parts.append(torch.full((math.prod(shape),), fan_in ** -0.5))
-    bound = torch.cat(parts)
+        bounds.append(torch.full((n,), fan_in ** -0.5))
+        fixed.append(torch.zeros(n))
+    bound = torch.cat(bounds)
     u = torch.rand(len(bound), generator=generator(seed, INIT))
-    return (u * 2 - 1) * bound
+    return torch.where(bound > 0, (u * 2 - 1) * bound, torch.cat(fixed))
+
+
+def _batchnorm(name: str) -> bool:
+    """A BatchNorm parameter by its name in `Arch.param_shapes` (bn0.weight, res1.projbn.bias, ...)."""
+    return name.rsplit(".", 2)[-2].startswith(("bn", "projbn"))
+
+
+
 
 
 INIT_BLOCK = 1024  # networks drawn at a time when a population is built
@@ -48,6 +63,12 @@ class Population:
         self.grads = torch.zeros_like(self.params)
         self.momentum = torch.zeros_like(self.params)  # SGD's momentum, Adam's first moment
         self.second = torch.zeros_like(self.params) if second_moment else None  # Adam's second moment
+        # BatchNorm's running statistics, layer-major as the parameters: training state that no optimizer moves
+        self.stat_shapes = [shape for _, shape in arch.stat_shapes()]
+        self.stat_sizes = [math.prod(s) for s in self.stat_shapes]
+        self.stats = torch.cat([torch.zeros(0)] + [torch.full((self.p * n,), 1.0 if name.endswith("var") else 0.0)
+                                                   for (name, _), n in zip(arch.stat_shapes(), self.stat_sizes)]
+                               ).to(device) if self.stat_sizes else torch.zeros(0, device=device)
         # drawn INIT_BLOCK networks at a time, so that no [P, D] copy exists beside the buffers; a seed shared
         # by many networks (--vary order) is drawn once
         shared = {s for s, n in Counter(init_seeds).items() if n > 1}
@@ -76,8 +97,15 @@ class Population:
 
     def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer views [P, *shape] into a flat buffer of this population's layout."""
+        return self._views(buf, self.shapes, self.sizes)
+
+    def stat_views(self) -> list[torch.Tensor]:
+        """Per-layer views [P, C] of the BatchNorm running statistics (`Arch.stat_shapes` order; [] without)."""
+        return self._views(self.stats, self.stat_shapes, self.stat_sizes)
+
+    def _views(self, buf, shapes, sizes) -> list[torch.Tensor]:
         out, start = [], 0
-        for shape, n in zip(self.shapes, self.sizes):
+        for shape, n in zip(shapes, sizes):
             out.append(buf[start:start + self.p * n].view(self.p, *shape))
             start += self.p * n
         return out

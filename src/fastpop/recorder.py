@@ -42,7 +42,7 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
     # int32, and only when asked: the predictions of P = 20,000 networks on 1,438 examples take 115 MB
     pred = torch.empty(p, n, dtype=torch.int32, device=device) if predictions else None
     loss = torch.zeros(p, dtype=torch.float64, device=device)
-    params = pop.views(pop.params)
+    params, stats = pop.views(pop.params), pop.stat_views()
     chunk = min(chunk or p, max(1, EVAL_FLOATS // (EVAL_EXAMPLES * backend.eval_floats(arch))))
     for plo in range(0, p, chunk):
         phi = min(p, plo + chunk)
@@ -51,7 +51,7 @@ def evaluate(arch: Arch, backend, pop: Population, split: Split, mean: torch.Ten
             idx = torch.arange(lo, hi, device=device).expand(phi - plo, -1).contiguous()  # the same examples
             extra = None if per_example is None else tuple(t[plo:phi, lo:hi] for t in per_example)
             summed, block = backend.score(arch, [v[plo:phi] for v in params], split.x, idx, split.y[idx], mean,
-                                          std, bits[plo:phi], lo, extra)
+                                          std, bits[plo:phi], lo, extra, [v[plo:phi] for v in stats])
             if pred is not None:
                 pred[plo:phi, lo:hi] = block
             loss[plo:phi] += summed.double()

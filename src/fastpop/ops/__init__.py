@@ -40,16 +40,18 @@ class Backend(Protocol):
                   ) -> torch.Tensor:
         """Networks lo:hi: each one's mean cross-entropy [hi - lo] on its batch (augmented by aug, an AugmentBatch
         with the networks' order seeds; label-smoothed by `smoothing`); its gradient written (not added) into
-        pop.grads."""
+        pop.grads. BatchNorm normalizes with the batch's statistics and updates pop.stats (running statistics)
+        in place."""
 
-    def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None
+    def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None, stats=()
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation of networks whose per-layer parameters are params ([n, *shape] each) on batches idx [n, B]:
         argmax == y (ties to the lowest class) as bits into bits [n, R] from bit `bit_offset` (a multiple of 8);
         returns (cross-entropy summed over examples with y >= 0 [n], predictions int64 [n, B]). y = -1 marks a
         class the networks were not trained on: wrong, and no loss. per_example: (margin, xent) float32 [n, B]
         to fill in the same pass: true-class logit minus the largest other, and each example's cross-entropy
-        (NaN where y = -1)."""
+        (NaN where y = -1). stats: the networks' BatchNorm running statistics ([n, C] each, `Arch.stat_shapes`
+        order; empty without BatchNorm), which BatchNorm normalizes with in evaluation."""
 
     def optimizer_step(self, pop, groups, frozen, step: int) -> None:
         """Optimizer step number `step` (from 1) in place. groups: [(lo, hi, config, lr)], blocks of networks that

@@ -30,10 +30,13 @@ def _fused_head(arch: Arch) -> bool:
     return len(ops) >= 2 and ops[-2].kind == "gap" and any(op.kind == "conv" for op in ops)
 
 
-def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop: int, aug=None):
+def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop: int, aug=None, stats=(),
+              training: bool = False):
     """Layers 0..stop-1 of arch; a conv takes the pool right after it into its block. Returns (activation, the
-    parameters left), the batch augmented by aug (an AugmentBatch) when given."""
-    it = iter(params)
+    parameters left), the batch augmented by aug (an AugmentBatch) when given. stats: the BatchNorm running
+    statistics ([n, C] each, `Arch.stat_shapes` order), normalizing in evaluation and updated in place in
+    training."""
+    it, st = iter(params), iter(stats)
     h = ops.gather_images(images, idx, mean, std, arch.flat_input, aug)
     layers, i = arch.ops, 0
     while i < stop:
@@ -42,7 +45,14 @@ def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop:
             pool = None
             if i + 1 < stop and layers[i + 1].kind in ("maxpool", "avgpool"):
                 pool, i = layers[i + 1].kind[:3], i + 1
-            h = ops.conv_block(h, next(it), next(it), pool)
+            if op.bn or op.stride != 1:
+                h = _op(ops, "conv_bn_block" if op.bn else "conv_stride_block")(
+                    h, *_take(it, 3 if op.bn else 2), *_take(st, 2 if op.bn else 0), op.stride, training, pool)
+            else:
+                h = ops.conv_block(h, next(it), next(it), pool)
+        elif op.kind == "res":
+            h = _op(ops, "residual_block")(h, _take(it, 9 if op.projects else 6), _take(st, 6 if op.projects else 4),
+                                           op.stride, training)
         elif op.kind in ("maxpool", "avgpool"):
             h = ops.pool2x2(h, op.kind[:3])
         elif op.kind == "gap":
@@ -55,27 +65,50 @@ def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop:
     return h, list(it)
 
 
-def loss(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, aug=None, smoothing: float = 0.0
-         ) -> torch.Tensor:
+def _take(it, n: int) -> list:
+    return [next(it) for _ in range(n)]
+
+
+def _op(ops: ModuleType, name: str):
+    """The op set's own `name`, else the reference's (the backend's `native` says so once per run)."""
+    return getattr(ops, name, None) or getattr(reference, name)
+
+
+def native(arch: Arch, ops: ModuleType) -> str | None:
+    """Which layers of arch an op set runs through the reference's torch ops, or None when it has them all."""
+    needs = {"conv_bn_block": any(op.kind == "conv" and op.bn for op in arch.ops),
+             "conv_stride_block": any(op.kind == "conv" and op.stride != 1 and not op.bn for op in arch.ops),
+             "residual_block": any(op.kind == "res" for op in arch.ops)}
+    missing = [name for name, needed in needs.items() if needed and not hasattr(ops, name)]
+    if not missing:
+        return None
+    return (f"{', '.join(missing)} of {arch} run{'s' if len(missing) == 1 else ''} on the reference's torch ops "
+            f"(no kernels of its own yet); the other layers on its kernels")
+
+
+def loss(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, aug=None, smoothing: float = 0.0,
+         stats=()) -> torch.Tensor:
     """Each network's mean cross-entropy [P] (label-smoothed by `smoothing`) on its batch idx [P, B] with labels
-    y [P, B], augmented by aug (an AugmentBatch) when given."""
+    y [P, B], augmented by aug (an AugmentBatch) when given; BatchNorm in training mode, its running statistics
+    `stats` updated in place."""
     if _fused_head(arch):
-        h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2, aug)
+        h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2, aug, stats, True)
         return ops.head_loss(h, w, b, y, smoothing)
-    h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops), aug)
+    h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops), aug, stats, True)
     return ops.cross_entropy(h, y, smoothing)
 
 
 @torch.no_grad()
-def score(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, bits, bit_offset, per_example=None):
+def score(arch: Arch, ops: ModuleType, params, images, idx, y, mean, std, bits, bit_offset, per_example=None,
+          stats=()):
     """Evaluation of a batch: correctness bits into `bits` [P, R] from bit `bit_offset`, and per-example margins
     and losses into per_example when given (see `reference.score_logits`); returns (summed loss over labelled
-    examples [P], predictions [P, B])."""
+    examples [P], predictions [P, B]). BatchNorm normalizes with the running statistics `stats`."""
     extra = () if per_example is None else (per_example,)
     if _fused_head(arch):
-        h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2)
+        h, (w, b) = _features(arch, ops, params, images, idx, mean, std, len(arch.ops) - 2, stats=stats)
         return ops.head_score(h, w, b, y, bits, bit_offset, *extra)
-    h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops))
+    h, _ = _features(arch, ops, params, images, idx, mean, std, len(arch.ops), stats=stats)
     return ops.score_logits(h, y, bits, bit_offset, *extra)
 
 
@@ -88,7 +121,7 @@ class ChainBackend:
         self.name, self.ops, self.graphable = name, ops, graphable
 
     def native(self, arch: Arch) -> str | None:
-        return None
+        return native(arch, self.ops)
 
     def chunk_size(self, arch: Arch, batch_size: int, p: int, device: torch.device) -> int:
         if device.type == "cuda":
@@ -117,14 +150,15 @@ class ChainBackend:
         for a, b in self._pieces(lo, hi):  # more networks than one op takes (an explicit chunk size): in pieces
             part = None if aug is None else dataclasses.replace(aug, seeds=aug.seeds[a - lo:b - lo])
             out = loss(pop.arch, self.ops, pop.leaves(a, b), x, idx[a - lo:b - lo], y[a - lo:b - lo], mean, std,
-                       part, smoothing)
+                       part, smoothing, [v[a:b] for v in pop.stat_views()])
             out.sum().backward()  # networks share no parameters: each gets exactly its own mean loss's gradient
             losses.append(out.detach())
         return torch.cat(losses)
 
-    def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None):
+    def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None, stats=()):
         parts = [score(arch, self.ops, [v[a:b] for v in params], x, idx[a:b], y[a:b], mean, std, bits[a:b],
-                       bit_offset, None if per_example is None else tuple(t[a:b] for t in per_example))
+                       bit_offset, None if per_example is None else tuple(t[a:b] for t in per_example),
+                       [v[a:b] for v in stats])
                  for a, b in self._pieces(0, idx.shape[0])]
         return torch.cat([loss for loss, _ in parts]), torch.cat([pred for _, pred in parts])
 

@@ -60,23 +60,46 @@ def _layer_major(arch: Arch, p: int) -> np.ndarray:
     return np.array([[p * sum(sizes[:j]), n] for j, n in enumerate(sizes)], np.int64)
 
 
+def _unsupported(arch: Arch) -> list[str]:
+    """The layers of arch the kernels do not run (they go through the reference's torch ops)."""
+    kinds = {"BatchNorm": any(op.bn for op in arch.ops), "strided convs": any(op.stride != 1 for op in arch.ops),
+             "residual blocks": any(op.kind == "res" for op in arch.ops)}
+    return [k for k, v in kinds.items() if v]
+
+
 class NumbaBackend:
     name = "numba"
     graphable = False
 
+    def __init__(self):
+        from . import reference
+        from .chain import ChainBackend
+
+        self._torch = ChainBackend("torch", reference)
+
     def native(self, arch: Arch) -> str | None:
+        missing = _unsupported(arch)
+        if missing:
+            return (f"{' and '.join(missing)} have no numba kernels yet: {arch} trains and evaluates on the torch "
+                    "backend's ops")
         return None
 
     def chunk_size(self, arch: Arch, batch_size: int, p: int, device: torch.device) -> int:
         """All networks: a thread holds one network's activations whatever the chunk."""
+        if _unsupported(arch):
+            return self._torch.chunk_size(arch, batch_size, p, device)
         return p
 
     def eval_floats(self, arch: Arch) -> int:
         """Only the logits leave the kernel."""
+        if _unsupported(arch):
+            return self._torch.eval_floats(arch)
         return arch.classes
 
     def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0
                   ) -> torch.Tensor:
+        if _unsupported(pop.arch):
+            return self._torch.gradients(pop, lo, hi, x, idx, y, mean, std, aug, smoothing)
         ops, head, scratch = tables(pop.arch, idx.shape[1])
         loss = torch.empty(hi - lo, dtype=torch.float32)
         if aug is None:
@@ -91,7 +114,9 @@ class NumbaBackend:
         return loss
 
     @torch.no_grad()
-    def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None):
+    def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None, stats=()):
+        if _unsupported(arch):
+            return self._torch.score(arch, params, x, idx, y, mean, std, bits, bit_offset, per_example, stats)
         p, nb = idx.shape
         rows = torch.cat([t.detach().reshape(p, -1) for t in params], 1).contiguous().view(-1).numpy()
         ptab = np.array([[0, rows.shape[0] // p]], np.int64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..archs import BN_EPS, BN_MOMENTUM
 from ..data import augment
 
 
@@ -33,61 +34,155 @@ def gather_images(x: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: t
 
 
 class _Conv(torch.autograd.Function):
-    """K x K convolution, padding K // 2, of every network at once. x [P, B, H, W, C]; w [P, Cout, C, K, K];
-    b [P, Cout] -> [P, B, H, W, Cout]."""
+    """K x K convolution, padding K // 2, stride s, of every network at once. x [P, B, H, W, C]; w [P, Cout, C, K, K];
+    b [P, Cout] or None (no bias) -> [P, B, H', W', Cout], H' = ceil(H / s)."""
 
     @staticmethod
-    def forward(ctx, x, w, b):
-        p, bsz, h, wd, c = x.shape
-        k = w.shape[-1]
-        cols = im2col(x, k)  # [P, B*H*W, K*K*C + 1]
-        wmat = torch.cat([w.permute(0, 3, 4, 2, 1).reshape(p, k * k * c, -1), b.unsqueeze(1)], 1)
+    def forward(ctx, x, w, b, stride=1):
+        p, bsz = x.shape[:2]
+        k, c = w.shape[-1], x.shape[-1]
+        cols = im2col(x, k, stride, b is not None)  # [P, B*H'*W', K*K*C (+ 1)]
+        wmat = w.permute(0, 3, 4, 2, 1).reshape(p, k * k * c, -1)
+        if b is not None:
+            wmat = torch.cat([wmat, b.unsqueeze(1)], 1)
         ctx.save_for_backward(cols, wmat)
-        ctx.x_shape, ctx.k = x.shape, k
-        return torch.bmm(cols, wmat).view(p, bsz, h, wd, -1)
+        ctx.x_shape, ctx.k, ctx.stride, ctx.bias = x.shape, k, stride, b is not None
+        h2, w2 = -(-x.shape[2] // stride), -(-x.shape[3] // stride)
+        return torch.bmm(cols, wmat).view(p, bsz, h2, w2, -1)
 
     @staticmethod
     def backward(ctx, dout):
         cols, wmat = ctx.saved_tensors
         p, bsz, h, wd, c = ctx.x_shape
-        k = ctx.k
-        dout = dout.reshape(p, bsz * h * wd, -1)
-        dwmat = torch.bmm(cols.transpose(1, 2), dout)  # [P, K*K*C + 1, Cout]: weights and bias together
-        dw = dwmat[:, :-1].view(p, k, k, c, -1).permute(0, 4, 3, 1, 2)
+        k, bias = ctx.k, ctx.bias
+        dout = dout.reshape(p, -1, dout.shape[-1])
+        dwmat = torch.bmm(cols.transpose(1, 2), dout)  # [P, K*K*C (+ 1), Cout]: weights and bias together
+        dw = dwmat[:, :k * k * c].view(p, k, k, c, -1).permute(0, 4, 3, 1, 2)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = col2im(torch.bmm(dout, wmat[:, :-1].transpose(1, 2)), ctx.x_shape, k)
-        return dx, dw, dwmat[:, -1]
+            dx = col2im(torch.bmm(dout, wmat[:, :k * k * c].transpose(1, 2)), ctx.x_shape, k, ctx.stride)
+        return dx, dw, dwmat[:, -1] if bias else None, None
 
 
-def im2col(x: torch.Tensor, k: int = 3) -> torch.Tensor:
-    """[P, B, H, W, C] -> [P, B*H*W, K*K*C + 1]: each output pixel's K x K zero-padded neighbourhood in
-    (kh, kw, c) order, then a 1 for the bias."""
+def im2col(x: torch.Tensor, k: int = 3, stride: int = 1, bias: bool = True) -> torch.Tensor:
+    """[P, B, H, W, C] -> [P, B*H'*W', K*K*C (+ 1)]: each output pixel's K x K zero-padded neighbourhood (every
+    stride-th pixel) in (kh, kw, c) order, then a 1 for the bias when `bias`."""
     p, bsz, h, w, c = x.shape
     r = k // 2
-    cols = torch.empty(p, bsz * h * w, k * k * c + 1, dtype=x.dtype, device=x.device)
-    cols[:, :, -1] = 1
-    windows = F.pad(x, (0, 0, r, r, r, r)).unfold(2, k, 1).unfold(3, k, 1)  # [P, B, H, W, C, K, K]
-    cols[:, :, :-1].unflatten(1, (bsz, h, w)).unflatten(4, (k, k, c)).copy_(windows.permute(0, 1, 2, 3, 5, 6, 4))
+    h2, w2 = -(-h // stride), -(-w // stride)
+    cols = torch.empty(p, bsz * h2 * w2, k * k * c + bias, dtype=x.dtype, device=x.device)
+    if bias:
+        cols[:, :, -1] = 1
+    windows = F.pad(x, (0, 0, r, r, r, r)).unfold(2, k, stride).unfold(3, k, stride)  # [P, B, H', W', C, K, K]
+    cols[:, :, :k * k * c].unflatten(1, (bsz, h2, w2)).unflatten(4, (k, k, c)).copy_(
+        windows.permute(0, 1, 2, 3, 5, 6, 4))
     return cols
 
 
-def col2im(dcols: torch.Tensor, shape, k: int = 3) -> torch.Tensor:
-    """Adjoint of im2col (without the bias column): [P, B*H*W, K*K*C] -> [P, B, H, W, C]."""
+def col2im(dcols: torch.Tensor, shape, k: int = 3, stride: int = 1) -> torch.Tensor:
+    """Adjoint of im2col (without the bias column): [P, B*H'*W', K*K*C] -> [P, B, H, W, C]."""
     p, bsz, h, w, c = shape
     r = k // 2
-    d = dcols.view(p, bsz, h, w, k, k, c)
+    h2, w2 = -(-h // stride), -(-w // stride)
+    d = dcols.view(p, bsz, h2, w2, k, k, c)
     dx = torch.zeros(p, bsz, h + 2 * r, w + 2 * r, c, dtype=dcols.dtype, device=dcols.device)
     for kh in range(k):
         for kw in range(k):
-            dx[:, :, kh:kh + h, kw:kw + w] += d[:, :, :, :, kh, kw]
+            dx[:, :, kh:kh + stride * (h2 - 1) + 1:stride, kw:kw + stride * (w2 - 1) + 1:stride] += d[:, :, :, :, kh, kw]
     return dx[:, :, r:r + h, r:r + w]
+
+
+def conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stride: int = 1) -> torch.Tensor:
+    """The conv alone (no ReLU): h [P, B, H, W, Cin]; w [P, Cout, Cin, K, K]; b [P, Cout] or None."""
+    return _Conv.apply(h, w, b, stride)
+
+
+def _row_sums(t: torch.Tensor) -> torch.Tensor:
+    """[P, N, C] -> [P, C], summed over N by one batched GEMM: each network's sum in the same order whatever P
+    (a reduction over dim 1 splits N across threads when P * C is small, changing the rounding with P)."""
+    ones = torch.ones(t.shape[0], 1, t.shape[1], dtype=t.dtype, device=t.device)
+    return torch.bmm(ones, t).squeeze(1)
+
+
+class _BatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm of every network with its own batch statistics: x [P, B, H, W, C] normalized over
+    (B, H, W) per network and channel with the biased variance, scaled by gamma and shifted by beta [P, C].
+    Returns (out, batch mean, biased batch variance)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        p, c = x.shape[0], x.shape[-1]
+        flat = x.reshape(p, -1, c)
+        n = flat.shape[1]
+        mean = _row_sums(flat) / n
+        centered = flat - mean.unsqueeze(1)
+        var = _row_sums(centered * centered) / n
+        invstd = torch.rsqrt(var + eps)
+        xhat = centered * invstd.unsqueeze(1)
+        ctx.save_for_backward(xhat, gamma, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return (xhat * gamma.unsqueeze(1) + beta.unsqueeze(1)).view_as(x), mean, var
+
+    @staticmethod
+    def backward(ctx, dout, _dmean, _dvar):
+        xhat, gamma, invstd = ctx.saved_tensors
+        p, n, c = xhat.shape
+        d = dout.reshape(p, n, c)
+        dbeta = _row_sums(d)
+        dgamma = _row_sums(d * xhat)
+        scale = (gamma * invstd / n).unsqueeze(1)
+        dx = scale * (n * d - dbeta.unsqueeze(1) - xhat * dgamma.unsqueeze(1))
+        return dx.view_as(dout), dgamma, dbeta, None
+
+
+def batch_norm(h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, running_mean: torch.Tensor,
+               running_var: torch.Tensor, training: bool) -> torch.Tensor:
+    """nn.BatchNorm2d of every network, h [P, B, H, W, C], gamma, beta and the running statistics [P, C]. In
+    training: the batch's statistics, and the running ones updated in place (momentum BN_MOMENTUM, the unbiased
+    variance, as torch); in evaluation: the running statistics."""
+    if not training:
+        scale = gamma * torch.rsqrt(running_var + BN_EPS)
+        shift = beta - running_mean * scale
+        return h * scale[:, None, None, None] + shift[:, None, None, None]
+    out, mean, var = _BatchNorm.apply(h, gamma, beta, BN_EPS)
+    n = h.numel() // (h.shape[0] * h.shape[-1])
+    with torch.no_grad():
+        running_mean.mul_(1 - BN_MOMENTUM).add_(mean, alpha=BN_MOMENTUM)
+        running_var.mul_(1 - BN_MOMENTUM).add_(var * (n / max(n - 1, 1)), alpha=BN_MOMENTUM)
+    return out
+
+
+def conv_bn_block(h, w, gamma, beta, running_mean, running_var, stride: int, training: bool, pool: str | None
+                  ) -> torch.Tensor:
+    """K x K conv (no bias, stride) + BatchNorm + ReLU, then an optional 2x2 pool as `conv_block`."""
+    out = torch.relu(batch_norm(conv(h, w, None, stride), gamma, beta, running_mean, running_var, training))
+    return pool2x2(out, pool) if pool else out
+
+
+def conv_stride_block(h, w, b, stride: int, training: bool, pool: str | None) -> torch.Tensor:
+    """A strided K x K conv + bias + ReLU, then an optional 2x2 pool (training: unused, the signature of
+    `conv_bn_block`)."""
+    out = torch.relu(conv(h, w, b, stride))
+    return pool2x2(out, pool) if pool else out
+
+
+def residual_block(h, params, stats, stride: int, training: bool) -> torch.Tensor:
+    """The grammar's basic block (`fastpop.blocks.BasicBlock`) of every network. params: conv1 weight, bn1 weight
+    and bias, conv2 weight, bn2 weight and bias, then (a projection) its 1x1 conv weight and BN weight and bias;
+    stats: the BNs' running means and variances in the same order."""
+    w1, g1, b1, w2, g2, b2, *proj = params
+    out = torch.relu(batch_norm(conv(h, w1, None, stride), g1, b1, stats[0], stats[1], training))
+    out = batch_norm(conv(out, w2), g2, b2, stats[2], stats[3], training)
+    if proj:
+        wp, gp, bp = proj
+        h = batch_norm(conv(h, wp, None, stride), gp, bp, stats[4], stats[5], training)
+    return torch.relu(out + h)
 
 
 def conv_block(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, pool: str | None) -> torch.Tensor:
     """K x K conv (padding K // 2) + bias + ReLU, then a 2x2 max or average pool (floor) when pool is "max" or
     "avg". h [P, B, H, W, Cin]; w [P, Cout, Cin, K, K]; b [P, Cout]. Returns [P, B, H', W', Cout]."""
-    out = torch.relu(_Conv.apply(h, w, b))
+    out = torch.relu(_Conv.apply(h, w, b, 1))
     return pool2x2(out, pool) if pool else out
 
 

@@ -49,6 +49,9 @@ class ModuleArch:
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return list(self.shapes)
 
+    def stat_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        return []  # modules with buffers are refused
+
     def params_per_network(self) -> int:
         return sum(math.prod(s) for _, s in self.shapes)
 
@@ -181,7 +184,7 @@ class TorchFuncBackend:
         return losses
 
     @torch.no_grad()
-    def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None):
+    def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None, stats=()):
         from torch.func import functional_call
 
         base, names = self._base(arch)
