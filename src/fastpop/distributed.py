@@ -78,11 +78,13 @@ def merge(shard_paths: list[str | Path], out: str | Path, final: Path | None = N
             writer.write_rows(k, rows)
         states = [r.state() for r in ordered]
         shapes = states[0]["shapes"]
-        keys = ("params", "momentum") + (("second_moment",) if "second_moment" in states[0] else ())
-        rows = {key: layer_major(torch.cat([networks(s[key], len(r.seeds), shapes) for s, r in zip(states, ordered)]),
-                                 shapes) for key in keys}
+        stat_shapes = states[0].get("stat_shapes", [])
+        layouts = {"params": shapes, "momentum": shapes, "second_moment": shapes, "stats": stat_shapes}
+        rows = {key: layer_major(torch.cat([networks(s[key], len(r.seeds), layout) for s, r in zip(states, ordered)]),
+                                 layout) for key, layout in layouts.items() if key in states[0]}
         writer.save_state(states[0]["step"], t, shapes, rows["params"], rows["momentum"],
-                          torch.cat([s["diverged_at"] for s in states]), rows.get("second_moment"))
+                          torch.cat([s["diverged_at"] for s in states]), rows.get("second_moment"), rows.get("stats"),
+                          stat_shapes)
         writer.save_diverged(diverged_row(manifest))
         writer.commit(t, status="complete", timings={"merged_shards": len(ordered)})
 

@@ -182,9 +182,30 @@ class Run:
 
     def weights(self, key: str = "params") -> "torch.Tensor":  # noqa: F821
         """float32 [P, D]: each network's parameters (or momentum) at the last saved state, in arch.param_shapes
-        order."""
+        order; key "stats": its BatchNorm running statistics [P, S] in arch.stat_shapes order (S = 0 without)."""
+        if key not in ("params", "momentum", "second_moment", "stats"):
+            raise UsageError(f"unknown weights {shown(key)}; valid: params, momentum, second_moment, stats")
         state = self.state()
-        return networks(state[key], len(self.seeds), state["shapes"])
+        if key not in state:
+            if key == "stats":
+                import torch
+
+                return torch.zeros(len(self.seeds), 0)
+            raise UsageError(f"{self.path} has no {key} (its optimizer keeps none)")
+        return networks(state[key], len(self.seeds), state["stat_shapes" if key == "stats" else "shapes"])
+
+    def module(self, k: int):
+        """Network k at the last saved state as a plain nn.Module (a spec arch): its parameters and BatchNorm
+        running statistics loaded, in evaluation mode."""
+        from .blocks import load_network
+
+        arch = self.arch
+        if isinstance(arch, str):
+            raise UsageError(f"{self.path} trained a module arch ({arch}): build it with its factory and load "
+                             "run.weights()[k]")
+        if not 0 <= k < len(self.seeds):
+            raise UsageError(f"network {k} does not exist; the run has {len(self.seeds)}")
+        return load_network(arch.to_module(), self.weights()[k], self.weights("stats")[k]).eval()
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}, arch={self.config.arch}, P={len(self.seeds)}, "

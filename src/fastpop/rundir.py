@@ -385,24 +385,28 @@ def diverged_map(seeds: list[int], diverged_at: np.ndarray, upto_step: int) -> d
 
 def state_digest(state: dict) -> str:
     """sha256 over the state's counters, layout and tensors' bytes (no copy of the tensors)."""
-    h = hashlib.sha256(json.dumps([state["step"], state["checkpoints_done"], state["shapes"],
-                                   "second_moment" in state]).encode())
-    for key in (*STATE_TENSORS, "second_moment"):
+    head = [state["step"], state["checkpoints_done"], state["shapes"], "second_moment" in state]
+    if "stats" in state:
+        head.append(state["stat_shapes"])
+    h = hashlib.sha256(json.dumps(head).encode())
+    for key in (*STATE_TENSORS, "second_moment", "stats"):
         if key in state:
             h.update(memoryview(state[key].contiguous().numpy()).cast("B"))
     return h.hexdigest()
 
 
 def save_state(folder: Path, step: int, checkpoints_done: int, shapes: list, params: "torch.Tensor",  # noqa: F821
-               momentum, diverged_at, second_moment=None) -> None:
-    """state.pt: params, momentum (Adam's first moment) and Adam's second moment as the population's flat
-    layer-major buffers (parameter i of every network as one block [P, *shape_i], in `shapes` order), written
-    straight from them: no network-major copy."""
+               momentum, diverged_at, second_moment=None, stats=None, stat_shapes=()) -> None:
+    """state.pt: params, momentum (Adam's first moment), Adam's second moment and BatchNorm's running
+    statistics (stats, in `stat_shapes` order) as the population's flat layer-major buffers (parameter i of every
+    network as one block [P, *shape_i], in `shapes` order), written straight from them: no network-major copy."""
     state = {"format": FORMAT, "step": step, "checkpoints_done": checkpoints_done,
              "shapes": [list(s) for s in shapes], "params": params.detach().cpu(),
              "momentum": momentum.detach().cpu(), "diverged_at": diverged_at.detach().cpu()}
     if second_moment is not None:
         state["second_moment"] = second_moment.detach().cpu()
+    if stat_shapes:
+        state["stats"], state["stat_shapes"] = stats.detach().cpu(), [list(s) for s in stat_shapes]
     state["sha256"] = state_digest(state)
     import torch  # here, so that readers of run directories do not load torch
 
@@ -443,7 +447,12 @@ def _state_problem(state, m: dict) -> str | None:
     adam = Config.from_dict(m["config"]).optimizer != "sgd"
     if adam != ("second_moment" in state):
         return "its optimizer moments do not fit the config's optimizer"
-    for key, n in (("params", p * d), ("momentum", p * d), ("diverged_at", p), ("second_moment", p * d)):
+    stat_shapes = m["arch"].get("stat_shapes", [])
+    if [s for _, s in stat_shapes] != state.get("stat_shapes", []):
+        return f"its BatchNorm statistics {state.get('stat_shapes', [])} are not run.json's"
+    s = p * sum(int(np.prod(shape)) for _, shape in stat_shapes)
+    for key, n in (("params", p * d), ("momentum", p * d), ("diverged_at", p), ("second_moment", p * d),
+                   ("stats", s)):
         if key in state and (state[key].dim() != 1 or len(state[key]) != n):
             return f"{key} holds {tuple(state[key].shape)}, expected ({n},)"
     done, plan = state["checkpoints_done"], m["checkpoints"]
@@ -635,8 +644,9 @@ class RunWriter:
         write_manifest(self.path, self.manifest)
 
     def save_state(self, step: int, checkpoints_done: int, shapes, params, momentum, diverged_at,
-                   second_moment=None) -> None:
-        save_state(self.path, step, checkpoints_done, shapes, params, momentum, diverged_at, second_moment)
+                   second_moment=None, stats=None, stat_shapes=()) -> None:
+        save_state(self.path, step, checkpoints_done, shapes, params, momentum, diverged_at, second_moment, stats,
+                   stat_shapes)
 
     def save_diverged(self, diverged_at: np.ndarray) -> None:
         write_npy(self.path / DIVERGED, np.asarray(diverged_at, np.int64))

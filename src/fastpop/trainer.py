@@ -501,7 +501,8 @@ def _checkpoint_fields(t: int | None, records: dict | None) -> tuple:
 
 def _save_state(pop: Population, writer: RunWriter, step: int, checkpoints_done: int) -> None:
     """The population's own flat buffers (layer-major, see rundir.save_state): saved without a copy on the CPU."""
-    writer.save_state(step, checkpoints_done, pop.shapes, pop.params, pop.momentum, pop.diverged_at, pop.second)
+    writer.save_state(step, checkpoints_done, pop.shapes, pop.params, pop.momentum, pop.diverged_at, pop.second,
+                      pop.stats, pop.stat_shapes)
 
 
 def _load_state(state: dict, pop: Population) -> None:
@@ -510,8 +511,13 @@ def _load_state(state: dict, pop: Population) -> None:
         raise UsageError(f"the saved state's layers {state['shapes']} are not this architecture's")
     if (pop.second is None) != (state.get("second_moment") is None):
         raise UsageError("the saved state's optimizer moments do not fit this run's optimizer")
+    if [list(s) for s in pop.stat_shapes] != state.get("stat_shapes", []):
+        raise UsageError(f"the saved state's BatchNorm statistics {state.get('stat_shapes', [])} are not this "
+                         "architecture's")
     pop.params.copy_(state["params"])
     pop.momentum.copy_(state["momentum"])
+    if pop.stat_shapes:
+        pop.stats.copy_(state["stats"])
     if pop.second is not None:
         pop.second.copy_(state["second_moment"])
     pop.set_diverged(state["diverged_at"])
@@ -543,7 +549,8 @@ def _manifest(setup: Setup) -> dict:
         "shard": config.shard,
         "arch": {"name": str(arch), "spec": arch.spec, "params_per_network": arch.params_per_network(),
                  "flops_per_example": arch.flops_per_example(),
-                 "param_shapes": [[n, list(s)] for n, s in arch.param_shapes()]},
+                 "param_shapes": [[n, list(s)] for n, s in arch.param_shapes()],
+                 **({"stat_shapes": [[n, list(s)] for n, s in arch.stat_shapes()]} if arch.stat_shapes() else {})},
         "dataset": {"name": data.name, "classes": data.classes, "in_shape": list(data.in_shape)},
         "splits": {s: {"n": len(data.split(s)), "bytes_per_row": bytes_per_row(len(data.split(s))), **ident}
                    for s, ident in _data_identity(data).items()},

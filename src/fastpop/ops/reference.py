@@ -7,7 +7,9 @@ Layouts (private to this backend; the population code only chains them): conv ac
 Convolutions are im2col + one batched GEMM (torch.bmm) over all networks, not grouped F.conv2d: oneDNN picks
 different grouped-conv algorithms for different group counts, so network k's result changed in the last bits
 with P (seen on this 2-core AVX-512 CPU, torch 2.13). bmm computes each network's product the same way for any
-P, which makes network k bit-identical alone or in any population (tests/test_independence.py). The bias rides
+P for the presets' shapes, which makes network k bit-identical alone or in any population there
+(tests/test_independence.py); not for every shape: with an odd output width (5 or 10 columns from 5 or 7 rows),
+MKL's batched GEMM rounds a lone network's product differently. The numba backend is bit-identical for any spec. The bias rides
 in the GEMM as a column of ones, so its gradient comes from the same GEMM rather than a reduction whose
 threading, and so rounding, could depend on P.
 """
@@ -98,10 +100,12 @@ def conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stride
 
 
 def _row_sums(t: torch.Tensor) -> torch.Tensor:
-    """[P, N, C] -> [P, C], summed over N by one batched GEMM: each network's sum in the same order whatever P
-    (a reduction over dim 1 splits N across threads when P * C is small, changing the rounding with P)."""
-    ones = torch.ones(t.shape[0], 1, t.shape[1], dtype=t.dtype, device=t.device)
-    return torch.bmm(ones, t).squeeze(1)
+    """[P, N, C] -> [P, C], summed over N, each network's sums in the same order whatever P: torch sums each output
+    on one thread in an order set by N alone, except a lone output (P = C = 1), whose sum it splits across threads
+    (so a zero row is added then; a batched GEMM with ones also changed with P)."""
+    if t.shape[2] == 1:
+        return torch.cat([t, torch.zeros_like(t)], 2).sum(1)[:, :1]
+    return t.sum(1)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -117,7 +121,7 @@ class _BatchNorm(torch.autograd.Function):
         mean = _row_sums(flat) / n
         centered = flat - mean.unsqueeze(1)
         var = _row_sums(centered * centered) / n
-        invstd = torch.rsqrt(var + eps)
+        invstd = 1 / torch.sqrt(var + eps)  # sqrt and / round the same vectorized or not; rsqrt does not
         xhat = centered * invstd.unsqueeze(1)
         ctx.save_for_backward(xhat, gamma, invstd)
         ctx.mark_non_differentiable(mean, var)
@@ -141,7 +145,7 @@ def batch_norm(h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, running
     training: the batch's statistics, and the running ones updated in place (momentum BN_MOMENTUM, the unbiased
     variance, as torch); in evaluation: the running statistics."""
     if not training:
-        scale = gamma * torch.rsqrt(running_var + BN_EPS)
+        scale = gamma / torch.sqrt(running_var + BN_EPS)
         shift = beta - running_mean * scale
         return h * scale[:, None, None, None] + shift[:, None, None, None]
     out, mean, var = _BatchNorm.apply(h, gamma, beta, BN_EPS)
