@@ -22,3 +22,35 @@ def test_every_provider_is_timed():
     assert [r.provider for r in rows] == ["fastpop-numba", "fastpop-torch", "torch.func vmap", "grouped conv",
                                           "module loop", "fastpop-numba eval", "fastpop-torch eval"]
     assert all(r.net_images_per_s > 0 and r.p == 2 and r.ceiling_gflops > 0 for r in rows)
+
+
+def test_vmap_baseline_trains_batchnorm_with_per_network_running_statistics():
+    """Two steps of the vmap ensemble on random 3x12x12 images equal the modules trained one by one in training
+    mode: weights and running statistics."""
+    from fastpop.benchmark import LR, MOMENTUM, WD, _vmap_step, bench_data
+
+    data = bench_data((3, 12, 12))
+    assert data.in_shape == (3, 12, 12) and len(data.train) == 1024
+    arch = build_arch("c4b-r6s2-gap", data.in_shape, data.classes)
+    x, y = data.train.x.float() / 255, data.train.y
+    seeds, idx = [2, 7], torch.randint(0, 1024, (2, 2, 8), generator=torch.Generator().manual_seed(1))
+    step = _vmap_step(arch, seeds, x, y)
+    modules = _modules(arch, seeds)
+    opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD) for m in modules]
+    for s in range(2):
+        step(idx[s])
+        for k, (m, opt) in enumerate(zip(modules, opts)):
+            opt.zero_grad()
+            F.cross_entropy(m(x[idx[s, k]]), y[idx[s, k]]).backward()
+            opt.step()
+    for k, m in enumerate(modules):
+        for name, t in [*m.named_parameters(), *m.named_buffers()]:
+            torch.testing.assert_close(step.state[name][k].to(t.dtype), t.detach(), rtol=1e-4, atol=1e-5,
+                                       msg=f"{name} of network {k}")
+
+
+def test_batchnorm_spec_on_an_image_shape_is_timed():
+    rows = run_benchmark([2], steps=1, arch_name="c4b-r4s2-gap", loop_max_nets=2, input_shape=(3, 10, 10))
+    assert [r.provider for r in rows] == ["fastpop-numba", "fastpop-torch", "torch.func vmap", "module loop",
+                                          "fastpop-numba eval", "fastpop-torch eval"]
+    assert all(r.net_images_per_s > 0 and r.data == "arrays:random" for r in rows)

@@ -5,7 +5,8 @@ ensemble (stack_module_state + functional_call + vmap + grad), all networks as o
 each network's batch, forward, backward, SGD with momentum and weight decay. Figures are net-images/s (networks x
 examples per second) and achieved FLOP/s (3x the forward FLOPs) as a fraction of an sgemm ceiling measured in
 the same run. Evaluation (the recorder's pass: every network on the same examples, bits and losses) is timed for
-fastpop's backends.
+fastpop's backends. Data: digits, or random images of any shape (`input_shape`, e.g. 3x32x32 for CIFAR-sized
+networks); BatchNorm trains in training mode everywhere, each network with its own running statistics.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .config import Config
 from .data import load_dataset
 from .data.orders import epoch_orders
 from .ops import get_backend
+from .blocks import load_network
 from .population import Population, init_network
 from .recorder import evaluate
 from .trainer import chunk_size, train_step
@@ -41,6 +43,7 @@ class Row:
     ceiling_gflops: float
     peak_rss_gib: float  # the process's peak resident memory after this provider ran (a running maximum)
     arch: str = ""
+    data: str = "digits"
 
 
 def sgemm_ceiling(n: int = 2048, reps: int = 10) -> float:
@@ -63,21 +66,33 @@ def _time(step, batches) -> float:
 
 
 def _modules(arch, seeds):
-    modules = []
-    for s in seeds:
-        m, flat, start = arch.to_module(), init_network(arch, s), 0
-        with torch.no_grad():
-            for p in m.parameters():
-                p.copy_(flat[start:start + p.numel()].view_as(p))
-                start += p.numel()
-        modules.append(m)
-    return modules
+    return [load_network(arch.to_module(), init_network(arch, s)) for s in seeds]
+
+
+SYNTHETIC_TRAIN = 1024  # random images of --input-shape: enough for the batches of a benchmark
+
+
+def bench_data(input_shape: tuple[int, int, int] | None = None):
+    """Digits, or random uint8 images of input_shape (C, H, W) with 10 random classes (seed 0)."""
+    cpu = torch.device("cpu")
+    if input_shape is None:
+        return load_dataset(Config(), cpu)
+    import numpy as np
+
+    from .data.arrays import ArrayData
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (SYNTHETIC_TRAIN + 256, *input_shape), dtype=np.uint8)
+    y = rng.integers(0, 10, SYNTHETIC_TRAIN + 256)
+    arrays = ArrayData(x[:SYNTHETIC_TRAIN], y[:SYNTHETIC_TRAIN], x[SYNTHETIC_TRAIN:], y[SYNTHETIC_TRAIN:],
+                       name="random", layout="nchw")
+    return load_dataset(Config(dataset="arrays:random"), cpu, arrays)
 
 
 def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", batch_size: int = 32,
-                  loop_max_nets: int = 1000) -> list[Row]:
+                  loop_max_nets: int = 1000, input_shape: tuple[int, int, int] | None = None) -> list[Row]:
     cpu = torch.device("cpu")
-    data = load_dataset(Config(), cpu)
+    data = bench_data(input_shape)
     arch = build_arch(arch_name, data.in_shape, data.classes)
     backends = [get_backend(name, cpu) for name in ("numba", "torch")]
     x_all = (data.train.x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
@@ -91,18 +106,20 @@ def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", bat
         providers = {f"fastpop-{b.name}": lambda b=b: _fastpop_step(arch, data, seeds, batch_size, b)
                      for b in backends}
         providers["torch.func vmap"] = lambda: _vmap_step(arch, seeds, x_all, data.train.y)
-        providers["grouped conv"] = lambda: _grouped_step(arch, seeds, x_all, data.train.y)
+        if not arch.batchnorm and all(op.stride == 1 for op in arch.ops):  # plain convs, pools and dense layers
+            providers["grouped conv"] = lambda: _grouped_step(arch, seeds, x_all, data.train.y)
         if p <= loop_max_nets:
             providers["module loop"] = lambda: _loop_step(arch, seeds, x_all, data.train.y)
         for name, make in providers.items():
             dt = _time(make(), batches)
             rate = p * batch_size / dt
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            rows.append(Row(name, p, rate, 3 * arch.flops_per_example() * rate / 1e9, ceiling, rss, str(arch)))
+            rows.append(Row(name, p, rate, 3 * arch.flops_per_example() * rate / 1e9, ceiling, rss, str(arch),
+                            data.name))
         for backend in backends:
             rate = _eval_rate(arch, data, seeds, backend)
             rows.append(Row(f"fastpop-{backend.name} eval", p, rate, arch.flops_per_example() * rate / 1e9, ceiling,
-                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, str(arch)))
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, str(arch), data.name))
     return rows
 
 
@@ -128,6 +145,8 @@ def _fastpop_step(arch, data, seeds, batch_size, backend):
 
 
 def _vmap_step(arch, seeds, x_all, y_all):
+    """stack_module_state + functional_call + vmap(grad), BatchNorm's running statistics as per-network buffers
+    that the batched forward updates in place."""
     from torch.func import functional_call, grad, stack_module_state, vmap
 
     modules = _modules(arch, seeds)
@@ -150,6 +169,7 @@ def _vmap_step(arch, seeds, x_all, y_all):
             torch._foreach_add_(bufs, gs)
             torch._foreach_add_(ps, bufs, alpha=-LR)
 
+    step.state = {**params, **buffers}  # the networks' stacked parameters and buffers, for tests
     return step
 
 
@@ -211,7 +231,8 @@ def print_table(rows: list[Row], batch_size: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"training step and evaluation, {rows[0].arch if rows else ''} on digits, B={batch_size}; "
+    table = Table(title=f"training step and evaluation, {rows[0].arch if rows else ''} on "
+                  f"{rows[0].data if rows else ''}, B={batch_size}; "
                   f"sgemm ceiling "
                   f"{rows[0].ceiling_gflops:.0f} GFLOP/s"
                   if rows else "no rows")

@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--arch", default="small-cnn", help="a preset or spec")
     bench.add_argument("--batch-size", type=int, default=32, help="examples per network per step")
     bench.add_argument("--loop-max-nets", type=int, default=1000, help="skip the module loop above this P")
+    bench.add_argument("--input-shape", help="random images of this C x H x W (e.g. 3x32x32) instead of digits")
     for command in sub.choices.values():
         for action in command._actions:  # a default nobody described is still said
             if action.help is None and action.option_strings and action.default not in (None, False):
@@ -350,11 +351,7 @@ def _archs(args) -> int:
 
     from .archs import PRESETS, build_arch
 
-    try:
-        shape = tuple(int(v) for v in args.input_shape.lower().split("x"))
-        assert len(shape) == 3 and min(shape) > 0
-    except (ValueError, AssertionError):
-        raise UsageError(f"--input-shape takes CxHxW such as 3x32x32, got {args.input_shape!r}") from None
+    shape = _input_shape(args.input_shape)
     if args.classes < 2:
         raise UsageError("--classes must be at least 2")
     table = Table(title=f"architectures for input {'x'.join(map(str, shape))}, {args.classes} classes")
@@ -375,6 +372,15 @@ def _archs(args) -> int:
     return 0
 
 
+def _input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+        assert len(shape) == 3 and min(shape) > 0
+    except (ValueError, AssertionError):
+        raise UsageError(f"--input-shape takes CxHxW such as 3x32x32, got {text!r}") from None
+    return shape
+
+
 def _bench(args) -> int:
     from .benchmark import print_table, run_benchmark
 
@@ -384,7 +390,9 @@ def _bench(args) -> int:
         raise UsageError(f"--nets takes comma-separated population sizes, got {args.nets!r}") from None
     if min(nets) < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--nets, --steps and --batch-size must be positive")
-    print_table(run_benchmark(nets, args.steps, args.arch, args.batch_size, args.loop_max_nets), args.batch_size)
+    shape = None if args.input_shape is None else _input_shape(args.input_shape)
+    print_table(run_benchmark(nets, args.steps, args.arch, args.batch_size, args.loop_max_nets, shape),
+                args.batch_size)
     return 0
 
 
