@@ -23,8 +23,8 @@ class Option:
 GROUPS = ("architecture and data", "population", "training recipe", "recording", "execution and output")
 
 OPTIONS = (
-    Option("arch", GROUPS[0], "a preset (small-cnn, wide-cnn, mlp), a spec such as c8-mp-c16-mp-c16-gap, or "
-           "module:package.module:function (see `fastpop archs`)", "ARCH"),
+    Option("arch", GROUPS[0], "a preset (small-cnn, wide-cnn, mlp, resnet8, resnet20, vgg-small), a spec such as "
+           "c8-mp-c16-mp-c16-gap, or module:package.module:function (see `fastpop archs`)", "ARCH"),
     Option("dataset", GROUPS[0], "digits, mnist, fashion-mnist, cifar10, cifar100, gaussian, npz:PATH or hf:PATH "
            "(a saved Hugging Face dataset)", "NAME"),
     Option("image_column", GROUPS[0], "hf:PATH data sets: the image column", "NAME"),
