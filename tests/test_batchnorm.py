@@ -165,3 +165,59 @@ def test_a_state_without_its_statistics_is_refused(tmp_path, capsys):
     assert main(["run", "--resume", str(run.path), "--epochs", "2", "--quiet"]) == 2
     assert f"{run.path / STATE} is corrupt or does not fit this run: its BatchNorm statistics" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["c4b-gap", "c3s2-mp-flat-d5", "r4s2-gap", "c3-r4-gap"])
+def test_triton_backend_runs_specs_whose_layers_it_borrows_from_the_reference(digits, spec):
+    """Under TRITON_INTERPRET=1 (conftest) or on a GPU: the loss, gradients and running statistics of the triton
+    backend equal the torch backend's, a borrowed first layer included (it needs a batch, not the kernels' marker)."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    arch = build_arch(spec, digits.in_shape, digits.classes)
+    idx = torch.randint(0, len(digits.train), (2, 6), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name in ("torch", "triton"):
+        pop = Population(arch, [1, 2], CPU)
+        pop.grads.fill_(float("nan"))
+        loss = get_backend(name, CPU).gradients(pop, 0, 2, digits.train.x, idx, digits.train.y[idx], digits.mean,
+                                                digits.std)
+        out[name] = (loss, pop.grads, pop.stats)
+    for want, got in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_diverged_networks_keep_their_running_statistics(digits):
+    arch = build_arch("c4b-c4b-gap-d8", digits.in_shape, digits.classes)
+    config = Config(arch=arch.spec, seeds=2, batch_size=16)
+    pop = Population(arch, config.init_seeds(), CPU)
+    orders = epoch_orders(config.order_seeds(), 0, len(digits.train))
+    backend = get_backend("torch", CPU)
+    frozen_at = None
+    for s in range(12):
+        before = pop.stats.clone()
+        train_step(pop, backend, digits, orders[:, s * 16:(s + 1) * 16], 1e4, config, step=s + 1)
+        if frozen_at is not None:
+            assert torch.equal(pop.stats, before), f"step {s + 1}: the diverged networks' statistics moved"
+        elif (pop.diverged_at >= 0).all():
+            frozen_at = s + 1
+            assert torch.equal(pop.stats, before)  # not even the diverging step's batch moves them
+    assert frozen_at is not None and pop.finite_stats().all()  # the statistics of the last finite step
+
+
+def test_non_finite_running_statistics_mark_a_network_diverged(digits):
+    arch = build_arch("c4b-gap", digits.in_shape, digits.classes)
+    config = Config(arch=arch.spec, seeds=3, batch_size=16)
+    pop = Population(arch, config.init_seeds(), CPU)
+    pop.stat_views()[1][1, 2] = float("inf")  # network 1's running variance
+    train_step(pop, get_backend("torch", CPU), digits, torch.zeros(3, 16, dtype=torch.long), 0.1, config, step=4)
+    assert pop.diverged_at.tolist() == [-1, 4, -1]
+
+
+def test_batchnorm_on_one_value_per_channel_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", "--arch", "c4s2b-c4s2b-c4s2b-gap", "--batch-size", "1", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "token 'c4s2b' would normalize 1 value per channel at batch size 1" in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -407,10 +407,10 @@ PRESETS = {
     "small-cnn": ("c8-mp-c16-mp-c16-gap", "conv 8-16-16 (3x3, ReLU, pool after the first two), global avg pool, linear"),
     "wide-cnn": ("c32-mp-c64-mp-c64-gap", "small-cnn with 4x the channels: conv 32-64-64"),
     "mlp": ("d64-d64", "two hidden layers of 64 with ReLU on the flattened image"),
-    "resnet8": ("c16b-r16-r32s2-r64s2-gap", "CIFAR ResNet-8 (He et al. 2016): conv 16 + BN, one basic block per "
-                "stage at 16-32-64 channels, global avg pool, linear"),
+    "resnet8": ("c16b-r16-r32s2-r64s2-gap", "CIFAR ResNet-8 (He et al. 2016, with 1x1 projection shortcuts, their "
+                "option B): conv 16 + BN, one basic block per stage at 16-32-64 channels, global avg pool, linear"),
     "resnet20": ("c16b-r16-r16-r16-r32s2-r32-r32-r64s2-r64-r64-gap", "CIFAR ResNet-20: three basic blocks per stage "
-                 "at 16-32-64 channels"),
+                 "at 16-32-64 channels, projection shortcuts"),
     "vgg-small": ("c32b-c32b-mp-c64b-c64b-mp-c128b-c128b-mp-gap", "VGG-style: pairs of 3x3 conv + BN + ReLU at "
                   "32-64-128 channels, a max pool after each pair, global avg pool, linear"),
 }

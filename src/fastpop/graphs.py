@@ -38,9 +38,11 @@ class GraphedStep:
 
     def _body(self) -> torch.Tensor:
         pop = self.pop
+        before = pop.stats.clone()
         loss = accumulate_gradients(pop, self.backend, self.data, self.idx, self.chunk, [(0, pop.p, self.config)])
-        new = ~torch.isfinite(loss) & (pop.diverged_at < 0)
+        new = ~(torch.isfinite(loss) & pop.finite_stats()) & (pop.diverged_at < 0)
         pop.diverged_at.copy_(torch.where(new, self.step, pop.diverged_at))
+        pop.keep_diverged_stats(before)
         self.frozen.copy_(pop.entry_mask(pop.diverged_at >= 0))
         self.backend.optimizer_step(pop, [(0, pop.p, self.config, self.lr)], self.frozen, 0)
         return loss

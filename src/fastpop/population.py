@@ -91,9 +91,24 @@ class Population:
         dead = self.diverged_at >= 0
         self.frozen = self.entry_mask(dead) if dead.any() else None
 
-    def entry_mask(self, per_network: torch.Tensor) -> torch.Tensor:
-        """bool [P] -> bool [P * D] in the flat layout: every parameter entry of the marked networks."""
-        return torch.cat([per_network.repeat_interleave(n) for n in self.sizes])
+    def entry_mask(self, per_network: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+        """bool [P] -> bool [P * D] in the flat layout: every parameter entry (or, with sizes=stat_sizes, every
+        running statistic) of the marked networks."""
+        return torch.cat([per_network.repeat_interleave(n) for n in (self.sizes if sizes is None else sizes)])
+
+    def finite_stats(self) -> torch.Tensor:
+        """bool [P]: networks whose BatchNorm running statistics are all finite (all, without BatchNorm)."""
+        ok = torch.ones(self.p, dtype=torch.bool, device=self.params.device)
+        for v in self.stat_views():
+            ok &= torch.isfinite(v).all(1)
+        return ok
+
+    def keep_diverged_stats(self, before: torch.Tensor) -> None:
+        """Diverged networks' running statistics back to `before` (the flat stats before this step's forward): they
+        are frozen with the parameters, not moved by the batches they still see."""
+        if self.stat_sizes:
+            dead = self.entry_mask(self.diverged_at >= 0, self.stat_sizes)
+            self.stats.copy_(torch.where(dead, before, self.stats))
 
     def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer views [P, *shape] into a flat buffer of this population's layout."""

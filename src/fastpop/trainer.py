@@ -135,6 +135,10 @@ def resolve_arch(config: Config, data: Dataset, device: torch.device, model: Cal
     if model is not None:
         raise UsageError("model= is given, but config.arch is not a module arch")
     arch, backend = build_arch(config.arch, data.in_shape, data.classes), get_backend(config.backend, device)
+    for layer, op in zip(arch.layers, arch.ops):
+        if op.bn and config.batch_size * op.out_hw[0] * op.out_hw[1] == 1:  # as nn.BatchNorm2d in training
+            raise UsageError(f"arch {arch}: token {str(layer)!r} would normalize 1 value per channel at batch size "
+                             "1; BatchNorm needs more than 1 in training")
     note = backend.native(arch)
     if note:  # said once per run: in the log and in run.json
         log.warning("backend %s: %s", backend.name, note)
@@ -226,10 +230,14 @@ def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: f
     `chunk` networks at a time; returns each network's batch loss [P]. groups: blocks of networks with their own
     hyperparameters (a grid), lr then each group's learning rate; default one group, all networks with `config`.
     seeds: the networks' order seeds, which draw their augmentation. A network whose loss is not finite is marked
-    diverged and frozen before the update, so nothing of it reaches the others or its own weights."""
+    diverged and frozen before the update, so nothing of it reaches the others or its own weights (nor its
+    BatchNorm running statistics: they keep the values before the step; non-finite ones mark it diverged too)."""
     groups = groups or [(0, pop.p, config)]
+    before = pop.stats.clone() if pop.stat_sizes else None
     loss = accumulate_gradients(pop, backend, data, idx, chunk, groups, epoch, seeds)
-    pop.mark_diverged(~torch.isfinite(loss), step)
+    pop.mark_diverged(~torch.isfinite(loss) | ~pop.finite_stats(), step)
+    if before is not None:
+        pop.keep_diverged_stats(before)
     lrs = lr if isinstance(lr, list) else [lr]
     backend.optimizer_step(pop, [(lo, hi, cfg, lr_g) for (lo, hi, cfg), lr_g in zip(groups, lrs)], pop.frozen, step)
     return loss

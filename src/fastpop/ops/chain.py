@@ -37,21 +37,24 @@ def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop:
     statistics ([n, C] each, `Arch.stat_shapes` order), normalizing in evaluation and updated in place in
     training."""
     it, st = iter(params), iter(stats)
-    h = ops.gather_images(images, idx, mean, std, arch.flat_input, aug)
     layers, i = arch.ops, 0
+    # a first layer on the reference's ops takes the reference's batch (an op set's may be a marker its kernels read)
+    first = _block(layers[0]) if stop else None
+    gather = reference.gather_images if first and not hasattr(ops, first) else ops.gather_images
+    h = gather(images, idx, mean, std, arch.flat_input, aug)
     while i < stop:
         op = layers[i]
         if op.kind == "conv":
             pool = None
             if i + 1 < stop and layers[i + 1].kind in ("maxpool", "avgpool"):
                 pool, i = layers[i + 1].kind[:3], i + 1
-            if op.bn or op.stride != 1:
-                h = _op(ops, "conv_bn_block" if op.bn else "conv_stride_block")(
+            if _block(op):
+                h = _op(ops, _block(op))(
                     h, *_take(it, 3 if op.bn else 2), *_take(st, 2 if op.bn else 0), op.stride, training, pool)
             else:
                 h = ops.conv_block(h, next(it), next(it), pool)
         elif op.kind == "res":
-            h = _op(ops, "residual_block")(h, _take(it, 9 if op.projects else 6), _take(st, 6 if op.projects else 4),
+            h = _op(ops, _block(op))(h, _take(it, 9 if op.projects else 6), _take(st, 6 if op.projects else 4),
                                            op.stride, training)
         elif op.kind in ("maxpool", "avgpool"):
             h = ops.pool2x2(h, op.kind[:3])
@@ -74,12 +77,18 @@ def _op(ops: ModuleType, name: str):
     return getattr(ops, name, None) or getattr(reference, name)
 
 
+def _block(op) -> str | None:
+    """The op-set function of a BatchNorm conv, a strided conv or a residual block (None for other layers)."""
+    if op.kind == "res":
+        return "residual_block"
+    if op.kind == "conv" and (op.bn or op.stride != 1):
+        return "conv_bn_block" if op.bn else "conv_stride_block"
+    return None
+
+
 def native(arch: Arch, ops: ModuleType) -> str | None:
     """Which layers of arch an op set runs through the reference's torch ops, or None when it has them all."""
-    needs = {"conv_bn_block": any(op.kind == "conv" and op.bn for op in arch.ops),
-             "conv_stride_block": any(op.kind == "conv" and op.stride != 1 and not op.bn for op in arch.ops),
-             "residual_block": any(op.kind == "res" for op in arch.ops)}
-    missing = [name for name, needed in needs.items() if needed and not hasattr(ops, name)]
+    missing = sorted({_block(op) for op in arch.ops if _block(op) and not hasattr(ops, _block(op))})
     if not missing:
         return None
     return (f"{', '.join(missing)} of {arch} run{'s' if len(missing) == 1 else ''} on the reference's torch ops "

@@ -36,8 +36,8 @@ def gather_images(x: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: t
 
 
 class _Conv(torch.autograd.Function):
-    """K x K convolution, padding K // 2, stride s, of every network at once. x [P, B, H, W, C]; w [P, Cout, C, K, K];
-    b [P, Cout] or None (no bias) -> [P, B, H', W', Cout], H' = ceil(H / s)."""
+    """K x K convolution, padding K // 2, stride s, of every network at once. x [P, B, H, W, C];
+    w [P, Cout, C, K, K]; b [P, Cout] or None (no bias) -> [P, B, H', W', Cout], H' = ceil(H / s)."""
 
     @staticmethod
     def forward(ctx, x, w, b, stride=1):
