@@ -31,7 +31,7 @@ def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
     offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in arch.param_shapes()])
     c, h, w = arch.in_shape
     end = c * h * w * nb  # the input images lie at 0
-    cur, n_params, tshift, rows = 0, 0, 0, []
+    cur, n_params, work, rows = 0, 0, 0, []
     last = len(arch.ops) - 1
     for i, op in enumerate(arch.ops):
         row = [_KINDS[op.kind], op.c, op.h, op.w, op.out, op.k, int(op.relu), 0, 0, cur, -1, 0, int(n_params > 0)]
@@ -39,7 +39,9 @@ def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
         if op.kind == "conv":
             row[_k.SHIFT], end = end, end + (op.k - 1) * op.c * n
             if n_params:  # a transposed conv's input: the pre-activation gradient shifted along rows
-                tshift = max(tshift, (op.k - 1) * op.out * n)
+                work = max(work, (op.k - 1) * op.out * n)
+        if op.kind == "dense":  # its input transposed, for the weight gradient
+            work = max(work, op.c * nb)
         if op.kind in ("conv", "dense"):
             row[_k.WOFF], row[_k.BOFF] = offsets[n_params], offsets[n_params + 1]
             n_params += 2
@@ -50,7 +52,7 @@ def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
         cur = row[_k.OUT]
         rows.append(row)
     head = [end, arch.classes]
-    return np.array(rows, np.int64), np.array(head, np.int64), int(end + tshift)
+    return np.array(rows, np.int64), np.array(head, np.int64), int(end + work)
 
 
 @lru_cache(maxsize=64)
