@@ -33,12 +33,12 @@ _DOT = {"contract", "reassoc"}
 
 # The op table (int64 [L, 12]), one row per layer. KIND: one of the kinds below. (C, H, W): the layer's input shape
 # (dense: C features, H = W = 1); OUTC its output channels or features; K the conv's kernel size; RELU: ReLU after
-# it. Offsets count floats: WOFF/BOFF in the network's parameter row; IN and OUT in its scratch, where activations
-# and their gradients lie at the same offsets of two arrays (the last layer's OUT is -1: its output is the logits
-# array); SHIFT: a conv's input shifted along rows, 2 (K // 2) copies of [C, H, W, B]. DIN: whether the gradient of
-# the layer's input is needed (a layer with parameters comes before it). The head array: where the gradient
-# scratch has room for a pre-activation gradient shifted along rows (a transposed conv's input) or a dense layer's
-# input transposed, and the classes.
+# it. Offsets count floats: WOFF/BOFF in the network's parameter row (`_point` moves them to its place in the
+# population's buffers); IN and OUT in its scratch, where activations and their gradients lie at the same offsets
+# of two arrays (the last layer's OUT is -1: its output is the logits array); SHIFT: a conv's input shifted along
+# rows, 2 (K // 2) copies of [C, H, W, B]. DIN: whether the gradient of the layer's input is needed (a layer with
+# parameters comes before it). The head array: where the gradient scratch has room for a pre-activation gradient
+# shifted along rows (a transposed conv's input) or a dense layer's input transposed, and the classes.
 KIND, C, H, W, OUTC, K, RELU, WOFF, BOFF, IN, OUT, SHIFT, DIN = range(13)
 CONV, MAXPOOL, AVGPOOL, GAP, FLAT, DENSE = range(6)
 HEAD_WORK, HEAD_K = range(2)
@@ -470,7 +470,7 @@ def _forward(x, idx, mean, std, prm, ops, nb, act, logits, gather, aug, seed):
 @njit(fastmath=_FMA, cache=True)
 def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
     """One network's mean cross-entropy over its batch (labels y [nb]; label smoothing as F.cross_entropy's),
-    from the activations of `_forward`; its gradient into grad (the parameter row's layout). logits [K, nb] are
+    from the activations of `_forward`; its gradient into grad, at the op table's parameter offsets. logits [K, nb] are
     overwritten with the loss's gradient."""
     k_out = logits.shape[0]
     inv = np.float32(1) / nb
@@ -582,13 +582,11 @@ def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, gra
         act = np.empty(scratch, np.float32)
         dact = np.empty(scratch, np.float32)
         logits = np.empty((k_out, nb), np.float32)
-        row = np.empty(ptab[:, 1].sum(), np.float32)
-        grow = np.empty_like(row)
+        own = ops.copy()
         for p in range(t, p_all, threads):
-            _move_row(params, ptab, lo + p, row, True)
-            _forward(x, idx[p], mean, std, row, ops, nb, act, logits, True, aug, seeds[p] if seeds.shape[0] else 0)
-            loss[p] = _backward(y[p], row, ops, head, nb, act, logits, grow, dact, smoothing)
-            _move_row(grads, ptab, lo + p, grow, False)
+            _point(ops, ptab, lo + p, own)
+            _forward(x, idx[p], mean, std, params, own, nb, act, logits, True, aug, seeds[p] if seeds.shape[0] else 0)
+            loss[p] = _backward(y[p], params, own, head, nb, act, logits, grads, dact, smoothing)
 
 
 @njit(parallel=True, cache=True)
@@ -604,16 +602,16 @@ def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, b
     nb, k_out, n = idx.shape[1], head[HEAD_K], idx.shape[0]
     for t in prange(threads):
         act = np.empty(scratch, np.float32)
-        row = np.empty(ptab[:, 1].sum(), np.float32)
+        own = ops.copy()
         logits = np.empty((k_out, nb), np.float32)
         right = np.zeros(-(-nb // 8) * 8, np.uint8)
         no_aug = np.zeros(4, np.int64)  # evaluation never augments
         for p in range(t, n, threads):
-            _move_row(params, ptab, p, row, True)
+            _point(ops, ptab, p, own)
             # evaluation shows every network the same examples: the input layer is gathered once per thread
             # (its gather and shifted copies cost 10% of an evaluation pass)
             gather = p < threads or not np.array_equal(idx[p], idx[p - threads])
-            _forward(x, idx[p], mean, std, row, ops, nb, act, logits, gather, no_aug, 0)
+            _forward(x, idx[p], mean, std, params, own, nb, act, logits, gather, no_aug, 0)
             total = np.float32(0)
             for b in range(nb):
                 best, at, m = logits[0, b], 0, logits[0, b]
@@ -648,17 +646,19 @@ def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, b
 
 
 @njit(cache=True)
-def _move_row(flat, ptab, p, row, into_row):
-    """Network p's parameters between the flat layer-major buffer and one contiguous row: into the row, or
-    (into_row False) back into the buffer."""
-    o = 0
-    for j in range(ptab.shape[0]):
-        base, n = ptab[j, 0] + p * ptab[j, 1], ptab[j, 1]
-        if into_row:
-            row[o:o + n] = flat[base:base + n]
-        else:
-            flat[base:base + n] = row[o:o + n]
-        o += n
+def _point(ops, ptab, p, own):
+    """own: the op table ops with its parameter offsets (WOFF, BOFF: into one network's parameter row) moved to
+    where network p's parameters lie in a population's flat buffers, whose tensor j starts at ptab[j, 0] and holds
+    ptab[j, 1] floats per network, network after network. The kernels then read the weights and write the gradients
+    in place: copying each network's row in and its gradient out cost 20% of the mlp's training kernel."""
+    for l in range(ops.shape[0]):
+        for col in (WOFF, BOFF):
+            off, start = ops[l, col], 0
+            for j in range(ptab.shape[0]):
+                if off < start + ptab[j, 1]:
+                    own[l, col] = ptab[j, 0] + p * ptab[j, 1] + off - start
+                    break
+                start += ptab[j, 1]
 
 
 @intrinsic
