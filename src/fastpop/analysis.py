@@ -21,10 +21,10 @@ import numpy as np
 
 from . import metrics as M
 from .errors import UsageError
-from .rundir import atomic_write, same_data, write_npy
+from .rundir import atomic_write, load_file, same_data, write_npy
 from .run import Run
 
-FORMAT = 1  # bump when what an Analysis holds changes, so saved ones stop counting as current
+FORMAT = 2  # bump when what an Analysis holds changes, so saved ones stop counting as current
 KAPPA_MAX_NETS = 2000  # all-pairs kappa over at most this many networks (a fixed random subset above it)
 
 
@@ -40,6 +40,8 @@ class Analysis:
     split_half: dict | None
     pairwise_spearman: dict | None
     forgetting: dict
+    class_conditional: dict | None = None  # the class-conditional null, within-class rho and kappa (needs labels)
+    intervals: dict | None = None  # bootstrap intervals of the headline numbers (metrics.bootstrap)
     extra: dict = field(default_factory=dict)  # consensus, cscore_mean, margins: where the run recorded them
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -128,9 +130,18 @@ def group_label(run: Run, group: int) -> str:
     return ", ".join(f"{k}={v}" for k, v in run.groups[group].items() if k != "networks")
 
 
-def analyze(run: Run, split: str = "test", checkpoint: int = -1, group: int | None = None) -> Analysis:
+def labels(run: Run, split: str) -> np.ndarray | None:
+    """int64 [N]: each example's label as the networks were trained on it (original class ids; the permuted ones
+    of --labels random), from the run directory; None for a run that predates the file."""
+    found = load_file(run.path, run.manifest, f"{split}.label.npy")
+    return None if found is None else np.asarray(found, np.int64)
+
+
+def analyze(run: Run, split: str = "test", checkpoint: int = -1, group: int | None = None,
+            draws: int = M.DRAWS, seed: int = M.SEED) -> Analysis:
     """Every metric of one split, at every checkpoint where it has one and at `checkpoint` (default the last); of
-    one group's networks of a grid run when `group` is given."""
+    one group's networks of a grid run when `group` is given. `draws` bootstrap draws (0: no intervals), seeded
+    with `seed`, give the 95% intervals of the headline numbers."""
     run.require_checkpoint()
     nets = group_networks(run, group)
     rec = M.as_record(run, split=split)
@@ -147,21 +158,29 @@ def analyze(run: Run, split: str = "test", checkpoint: int = -1, group: int | No
     speed = M.speed_counts(rec)
     forget = M.forgetting(rec)
     never = forget.never.mean(0, dtype=np.float32)
+    correct = rec.checkpoint(t_sel).dense()[0]
+    found = labels(run, split)
+    index = M.class_index(found, rec.n)[1] if found is not None else None
+    conditional = None
+    if index is not None:
+        conditional = M.class_conditional_summary(counts[t_sel], M.class_accuracy(correct, index, index.max() + 1),
+                                                  index)
     result = Analysis(
         identity=identity(run, split, t_sel, group), accuracy=_spread(acc[t_sel]), agreement=per_checkpoint[t_sel],
-        per_checkpoint=per_checkpoint, kappa=_kappa(kappa),
-        split_half=M.split_half(speed) if rec.p > 1 else None,
+        per_checkpoint=per_checkpoint, kappa=_kappa(kappa), class_conditional=conditional,
+        intervals=M.agreement_intervals(correct, index, draws, seed) if draws and rec.p > 1 else None,
+        split_half=M.split_half(speed, seed=seed, draws=draws) if rec.p > 1 else None,
         pairwise_spearman=M.pairwise_spearman(speed) if rec.p > 1 else None,
         forgetting={"events": int(forget.events.sum(dtype=np.int64)),
                     "never_learned_pairs": int(forget.never.sum()), "never_learned_by_all": int((never == 1).sum()),
                     "pairs": rec.p * rec.n},
         arrays={"tpa": (counts / rec.p).astype(np.float32), "accessibility": speed.counts.sum(0) / (rec.t * rec.p),
                 "forgetting": forget.events.sum(0, dtype=np.int32), "never_learned": never})
-    _extras(run, split, t_sel, result, nets)
+    _extras(run, split, t_sel, result, nets, draws, seed)
     return result
 
 
-def _extras(run: Run, split: str, t_sel: int, result: Analysis, nets: slice) -> None:
+def _extras(run: Run, split: str, t_sel: int, result: Analysis, nets: slice, draws: int, seed: int) -> None:
     """The C-score, the consensus of predictions and the margin scores, where the run recorded what they need;
     how many of the networks diverged, where some did."""
     if run.diverged:
@@ -172,14 +191,20 @@ def _extras(run: Run, split: str, t_sel: int, result: Analysis, nets: slice) -> 
         result.extra["cscore_mean"] = float(np.nanmean(cs.values)) if np.isfinite(cs.values).any() else None
     labels = run.predictions(split)
     if labels is not None:
-        consensus = M.consensus_agreement(np.asarray(labels)[:, nets], split).agreement
+        predicted = np.asarray(labels)[:, nets]
+        consensus = M.consensus_agreement(predicted, split).agreement
         result.arrays["consensus"] = consensus.astype(np.float32)
         classes = run.config.classes or run.manifest.get("dataset", {}).get("classes") or 0
         k = len(classes) if isinstance(classes, list) else int(classes)
+        p = predicted.shape[1]
         result.extra["consensus"] = {
             "mean": float(consensus[t_sel].mean()), "classes": k,
-            "chance": M.chance_agreement(k, len(run.seeds)) if k else None,
+            "chance": M.chance_agreement(k, p) if k else None,
+            "chance_own_frequencies": M.chance_agreement_own(predicted[t_sel]),
             "histogram": np.histogram(consensus[t_sel], bins=10, range=(0, 1))[0].tolist()}
+        if draws:  # the mean over examples, resampled
+            means = M.example_weights(consensus.shape[1], draws, seed) @ consensus[t_sel] / consensus.shape[1]
+            result.extra["consensus"]["interval"] = M.percentile_interval(means)
     margins = {}
     if run.margins(split) is not None:
         result.arrays["aum"] = M.aum(run.margins(split)[:, nets], split).values
@@ -303,9 +328,12 @@ class Comparison:
         return path
 
 
-def compare(runs: list[Run], split: str = "test", threshold: float = 0.5) -> Comparison:
+def compare(runs: list[Run], split: str = "test", threshold: float = 0.5, draws: int = M.DRAWS,
+            seed: int = M.SEED) -> Comparison:
     """Cross-population order agreement on the same examples, for every pair of `runs`; one grid run's groups are
-    compared as populations."""
+    compared as populations. Each pair's numbers come with their chance baselines (a permutation null of the
+    Spearman, plain and within classes; containment under independent overlap, plain and within classes) and,
+    with draws > 0, 95% bootstrap intervals over networks and over examples."""
     groups = [None]
     if len(runs) == 1 and runs[0].groups:
         groups = list(range(len(runs[0].groups)))
@@ -320,13 +348,16 @@ def compare(runs: list[Run], split: str = "test", threshold: float = 0.5) -> Com
             raise UsageError(f"{first.path} and {run.path} were not trained on the same data; their {split} splits "
                              "cannot be compared")
     n = first.n(split)
-    access, final, info = [], [], []
+    found = labels(first, split)
+    index = M.class_index(found, n)[1] if found is not None else None
+    access, final, speeds, info = [], [], [], []
     for run, group in zip(runs, groups):
         rec = M.as_record(run, split=split)
         if group is not None:
             rec = rec.networks(np.arange(len(run.seeds))[group_networks(run, group)])
-        access.append(M.accessibility(rec).values)
-        final.append(M.tpa_counts(rec.checkpoint(-1)).counts[0] / rec.p)
+        speeds.append(M.speed_counts(rec).counts)
+        access.append(speeds[-1].sum(0, dtype=np.int64) / (rec.t * rec.p))
+        final.append(rec.checkpoint(-1).dense()[0])
         name = str(run.path) if group is None else f"{run.path} ({group_label(run, group)})"
         info.append({"run": name, "arch": run.config.arch, "P": rec.p, "T": rec.t,
                      "mean_final_accuracy": float(final[-1].mean()),
@@ -340,12 +371,28 @@ def compare(runs: list[Run], split: str = "test", threshold: float = 0.5) -> Com
     for a in range(len(runs)):
         for b in range(a + 1, len(runs)):
             weak, strong = (a, b) if info[a]["mean_final_accuracy"] <= info[b]["mean_final_accuracy"] else (b, a)
-            c = M.containment(final[weak], final[strong], threshold)
-            pairs.append({"a": a, "b": b, "spearman_accessibility": M.spearman(access[a], access[b]),
-                          "examples": n, "weaker": info[weak]["run"], "stronger": info[strong]["run"],
-                          "weak_learned_also_by_strong": c["a_in_b"], "strong_learned_also_by_weak": c["b_in_a"],
-                          "learned_by_weak": c["learned_a"], "learned_by_strong": c["learned_b"],
-                          "learned_by_both": c["learned_both"]})
+            tpa_w, tpa_s = final[weak].mean(0), final[strong].mean(0)
+            c = M.containment(tpa_w, tpa_s, threshold)
+            pair = {"a": a, "b": b, "spearman_accessibility": M.spearman(access[a], access[b]),
+                    "examples": n, "weaker": info[weak]["run"], "stronger": info[strong]["run"],
+                    "weak_learned_also_by_strong": c["a_in_b"], "strong_learned_also_by_weak": c["b_in_a"],
+                    "learned_by_weak": c["learned_a"], "learned_by_strong": c["learned_b"],
+                    "learned_by_both": c["learned_both"],
+                    "spearman_permutation_null": M.permutation_null(access[a], access[b], None, draws or M.DRAWS,
+                                                                    seed)}
+            if index is not None:
+                pair["spearman_permutation_null_within_class"] = M.permutation_null(
+                    access[a], access[b], index, draws or M.DRAWS, seed)
+            expected = M.containment_expected(tpa_w >= threshold, tpa_s >= threshold, index)
+            pair["containment_expected"] = {k.replace("a_in_b", "weak_learned_also_by_strong").replace(
+                "b_in_a", "strong_learned_also_by_weak"): v for k, v in expected.items()}
+            if draws:
+                pair["spearman_interval"] = M.spearman_intervals(speeds[a], speeds[b], draws, seed)
+                ci = M.containment_intervals(final[weak], final[strong], threshold, draws, seed)
+                pair["containment_interval"] = {unit: {"weak_learned_also_by_strong": v["a_in_b"],
+                                                       "strong_learned_also_by_weak": v["b_in_a"]}
+                                                for unit, v in ci.items() if unit in ("networks", "examples")}
+            pairs.append(pair)
     dataset = first.manifest.get("dataset", {}).get("name", first.config.dataset)
     return Comparison(dataset, split, n, threshold, info, pairs, warns, np.stack(access))
 

@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     analyze.add_argument("--group", type=int, help="a grid run: only this group (default: each group in turn, "
                          "saved under OUT/group-G)")
+    _bootstrap_options(analyze)
 
     report = sub.add_parser("report", help="figures and report.html (reuses a current analysis)")
     report.add_argument("run", metavar="RUN")
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--threshold", type=float, default=0.5, help="final TPA at which an example counts as learned")
     compare.add_argument("--out", help="folder for compare.json and the figures (default compare-NAMES-HASH here)")
     compare.add_argument("--json", action="store_true", help="print the result as JSON")
+    _bootstrap_options(compare)
 
     bench = sub.add_parser("bench", help="training throughput: fastpop vs torch.func vmap, a grouped conv and a "
                            "loop of modules")
@@ -396,13 +398,26 @@ def _bench(args) -> int:
     return 0
 
 
+def _bootstrap_options(parser) -> None:
+    parser.add_argument("--draws", type=int, default=1000, help="bootstrap draws of the 95%% intervals (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the random splits")
+
+
+def _check_bootstrap(args) -> None:
+    if not 0 <= args.draws <= 100_000:
+        raise UsageError(f"--draws must be in 0..100,000, got {args.draws}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {args.seed}")
+
+
 def _analyze(args) -> int:
     from .analysis import analyze
     from .run import load_run
 
+    _check_bootstrap(args)
     run = load_run(args.run)
     groups = [args.group] if args.group is not None else list(range(len(run.groups))) if run.groups else [None]
-    results = [analyze(run, args.split, args.checkpoint, g) for g in groups]  # all computed before anything is written
+    results = [analyze(run, args.split, args.checkpoint, g, args.draws, args.seed) for g in groups]  # all computed before anything is written
     written = []
     for g, result in zip(groups, results):
         folder = None if not args.out else Path(args.out) / f"group-{g}" if g is not None else args.out
@@ -449,8 +464,9 @@ def _compare(args) -> int:
 
     if not 0 < args.threshold <= 1:
         raise UsageError("--threshold must be in (0, 1]")
+    _check_bootstrap(args)
     runs = [load_run(p) for p in args.runs]
-    result = compare(runs, args.split, args.threshold)
+    result = compare(runs, args.split, args.threshold, args.draws, args.seed)
     out = Path(args.out) if args.out else default_compare_out(runs)
     from .report import write_compare_figure
 

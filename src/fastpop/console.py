@@ -151,13 +151,37 @@ def print_comparison(result: "Comparison", console: Console | None = None) -> No
     for pair in result.pairs:
         weak = pair["weaker"]
         console.print(f"[{pair['a']}] vs [{pair['b']}] on {result.n} {result.split} examples: Spearman of "
-                      f"accessibility {pair['spearman_accessibility']:.4f}; weaker {weak} "
-                      f"(final TPA >= {result.threshold} counts as learned)")
+                      f"accessibility {pair['spearman_accessibility']:.4f}{_intervals(pair.get('spearman_interval'))}; "
+                      f"weaker {weak} (final TPA >= {result.threshold} counts as learned)")
+        for key, text in (("spearman_permutation_null", "examples shuffled"),
+                          ("spearman_permutation_null_within_class", "examples shuffled within classes")):
+            if key in pair:
+                null = pair[key]
+                console.print(f"  Spearman's permutation null ({text}, {null['draws']} draws): mean "
+                              f"{null['null_mean']:.4f}, 97.5th percentile {null['null_q975']:.4f}, p = "
+                              f"{null['p_value']:.2g}")
         both = pair["learned_by_both"]
-        console.print("  learned by the weaker and also by the stronger: "
-                      + _fraction(pair["weak_learned_also_by_strong"], both, pair["learned_by_weak"]))
-        console.print("  learned by the stronger and also by the weaker: "
-                      + _fraction(pair["strong_learned_also_by_weak"], both, pair["learned_by_strong"]))
+        expected, ci = pair.get("containment_expected", {}), pair.get("containment_interval")
+        for key, text in (("weak_learned_also_by_strong", "learned by the weaker and also by the stronger"),
+                          ("strong_learned_also_by_weak", "learned by the stronger and also by the weaker")):
+            count = pair["learned_by_weak" if key.startswith("weak") else "learned_by_strong"]
+            line = f"  {text}: " + _fraction(pair[key], both, count)
+            if ci:
+                line += _intervals({unit: ci[unit][key] for unit in ci})
+            if key in expected:
+                line += f"; independent overlap {expected[key]:.4f}"
+                if f"{key}_within_class" in expected:
+                    line += f", within classes {expected[f'{key}_within_class']:.4f}"
+            console.print(line)
+
+
+def _intervals(iv: dict | None) -> str:
+    """" [95% CI networks lo-hi; examples lo-hi]" from {"networks": [lo, hi], "examples": [lo, hi]}."""
+    if not iv:
+        return ""
+    parts = [f"{unit} {iv[unit][0]:.3f}-{iv[unit][1]:.3f}" for unit in ("networks", "examples")
+             if unit in iv and iv[unit][0] is not None and iv[unit][0] == iv[unit][0]]
+    return f" [95% CI {'; '.join(parts)}]" if parts else ""
 
 
 def _fraction(value: float, k: int, m: int) -> str:

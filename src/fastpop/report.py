@@ -238,36 +238,73 @@ def _html(run: Run, result: Analysis, figures: list[tuple[str, str]]) -> str:
             f"{imgs}</body></html>\n")
 
 
+def _ci(interval) -> str:
+    """A 95% interval as "[lo, hi]" ("" when there is none)."""
+    if not interval or interval[0] is None or not np.isfinite(interval).all():
+        return ""
+    return f" [{interval[0]:.3g}, {interval[1]:.3g}]"
+
+
+def _units(intervals: dict | None, key: str) -> tuple[str, str]:
+    """(label suffix, value suffix) for the 95% intervals of one statistic over networks and over examples, where
+    computed: (" [95% CI: networks; examples]", " [lo, hi; lo, hi]")."""
+    if not intervals:
+        return "", ""
+    units = [u for u in ("networks", "examples") if key in intervals.get(u, {}) and _ci(intervals[u][key])]
+    if not units:
+        return "", ""
+    values = "; ".join(_ci(intervals[u][key]).strip()[1:-1] for u in units)
+    return f" [95% CI over {'; '.join(units)}]", f" [{values}]"
+
+
+def _with_ci(name: str, value: float, intervals: dict | None, key: str) -> tuple[str, str]:
+    label, ci = _units(intervals, key)
+    return f"{name}{label}", f"{value:.4f}{ci}"
+
+
 def summary_rows(result: Analysis) -> list[tuple[str, str]]:
-    """(measure, value) rows of an Analysis, shared by the console and the html report."""
+    """(measure, value) rows of an Analysis, shared by the console and the html report. Intervals are 95%
+    percentile bootstrap intervals over networks and over examples (metrics.bootstrap)."""
     i, a, g, k = result.identity, result.accuracy, result.agreement, result.kappa
-    f = result.forgetting
+    f, cc, iv = result.forgetting, result.class_conditional, result.intervals
+    nulls = "binomial / Poisson-binomial" + (" / class-conditional" if cc else "")
     rows = [("run", i["run"]), ("networks P / examples N / checkpoints T", f"{i['P']} / {i['N']} / {i['T']}"),
             ("checkpoint (epoch)", f"{i['checkpoint']} ({_epoch(i['epoch'])})"),
-            ("accuracy mean (std, min, max)", f"{a['mean']:.4f} ({a['std']:.4f}, {a['min']:.4f}, {a['max']:.4f})"),
-            ("mass at TPA = 0: observed / binomial / Poisson-binomial",
-             f"{g['mass0']:.4f} ({g['count0']} of {g['N']}) / {g['mass0_binomial']:.3g} / "
-             f"{g['mass0_poisson_binomial']:.3g}"),
-            ("mass at TPA = 1: observed / binomial / Poisson-binomial",
-             f"{g['mass1']:.4f} ({g['count1']} of {g['N']}) / {g['mass1_binomial']:.3g} / "
-             f"{g['mass1_poisson_binomial']:.3g}"),
-            ("TV distance to binomial / Poisson-binomial", f"{g['tv_binomial']:.4f} / {g['tv_poisson_binomial']:.4f}"),
-            ("over-dispersion rho", f"{g['rho']:.4f}"), ("Fleiss kappa", f"{g['fleiss_kappa']:.4f}"),
-            (f"mean pairwise error-consistency kappa ({k['networks']} networks, {k['pairs']} pairs)",
-             f"{k['mean']:.4f}"),
-            ("forgetting events (all networks); network-example pairs never learned",
-             f"{f['events']}; {f['never_learned_pairs']} of {f['pairs']}")]
+            ("accuracy mean (std, min, max)", f"{a['mean']:.4f} ({a['std']:.4f}, {a['min']:.4f}, {a['max']:.4f})")]
+    for m in ("0", "1"):
+        null = f"{g[f'mass{m}_binomial']:.3g} / {g[f'mass{m}_poisson_binomial']:.3g}" + (
+            f" / {cc[f'mass{m}_class_conditional']:.3g}" if cc else "")
+        label, ci = _units(iv, f"mass{m}")
+        rows.append((f"mass at TPA = {m}: observed{label} / {nulls}",
+                     f"{g[f'mass{m}']:.4f} ({g[f'count{m}']} of {g['N']}){ci} / {null}"))
+    rows += [(f"TV distance to {nulls}", f"{g['tv_binomial']:.4f} / {g['tv_poisson_binomial']:.4f}"
+              + (f" / {cc['tv_class_conditional']:.4f}" if cc else "")),
+             _with_ci("over-dispersion rho", g["rho"], iv, "rho"),
+             _with_ci("Fleiss kappa", g["fleiss_kappa"], iv, "fleiss_kappa")]
+    if cc:
+        rows += [_with_ci("within-class rho", cc["rho_within_class"], iv, "rho_within_class"),
+                 _with_ci("within-class Fleiss kappa", cc["kappa_within_class"], iv, "kappa_within_class")]
+    rows += [(f"mean pairwise error-consistency kappa ({k['networks']} networks, {k['pairs']} pairs)",
+              f"{k['mean']:.4f}"),
+             ("forgetting events (all networks); network-example pairs never learned",
+              f"{f['events']}; {f['never_learned_pairs']} of {f['pairs']}")]
     if result.split_half:
         sh, pw = result.split_half, result.pairwise_spearman
-        rows.append((f"split-half Spearman of accessibility, halves {sh['halves'][0]} + {sh['halves'][1]} "
-                     "(Spearman-Brown)", f"{sh['r']:.4f} ({sh['spearman_brown']:.4f})"))
+        ci = _ci(sh.get("spearman_brown_interval"))
+        rows.append((f"split-half Spearman-Brown of accessibility: mean over {sh.get('splits', 1)} random splits "
+                     f"into {sh['halves'][0]} + {sh['halves'][1]} (sd over splits){' [95% CI over examples]' if ci else ''}",
+                     f"{sh['spearman_brown']:.4f} ({sh.get('spearman_brown_std', float('nan')):.4f}){ci}"))
         rows.append((f"mean pairwise Spearman of per-network speed ({pw['defined_pairs']} of {pw['pairs']} pairs "
                      "defined)", f"{pw['mean']:.4f}"))
     extra = result.extra
     if "consensus" in extra:
         c = extra["consensus"]
-        chance = f", chance {c['chance']:.4f}" if c.get("chance") is not None else ""
-        rows.append(("agreement with the plurality prediction", f"{c['mean']:.4f}{chance}"))
+        chance = f"; chance: uniform guesses {c['chance']:.4f}" if c.get("chance") is not None else ""
+        if c.get("chance_own_frequencies") is not None:
+            chance += f", each network's own label frequencies {c['chance_own_frequencies']:.4f}"
+        rows.append(("agreement with the plurality prediction" + (" [95% CI over examples]" if c.get("interval")
+                                                                   else ""),
+                     f"{c['mean']:.4f}{_ci(c.get('interval'))}{chance}"))
     if extra.get("cscore_mean") is not None:
         rows.append(("mean C-score (held-out networks' accuracy)", f"{extra['cscore_mean']:.4f}"))
     if extra.get("diverged"):

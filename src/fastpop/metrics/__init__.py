@@ -13,14 +13,23 @@ larger ones with cached numba kernels on packed uint64 words, imported only then
 
 from .agree import (TPA, Accuracy, Agreement, ErrorConsistency, accuracy, agreement, agreement_summary,
                         error_consistency, kappa_summary, tpa_counts)
-from .consensus import Consensus, chance_agreement, consensus_agreement
+from .bootstrap import (DRAWS, LEVEL, SEED, agreement_intervals, containment_expected, containment_intervals,
+                        example_weights,
+                        permutation_null, spearman_intervals)
+from .classes import class_accuracy, class_conditional, class_conditional_summary, class_index
+from .consensus import Consensus, chance_agreement, chance_agreement_own, consensus_agreement
 from .margins import AUM, EL2N, Cartography, MarginForgetting, aum, cartography, el2n, margin_forgetting
 from .order import (Accessibility, CScore, Forgetting, LearnedAt, Speed, accessibility, containment, cscore,
                     forgetting, learned_at, pairwise_spearman, speed_counts, split_half)
 from .record import DEFAULT_SPLIT, NUMPY_MAX_CELLS, Record, as_record, pack, unpack
-from .stats import binomial_pmf, fleiss_kappa, poisson_binomial_pmf, rank, spearman
+from .stats import (binomial_pmf, fleiss_kappa, percentile_interval, poisson_binomial_pmf, poisson_binomial_pmfs, rank,
+                    spearman)
 
 __all__ = ["AUM", "Accessibility", "Accuracy", "Agreement", "CScore", "Cartography", "Consensus", "DEFAULT_SPLIT",
+           "DRAWS", "LEVEL", "SEED", "agreement_intervals", "chance_agreement_own", "class_accuracy",
+           "class_conditional", "class_conditional_summary", "class_index", "containment_expected",
+           "containment_intervals", "percentile_interval", "permutation_null", "poisson_binomial_pmfs",
+           "spearman_intervals", "example_weights",
            "EL2N", "ErrorConsistency", "Forgetting", "LearnedAt", "MarginForgetting", "NUMPY_MAX_CELLS", "Record",
            "Speed", "TPA", "accessibility", "accuracy", "agreement", "agreement_summary", "as_record", "aum",
            "binomial_pmf", "cartography", "chance_agreement", "consensus_agreement", "containment", "cscore", "el2n",
