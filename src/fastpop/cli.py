@@ -548,11 +548,16 @@ def _experiment(args) -> int:
     with progress_display(args.quiet, per_run=True) as bar:
         path = paper(args.out, args.dataset, args.nets, args.epochs, args.data_dir, bar.update)
     summary = json.loads((path.parent / "summary.json").read_text())
+    ci = lambda iv: f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv and None not in iv else ""  # noqa: E731
     for name, row in summary["populations"].items():
-        print(f"{name:26s} acc {row['mean_accuracy']:.3f}  TPA=1 {row['mass1']:.3f} (null {row['mass1_null']:.2g})"
-              f"  rho {row['rho']:.3f}")
+        null = row["mass1_class_null"] if row.get("mass1_class_null") is not None else row["mass1_null"]
+        print(f"{name:40s} acc {row['mean_accuracy']:.3f}  TPA=1 {row['mass1']:.3f}{ci(row['mass1_ci_examples'])} "
+              f"(class-conditional null {null:.2g})  rho {row['rho']:.3f}{ci(row['rho_ci_networks'])}"
+              + (f"  within-class rho {row['rho_within_class']:.3f}" if row.get("rho_within_class") is not None
+                 else ""))
     for name, row in summary["cross_architecture"].items():
-        print(f"{name:26s} Spearman {row['spearman_accessibility']:.3f}  containment "
-              f"{row['weak_learned_also_by_strong']:.3f} / {row['strong_learned_also_by_weak']:.3f}")
+        print(f"{name:40s} Spearman {row['spearman_accessibility']:.3f}{ci(row['spearman_ci_examples'])}  "
+              f"containment {row['weak_learned_also_by_strong']:.3f} (independent overlap "
+              f"{row['containment_expected']:.3f})")
     print(f"wrote {path}")
     return 0

@@ -141,7 +141,7 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
     if "consensus" in arrays and "consensus" in result.extra:
         figures.append(("Agreement of predicted labels", draw_consensus(
             arrays["consensus"][ident["checkpoint"]], result.extra["consensus"].get("chance"), result.title,
-            folder)))
+            folder, chance_own=result.extra["consensus"].get("chance_own_frequencies"))))
     if "confidence" in arrays:
         figures.append(("Data map: dataset cartography", draw_data_map(arrays, result.title, folder)))
     gallery = draw_gallery(run, result, folder)
@@ -213,14 +213,19 @@ def draw_data_map(arrays: dict, title: str, folder: Path) -> str:
 
 
 def draw_consensus(agreement: np.ndarray, chance: float | None, title: str, folder: Path,
-                   name: str = "consensus") -> str:
-    """Histogram of the plurality agreement per example, with the level of chance (independent uniform guesses)."""
+                   name: str = "consensus", chance_own: float | None = None) -> str:
+    """Histogram of the plurality agreement per example, with its mean and two levels of chance: independent
+    uniform guesses, and independent guesses from each network's own label frequencies."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.4, 3.6), layout="constrained")
     ax.hist(agreement, bins=20, range=(0, 1), color="tab:cyan", histtype="stepfilled")
+    ax.axvline(float(np.mean(agreement)), color="tab:blue", lw=1.5, label=f"mean ({np.mean(agreement):.2f})")
     if chance is not None:
         ax.axvline(chance, color="black", ls="--", lw=1, label=f"chance: independent uniform guesses ({chance:.2f})")
-        ax.legend(fontsize=8)
+    if chance_own is not None:
+        ax.axvline(chance_own, color="black", ls=":", lw=1.2,
+                   label=f"chance: each network's own label frequencies ({chance_own:.2f})")
+    ax.legend(fontsize=7)
     ax.set(xlabel="fraction of networks agreeing with the plurality label", ylabel="examples",
            title=f"Agreement of predictions\n{title}")
     return _save(fig, folder, name)

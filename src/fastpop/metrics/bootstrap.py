@@ -110,8 +110,9 @@ def _network_draws(correct, acc, onehot, draws, seed) -> dict:
         pbar = tpa.mean(1)
         v0 = ((w * w) @ v) / pb**2
         res["rho"][sl] = _rho(tpa.var(1), pbar, v0)
-        pairs = pb**2 - qb
-        po = ((k * k - s + (pb[:, None] - k) ** 2 - (qb[:, None] - s)) / pairs[:, None]).mean(1)
+        pairs = pb**2 - qb  # 0 when a draw holds copies of one network alone: kappa undefined (NaN)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            po = ((k * k - s + (pb[:, None] - k) ** 2 - (qb[:, None] - s)) / pairs[:, None]).mean(1)
         res["fleiss_kappa"][sl] = _kappa(po, pbar**2 + (1 - pbar) ** 2)
         if onehot is not None:
             rho_w, kap_w = _within(tpa, onehot.sum(0)[None], tpa @ onehot, (tpa * tpa) @ onehot,
