@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 
 from fastpop.metrics import pack
-from fastpop.rundir import FORMAT, row_checksum, write_manifest
+from fastpop.rundir import FORMAT, file_sha256, row_checksum, write_manifest
 
 
 def write_run(path: Path, correct: dict, epochs: list[float], record=(), seed: int = 0, labels_sha="0" * 64,
-              classes: int = 10) -> Path:
+              classes: int = 10, labels: dict | None = None) -> Path:
     """correct: split -> bool [T, P, N]. Margins are drawn to agree in sign with correct; losses and predictions
-    follow from them."""
+    follow from them. labels: split -> int64 [N], written as {split}.label.npy (as training writes them)."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True)
     t, p = next(iter(correct.values())).shape[:2]
@@ -38,12 +38,20 @@ def write_run(path: Path, correct: dict, epochs: list[float], record=(), seed: i
                        "images_sha256": labels_sha} for s, c in correct.items()},
         "steps_per_epoch": 10, "total_steps": 10 * len(epochs),
         "checkpoints": [{"step": 10 * (i + 1), "epoch": e} for i, e in enumerate(epochs)],
-        "checkpoints_done": t, "files": {}, "diverged": {}, "predictions": False, "backend": "numba",
+        "checkpoints_done": t, "files": _label_files(path, labels or {}), "diverged": {}, "predictions": False, "backend": "numba",
         "device": "cpu"}
     manifest["checksums"] = {name: {str(i): row_checksum(arr[i], manifest, *name.split("."), i) for i in range(t)}
                              for name, arr in sums.items()}
     write_manifest(path, manifest)
     return path
+
+
+def _label_files(path: Path, labels: dict) -> dict:
+    files = {}
+    for split, y in labels.items():
+        np.save(path / f"{split}.label.npy", np.asarray(y, np.int64))
+        files[f"{split}.label.npy"] = file_sha256((path / f"{split}.label.npy").read_bytes())
+    return files
 
 
 def random_correct(t: int, p: int, n: int, seed: int = 0) -> np.ndarray:

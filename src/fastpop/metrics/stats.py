@@ -51,17 +51,11 @@ def poisson_binomial_pmfs(q) -> np.ndarray:
         raise UsageError("probabilities must be a 2-d array [C, P] in [0, 1] with P >= 1")
     c, p = q.shape
     if p <= POISSON_BINOMIAL_NUMPY_MAX:
-        pmf = np.zeros((c, p + 1))
-        pmf[:, 0] = 1.0
-        for i in range(p):
-            qi = q[:, i: i + 1]
-            pmf[:, 1: i + 2] = pmf[:, 1: i + 2] * (1.0 - qi) + pmf[:, : i + 1] * qi
-            pmf[:, 0] *= 1.0 - qi[:, 0]
-        return pmf
+        return _dp_rows(q)
     blocks = -(-p // 64)  # the DP within blocks of 64 networks (q = 0 pads: the factor 1), FFT products above
     qb = np.zeros((c, blocks * 64))
     qb[:, :p] = q
-    polys = poisson_binomial_pmfs(qb.reshape(c * blocks, 64)).reshape(c, blocks, 65)
+    polys = _dp_rows(qb.reshape(c * blocks, 64)).reshape(c, blocks, 65)
     while polys.shape[1] > 1:
         if polys.shape[1] % 2:  # pad with the polynomial 1
             one = np.zeros((c, 1, polys.shape[2]))
@@ -76,6 +70,18 @@ def poisson_binomial_pmfs(q) -> np.ndarray:
         pmf[:, 0] = np.exp(np.log1p(-q).sum(1))
         pmf[:, p] = np.exp(np.log(q).sum(1))
     return pmf / pmf.sum(1, keepdims=True)
+
+
+def _dp_rows(q: np.ndarray) -> np.ndarray:
+    """The DP of poisson_binomial_pmf over every row of q [C, P] at once."""
+    c, p = q.shape
+    pmf = np.zeros((c, p + 1))
+    pmf[:, 0] = 1.0
+    for i in range(p):
+        qi = q[:, i: i + 1]
+        pmf[:, 1: i + 2] = pmf[:, 1: i + 2] * (1.0 - qi) + pmf[:, : i + 1] * qi
+        pmf[:, 0] *= 1.0 - qi[:, 0]
+    return pmf
 
 
 def percentile_interval(values, level: float = 0.95, observed: float | None = None) -> list[float]:
