@@ -236,6 +236,16 @@ def test_containment_expected_under_independent_overlap():
         M.containment_expected(la, lb)["a_in_b"], abs=0.02)
 
 
+def test_recentred_intervals_stay_in_the_statistics_range():
+    rng = np.random.default_rng(12)
+    a = rng.random((15, 80)) < 0.97  # the weaker learns almost all; the stronger everything
+    ci = M.containment_intervals(a, np.ones((15, 80), bool), 0.5, draws=200)
+    for unit in ("networks", "examples"):
+        for lo, hi in ci[unit].values():
+            assert 0 <= lo <= hi <= 1
+    assert S.percentile_interval([0.9, 0.95, 1.0], observed=1.0, bounds=(0, 1))[1] == 1.0
+
+
 def test_chance_of_plurality_agreement_with_each_networks_own_frequencies():
     always = np.zeros((7, 30), np.int64)
     assert M.chance_agreement_own(always) == 1.0

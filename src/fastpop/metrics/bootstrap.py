@@ -211,7 +211,7 @@ def spearman_intervals(speed_a: np.ndarray, speed_b: np.ndarray, draws: int = DR
         a, b = (multiplicities(rng, len(g), sl.stop - sl.start) @ g for g, rng in sides)
         rn[sl] = rowwise_spearman(a, b)
     obs = float(rowwise_spearman(mean_a[None], mean_b[None])[0])
-    return {"networks": percentile_interval(rn, level, obs), "examples": percentile_interval(rs, level),
+    return {"networks": percentile_interval(rn, level, obs, (-1.0, 1.0)), "examples": percentile_interval(rs, level),
             "draws": draws, "seed": seed, "level": level}
 
 
@@ -284,8 +284,8 @@ def containment_intervals(final_a: np.ndarray, final_b: np.ndarray, threshold: f
         learned = [(w @ g) / (w @ size)[:, None] >= threshold for w, (g, size, _) in zip(ws, sides)]
         nets[0, sl], nets[1, sl] = fractions(*learned)
     obs = fractions(la, lb)
-    return {"networks": {"a_in_b": percentile_interval(nets[0], level, obs[0]),
-                         "b_in_a": percentile_interval(nets[1], level, obs[1])},
+    return {"networks": {"a_in_b": percentile_interval(nets[0], level, obs[0], (0.0, 1.0)),
+                         "b_in_a": percentile_interval(nets[1], level, obs[1], (0.0, 1.0))},
             "examples": {"a_in_b": percentile_interval(ex[0], level), "b_in_a": percentile_interval(ex[1], level)},
             "draws": draws, "seed": seed, "level": level}
 

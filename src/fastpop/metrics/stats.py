@@ -84,19 +84,20 @@ def _dp_rows(q: np.ndarray) -> np.ndarray:
     return pmf
 
 
-def percentile_interval(values, level: float = 0.95, observed: float | None = None) -> list[float]:
+def percentile_interval(values, level: float = 0.95, observed: float | None = None,
+                        bounds: tuple[float, float] = (-np.inf, np.inf)) -> list[float]:
     """[lo, hi]: the central `level` percentile interval of bootstrap draws, NaN draws left out ([NaN, NaN] when
     fewer than half of them are finite). With `observed`, the draws are first shifted so that their median is
     the observed value: the interval keeps their spread but not a shift that the resampling itself adds (drawing
     networks with replacement adds noise to a mean over networks, which pulls a Spearman or a containment of such
-    means below the observed value)."""
+    means below the observed value), and the interval is clipped to the statistic's `bounds`."""
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
     if 2 * len(v) < np.size(values) or len(v) == 0:
         return [float("nan"), float("nan")]
     if observed is not None and np.isfinite(observed):
         v = v - np.median(v) + observed
-    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
+    lo, hi = np.clip(np.percentile(v, [50 * (1 - level), 50 * (1 + level)]), *bounds)
     return [float(lo), float(hi)]
 
 
