@@ -163,7 +163,7 @@ def pair_row(c: dict) -> dict:
 
 def draw(runs: dict[str, Run], summary: dict, out: Path) -> list[tuple[str, str]]:
     from .analysis import labels
-    from .report import _plt, _save
+    from .report import _plt, _save, class_null
 
     plt = _plt()
     views = [(name.split(" (")[0], name, row) for name, row in summary["populations"].items()]
@@ -179,10 +179,7 @@ def draw(runs: dict[str, Run], summary: dict, out: Path) -> list[tuple[str, str]
                 label="independent errors (each network's accuracy)")
         found = labels(run, split)
         if found is not None:
-            _, index = M.class_index(found, run.n(split))
-            pmfs = M.poisson_binomial_pmfs(M.class_accuracy(correct, index, index.max() + 1).T)
-            weights = np.bincount(index) / len(index)
-            ax.plot(k, (weights[:, None] * pmfs).sum(0), ":", color="black",
+            ax.plot(k, class_null(run.bits(split)[t], M.class_index(found, run.n(split))[1]), ":", color="black",
                     label="independent errors within classes (class-conditional)")
         ax.set(title=name, xlabel="TP-agreement", yscale="log", ylim=(1e-4, 1))
         ax.title.set_fontsize(8)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .analysis import Analysis, Comparison, analyze, current_analysis, default_report_out, out_folder
+from .analysis import Analysis, Comparison, analyze, current_analysis, default_report_out, labels, out_folder
 from .run import Run
 from .rundir import SPLITS
 
@@ -72,6 +72,14 @@ def write_report(run: Run, split: str = "test", out: str | Path | None = None,
     return path, reused
 
 
+def class_null(bits: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """float64 [P + 1]: the class-conditional null of one checkpoint's packed bits [P, R] (examples' classes
+    index [N])."""
+    correct = M.unpack(np.asarray(bits), len(index))
+    pmfs = M.poisson_binomial_pmfs(M.class_accuracy(correct, index, index.max() + 1).T)
+    return (np.bincount(index) / len(index)) @ pmfs
+
+
 def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[tuple[str, str]]:
     plt = _plt()
     ident, arrays = result.identity, result.arrays
@@ -82,6 +90,9 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
     figures = []
 
     picks = sorted({0, t_done // 2, t_done - 1})
+    found = labels(run, ident["split"]) if result.class_conditional is not None else None
+    index = M.class_index(found, n)[1] if found is not None else None
+    bits = run.bits(ident["split"])
     fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.6), squeeze=False, layout="constrained")
     k = np.arange(p + 1) / p
     for ax, t in zip(axes[0], picks):
@@ -91,6 +102,9 @@ def draw_run(run: Run, result: Analysis, accuracy: dict, folder: Path) -> list[t
         # drawn together they read as one curve with two names; the table gives both nulls' masses.
         ax.plot(k, M.poisson_binomial_pmf(acc[t]), "--", color="tab:red",
                 label="independent-error null (Poisson-binomial: each network's own accuracy)")
+        if index is not None:
+            ax.plot(k, class_null(bits[t], index), ":", color="black",
+                    label="class-conditional null (each network's accuracy on each class)")
         ax.set(title=f"checkpoint {t} (epoch {_epoch(epochs[t])})", xlabel="TP-agreement", yscale="log",
                ylim=(max(1 / (10 * n), 1e-6), 1))
         _no_minor_ticks(ax.yaxis)  # log minor ticks took ~0.4 s of the figure's 1.1 s to draw
@@ -240,7 +254,22 @@ def _html(run: Run, result: Analysis, figures: list[tuple[str, str]]) -> str:
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 12px}"
             "img{max-width:100%}</style></head>"
             f"<body><h1>{html.escape(title)}</h1><p>{html.escape(str(run.path))}</p><table>{table}</table>"
-            f"{imgs}</body></html>\n")
+            f"{DEFINITIONS}{imgs}</body></html>\n")
+
+
+DEFINITIONS = (
+    "<h2>Definitions, and how they relate to the paper's</h2><ul>"
+    "<li><b>TP-agreement</b> and <b>accessibility</b> are the paper's (Hacohen, Choshen and Weinshall, ICML 2020): "
+    "the fraction of networks right on an example at one checkpoint, and mean correctness over checkpoints and "
+    "networks.</li>"
+    "<li><b>Nulls</b>: the paper's binomial (every network at the mean accuracy); added here, the Poisson-binomial "
+    "(each network at its own accuracy) and the class-conditional null (each network at its own accuracy on each "
+    "class, mixed by class frequency), whose excess is agreement beyond the classes' difficulty.</li>"
+    "<li><b>Additions, not in the paper</b>: over-dispersion rho and Fleiss' kappa, overall and within classes; "
+    "pairwise error consistency; split-half as the mean Spearman-Brown over 20 random splits of the networks; the "
+    "chance levels of plurality agreement; forgetting, C-score and the margin scores; and the 95% intervals: "
+    "seeded percentile bootstrap, over examples for the masses at TPA 0 and 1 (copies of a network drawn twice would "
+    "inflate them), over networks and over examples for the others.</li></ul>")
 
 
 def _ci(interval) -> str:
