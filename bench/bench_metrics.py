@@ -176,10 +176,12 @@ def commands(runs):
     a, b = map(str, runs)
     out = Path(tempfile.mkdtemp(prefix="bench-metrics-out-"))
     steps = [("fastpop analyze A", ["analyze", a]),
+             ("fastpop analyze A --draws 0 (no bootstrap intervals)", ["analyze", a, "--draws", "0"]),
              ("fastpop analyze A --split train", ["analyze", a, "--split", "train"]),
              ("fastpop report A (fresh)", ["report", a, "--out", str(out / "r")]),
              ("fastpop report A (reuses its analysis)", ["report", a, "--out", str(out / "r")]),
-             ("fastpop compare A B", ["compare", a, b, "--out", str(out / "c")])]
+             ("fastpop compare A B", ["compare", a, b, "--out", str(out / "c")]),
+             ("fastpop compare A B --draws 0", ["compare", a, b, "--out", str(out / "c0"), "--draws", "0"])]
     print(f"\n## commands, fresh processes, on {a} and {b}\n| command | wall s |\n|---|---:|")
     for name, args in steps:
         t0 = time.perf_counter()
