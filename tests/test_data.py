@@ -1,6 +1,7 @@
 """Data sets: format readers on generated files, transforms, subsets, predictions, C-score, the experiment."""
 
 import gzip
+import json
 import pickle
 
 import numpy as np
@@ -243,11 +244,16 @@ def test_training_on_generated_mnist_files(tmp_path):
 
 def test_experiment_paper_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "paper"
-    assert main(["experiment", "paper", "--out", str(out), "--nets", "3", "--epochs", "1", "--quiet"]) == 0
+    tiny = ["--nets", "3", "--epochs", "1", "--random-label-epochs", "2", "--draws", "50", "--quiet"]
+    assert main(["experiment", "paper", "--out", str(out), *tiny]) == 0
     text = capsys.readouterr().out
-    assert "random-labels (train)" in text and "small-cnn vs wide-cnn" in text
+    assert "random-labels (train)" in text and "small-cnn vs wide-cnn" in text and "half fit" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert fastpop.load_run(out / "random-labels").config.epochs == 2
+    assert summary["populations"]["mlp (test)"]["rho_ci_networks"] is not None
+    assert "containment_expected" in summary["cross_architecture"]["mlp vs small-cnn"]
     page = (out / "report.html").read_text()
     assert "tpa_by_population.png" in page and "out_of_sample_consensus.png" in page
     for name in ("mlp", "small-cnn", "wide-cnn", "random-labels", "out-of-sample"):
         assert fastpop.load_run(out / name).status == "complete"
-    assert main(["experiment", "paper", "--out", str(out), "--nets", "3", "--epochs", "1", "--quiet"]) == 0  # reuse
+    assert main(["experiment", "paper", "--out", str(out), *tiny]) == 0  # reuse

@@ -194,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{Config.epochs}, as fastpop run)")
     experiment.add_argument("--data-dir", default=None, help="folder with the data files (default: $FASTPOP_DATA or "
                             "./data)")
+    experiment.add_argument("--random-label-epochs", type=int, default=None, help="epochs of the random-label "
+                            "population (default: 10x --epochs, so that it fits its random train labels)")
     experiment.add_argument("--quiet", action="store_true", help="no progress display")
+    _bootstrap_options(experiment)
 
     cscore = sub.add_parser("cscore", help="C-score per train example from runs with --subset-fraction")
     cscore.add_argument("runs", metavar="RUN", nargs="+")
@@ -545,8 +548,10 @@ def _experiment(args) -> int:
 
     if args.nets < 2:
         raise UsageError("--nets must be at least 2")
+    _check_bootstrap(args)
     with progress_display(args.quiet, per_run=True) as bar:
-        path = paper(args.out, args.dataset, args.nets, args.epochs, args.data_dir, bar.update)
+        path = paper(args.out, args.dataset, args.nets, args.epochs, args.data_dir, bar.update,
+                     args.random_label_epochs, args.draws, args.seed)
     summary = json.loads((path.parent / "summary.json").read_text())
     ci = lambda iv: f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv and None not in iv else ""  # noqa: E731
     for name, row in summary["populations"].items():

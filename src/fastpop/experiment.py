@@ -34,25 +34,31 @@ HALVES = {"digits": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]), "cifar10": ([0, 1, 2, 3,
           "mnist": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]), "fashion-mnist": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])}
 
 
-def populations(dataset: str, nets: int, epochs: int | None, data_dir: str | None) -> dict[str, dict]:
+def populations(dataset: str, nets: int, epochs: int | None, data_dir: str | None,
+                random_label_epochs: int | None = None) -> dict[str, dict]:
     if dataset not in HALVES:
         raise UsageError(f"experiment paper runs on {', '.join(HALVES)}, not {dataset!r}")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise UsageError(f"--epochs must be a positive integer, got {epochs!r}")
+    for flag, value in (("--epochs", epochs), ("--random-label-epochs", random_label_epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{flag} must be a positive integer, got {value!r}")
+    if random_label_epochs is None:
+        random_label_epochs = RANDOM_LABEL_EPOCHS_PER_EPOCH * (epochs if epochs is not None else Config.epochs)
     base = dict(dataset=dataset, seeds=nets, data_dir=data_dir, **({"epochs": epochs} if epochs is not None else {}))
     seen, unseen = HALVES[dataset]
     pops = {arch: dict(base, arch=arch) for arch in ARCHS}
-    pops["random-labels"] = dict(base, **RANDOM_LABELS,
-                                 epochs=RANDOM_LABEL_EPOCHS_PER_EPOCH * (epochs if epochs is not None else Config.epochs))
+    pops["random-labels"] = dict(base, **RANDOM_LABELS, epochs=random_label_epochs)
     pops["out-of-sample"] = dict(base, arch="small-cnn", classes=seen, test_classes=unseen)
     return pops
 
 
 def paper(out: str | Path, dataset: str = "digits", nets: int = 100, epochs: int | None = None,
-          data_dir: str | None = None, progress=None) -> Path:
-    """Train (or reuse) every population under `out`, then write out/report.html and out/summary.json."""
+          data_dir: str | None = None, progress=None, random_label_epochs: int | None = None,
+          draws: int = M.DRAWS, seed: int = M.SEED) -> Path:
+    """Train (or reuse) every population under `out`, then write out/report.html and out/summary.json; the
+    random-label population trains for `random_label_epochs` (default 10x `epochs`); `draws` bootstrap draws
+    seeded with `seed` give the intervals."""
     out = Path(out)
-    pops = populations(dataset, nets, epochs, data_dir)
+    pops = populations(dataset, nets, epochs, data_dir, random_label_epochs)
     configs = {name: Config(**kw, out=str(out / name)) for name, kw in pops.items()}  # validate all first
     t0 = time.perf_counter()
     runs = {}
@@ -65,10 +71,12 @@ def paper(out: str | Path, dataset: str = "digits", nets: int = 100, epochs: int
         else:
             out.mkdir(parents=True, exist_ok=True)
             runs[name] = train(config, progress)
-    summary = summarize(runs)
+    summary = summarize(runs, draws, seed)
     summary["wall_s_this_session"] = time.perf_counter() - t0
     summary["command"] = f"fastpop experiment paper --out {out} --dataset {dataset} --nets {nets}" + (
-        f" --epochs {epochs}" if epochs is not None else "")
+        f" --epochs {epochs}" if epochs is not None else "") + (
+        f" --random-label-epochs {random_label_epochs}" if random_label_epochs is not None else "") + (
+        f" --draws {draws} --seed {seed}" if (draws, seed) != (M.DRAWS, M.SEED) else "")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     figures = draw(runs, summary, out)
     path = out / "report.html"
@@ -90,7 +98,7 @@ def _check_same_population(run: Run, config: Config) -> None:
                          "or remove it")
 
 
-def summarize(runs: dict[str, Run]) -> dict:
+def summarize(runs: dict[str, Run], draws: int = M.DRAWS, seed: int = M.SEED) -> dict:
     """Every population's agreement on its test split (and the random-label population's on its train split, at
     the end and at the first checkpoint where its networks fit half of their random labels) with its nulls and
     95% intervals; each pair of architectures' order agreement with its chance baselines; the out-of-sample
@@ -103,13 +111,13 @@ def summarize(runs: dict[str, Run]) -> dict:
         if name == "random-labels":
             views += [("train", -1), ("train", half_fit(run))]
         for split, t in views:
-            r = analyze(run, split, t)
+            r = analyze(run, split, t, draws=draws, seed=seed)
             label = f"{name} ({split})" if t == -1 else f"{name} ({split}, epoch {r.identity['epoch']:g}: half fit)"
             rows[label] = population_row(r)
     pairs = {}
     for a, b in (("mlp", "small-cnn"), ("small-cnn", "wide-cnn"), ("mlp", "wide-cnn")):
-        pairs[f"{a} vs {b}"] = pair_row(compare([runs[a], runs[b]]).pairs[0])
-    oos = analyze(runs["out-of-sample"], "test")
+        pairs[f"{a} vs {b}"] = pair_row(compare([runs[a], runs[b]], draws=draws, seed=seed).pairs[0])
+    oos = analyze(runs["out-of-sample"], "test", draws=draws, seed=seed)
     c = oos.extra.get("consensus", {})
     return {"populations": rows, "cross_architecture": pairs,
             "out_of_sample": {"networks": oos.identity["P"], "examples": oos.identity["N"], **c}}
