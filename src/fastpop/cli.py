@@ -420,7 +420,8 @@ def _analyze(args) -> int:
     _check_bootstrap(args)
     run = load_run(args.run)
     groups = [args.group] if args.group is not None else list(range(len(run.groups))) if run.groups else [None]
-    results = [analyze(run, args.split, args.checkpoint, g, args.draws, args.seed) for g in groups]  # all computed before anything is written
+    # all computed before anything is written
+    results = [analyze(run, args.split, args.checkpoint, g, args.draws, args.seed) for g in groups]
     written = []
     for g, result in zip(groups, results):
         folder = None if not args.out else Path(args.out) / f"group-{g}" if g is not None else args.out

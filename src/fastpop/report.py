@@ -326,7 +326,8 @@ def summary_rows(result: Analysis) -> list[tuple[str, str]]:
         sh, pw = result.split_half, result.pairwise_spearman
         ci = _ci(sh.get("spearman_brown_interval"))
         rows.append((f"split-half Spearman-Brown of accessibility: mean over {sh.get('splits', 1)} random splits "
-                     f"into {sh['halves'][0]} + {sh['halves'][1]} (sd over splits){' [95% CI over examples]' if ci else ''}",
+                     f"into {sh['halves'][0]} + {sh['halves'][1]} (sd over splits)"
+                     + (" [95% CI over examples]" if ci else ""),
                      f"{sh['spearman_brown']:.4f} ({sh.get('spearman_brown_std', float('nan')):.4f}){ci}"))
         rows.append((f"mean pairwise Spearman of per-network speed ({pw['defined_pairs']} of {pw['pairs']} pairs "
                      "defined)", f"{pw['mean']:.4f}"))
