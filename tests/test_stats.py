@@ -277,7 +277,7 @@ def test_shapes(p, n, k, seed):
 def test_analyze_and_compare_carry_the_statistics(tmp_path, capsys):
     c = random_correct(3, 10, 120)
     labels = {"train": np.arange(120) % 4, "test": np.arange(120) % 4}
-    path = write_run(tmp_path / "r", {"train": c, "test": c}, [1, 2, 3], labels=labels)
+    path = write_run(tmp_path / "r", {"train": c, "test": c}, [1, 2, 3], labels=labels, record=("pred",))
     bare = write_run(tmp_path / "bare", {"train": c, "test": c}, [1, 2, 3], seed=1)
     assert main(["analyze", str(path), "--draws", "50"]) == 0
     text = capsys.readouterr().out
@@ -290,6 +290,9 @@ def test_analyze_and_compare_carry_the_statistics(tmp_path, capsys):
     assert r.class_conditional == M.class_conditional(c[-1], labels["test"])
     assert r.intervals == M.agreement_intervals(c[-1], M.class_index(labels["test"], 120)[1], 50, 0)
     assert r.split_half["splits"] == 20 and "spearman_brown_interval" in r.split_half
+    consensus = r.extra["consensus"]
+    assert consensus["chance_own_frequencies"] == M.chance_agreement_own(load_run(path).predictions()[-1])
+    assert consensus["interval"][0] <= consensus["mean"] <= consensus["interval"][1]
     off = analyze(load_run(bare), draws=0)  # a run without label files, no draws: neither
     assert off.class_conditional is None and off.intervals is None
     assert "spearman_brown_interval" not in off.split_half

@@ -145,8 +145,10 @@ def population_row(r) -> dict:
                        ("rho_within_class", cc.get("rho_within_class")),
                        ("kappa_within_class", cc.get("kappa_within_class"))):
         row.update({key: value, f"{key}_ci_networks": net.get(key), f"{key}_ci_examples": ex.get(key)})
-    row.update(split_half_spearman=sh.get("spearman_brown"), split_half_sd=sh.get("spearman_brown_std"),
-               split_half_ci_examples=sh.get("spearman_brown_interval"))
+    row.update(split_half_spearman=None, split_half_sd=None, split_half_ci_examples=None)
+    if r.identity["checkpoint"] == r.identity["T"] - 1:  # split-half ranks accessibility over all checkpoints
+        row.update(split_half_spearman=sh.get("spearman_brown"), split_half_sd=sh.get("spearman_brown_std"),
+                   split_half_ci_examples=sh.get("spearman_brown_interval"))
     if "consensus" in r.extra:
         c = r.extra["consensus"]
         row.update(plurality_agreement=c["mean"], plurality_agreement_ci_examples=c.get("interval"),
@@ -241,7 +243,7 @@ POPULATION_COLUMNS = (("mean accuracy", "mean_accuracy"), ("TPA=1 [95% CI, examp
                       ("TPA=0 [CI]", "mass0"), ("class-conditional null", "mass0_class_null"),
                       ("rho [CI networks]", "rho"), ("within-class rho [CI networks]", "rho_within_class"),
                       ("within-class kappa [CI networks]", "kappa_within_class"),
-                      ("split-half, mean of 20 [CI examples]", "split_half_spearman"),
+                      ("split-half (all checkpoints), mean of 20 [CI examples]", "split_half_spearman"),
                       ("split-half sd over splits", "split_half_sd"),
                       ("plurality agreement [CI]", "plurality_agreement"),
                       ("its chance: own label frequencies", "plurality_chance_own"))
