@@ -21,6 +21,7 @@ from . import metrics as M
 from .analysis import analyze, compare
 from .config import Config
 from .errors import UsageError
+from .report import _ci
 from .run import Run
 from .trainer import resume, train
 
@@ -220,12 +221,6 @@ def draw(runs: dict[str, Run], summary: dict, out: Path) -> list[tuple[str, str]
             f"{runs['out-of-sample'].config.arch}, {runs['out-of-sample'].config.dataset} unseen classes, "
             f"P = {oos['networks']}", out, "out_of_sample_consensus", oos.get("chance_own_frequencies"))))
     return figures
-
-
-def _ci(interval) -> str:
-    if not interval or interval[0] is None or not np.isfinite(interval).all():
-        return ""
-    return f" [{interval[0]:.3g}, {interval[1]:.3g}]"
 
 
 def _cell(row: dict, key: str) -> str:
