@@ -562,7 +562,8 @@ def _experiment(args) -> int:
               + (f"  within-class rho {row['rho_within_class']:.3f}" if row.get("rho_within_class") is not None
                  else ""))
     for name, row in summary["cross_architecture"].items():
-        print(f"{name:40s} Spearman {row['spearman_accessibility']:.3f}{ci(row['spearman_ci_examples'])}  "
+        spearman = row["spearman_accessibility"]
+        print(f"{name:40s} Spearman {spearman:.3f}{ci(row['spearman_accessibility_ci_examples'])}  "
               f"containment {row['weak_learned_also_by_strong']:.3f} (independent overlap "
               f"{row['containment_expected']:.3f})")
     print(f"wrote {path}")

@@ -146,10 +146,10 @@ def population_row(r) -> dict:
                        ("rho_within_class", cc.get("rho_within_class")),
                        ("kappa_within_class", cc.get("kappa_within_class"))):
         row.update({key: value, f"{key}_ci_networks": net.get(key), f"{key}_ci_examples": ex.get(key)})
-    row.update(split_half_spearman=None, split_half_sd=None, split_half_ci_examples=None)
+    row.update(split_half_spearman=None, split_half_sd=None, split_half_spearman_ci_examples=None)
     if r.identity["checkpoint"] == r.identity["T"] - 1:  # split-half ranks accessibility over all checkpoints
         row.update(split_half_spearman=sh.get("spearman_brown"), split_half_sd=sh.get("spearman_brown_std"),
-                   split_half_ci_examples=sh.get("spearman_brown_interval"))
+                   split_half_spearman_ci_examples=sh.get("spearman_brown_interval"))
     if "consensus" in r.extra:
         c = r.extra["consensus"]
         row.update(plurality_agreement=c["mean"], plurality_agreement_ci_examples=c.get("interval"),
@@ -160,13 +160,14 @@ def population_row(r) -> dict:
 def pair_row(c: dict) -> dict:
     null, within = c["spearman_permutation_null"], c.get("spearman_permutation_null_within_class", {})
     iv, civ, exp = c.get("spearman_interval", {}), c.get("containment_interval", {}), c["containment_expected"]
-    return {"spearman_accessibility": c["spearman_accessibility"], "spearman_ci_networks": iv.get("networks"),
-            "spearman_ci_examples": iv.get("examples"), "spearman_null_q975": null["null_q975"],
+    return {"spearman_accessibility": c["spearman_accessibility"],
+            "spearman_accessibility_ci_examples": iv.get("examples"),
+            "spearman_accessibility_ci_networks": iv.get("networks"), "spearman_null_q975": null["null_q975"],
             "spearman_null_within_class_mean": within.get("null_mean"),
             "spearman_null_within_class_q975": within.get("null_q975"), "weaker": Path(c["weaker"]).name,
             "weak_learned_also_by_strong": c["weak_learned_also_by_strong"],
-            "containment_ci_networks": civ.get("networks", {}).get("weak_learned_also_by_strong"),
-            "containment_ci_examples": civ.get("examples", {}).get("weak_learned_also_by_strong"),
+            "weak_learned_also_by_strong_ci_networks": civ.get("networks", {}).get("weak_learned_also_by_strong"),
+            "weak_learned_also_by_strong_ci_examples": civ.get("examples", {}).get("weak_learned_also_by_strong"),
             "containment_expected": exp["weak_learned_also_by_strong"],
             "containment_expected_within_class": exp.get("weak_learned_also_by_strong_within_class"),
             "strong_learned_also_by_weak": c["strong_learned_also_by_weak"]}
@@ -206,7 +207,7 @@ def draw(runs: dict[str, Run], summary: dict, out: Path) -> list[tuple[str, str]
         row = summary["cross_architecture"][f"{a} vs {b}"]
         ax.set(xlabel=f"accessibility rank / N, {a} (P = {len(runs[a].seeds)})",
                ylabel=f"accessibility rank / N, {b} (P = {len(runs[b].seeds)})",
-               title=f"Spearman {row['spearman_accessibility']:.3f}{_ci(row['spearman_ci_examples'])}\n"
+               title=f"Spearman {row['spearman_accessibility']:.3f}{_ci(row['spearman_accessibility_ci_examples'])}\n"
                      f"within-class permutation null: 97.5% at {row['spearman_null_within_class_q975'] or 0:.3f}")
         ax.title.set_fontsize(9)
     fig.suptitle(f"Learning order across architectures: {runs['mlp'].config.dataset}, test split, N = {n}")
@@ -233,14 +234,16 @@ def _cell(row: dict, key: str) -> str:
     return text
 
 
-POPULATION_COLUMNS = (("mean accuracy", "mean_accuracy"), ("TPA=1 [95% CI, examples]", "mass1"),
+# Cells show the value, then its 95% intervals: [over examples] [over networks], where computed.
+POPULATION_COLUMNS = (("mean accuracy", "mean_accuracy"), ("TPA=1 [CI examples]", "mass1"),
                       ("null: Poisson-binomial", "mass1_null"), ("null: class-conditional", "mass1_class_null"),
-                      ("TPA=0 [CI]", "mass0"), ("class-conditional null", "mass0_class_null"),
-                      ("rho [CI networks]", "rho"), ("within-class rho [CI networks]", "rho_within_class"),
-                      ("within-class kappa [CI networks]", "kappa_within_class"),
+                      ("TPA=0 [CI examples]", "mass0"), ("class-conditional null", "mass0_class_null"),
+                      ("rho [CI examples] [CI networks]", "rho"),
+                      ("within-class rho [CI examples] [CI networks]", "rho_within_class"),
+                      ("within-class kappa [CI examples] [CI networks]", "kappa_within_class"),
                       ("split-half (all checkpoints), mean of 20 [CI examples]", "split_half_spearman"),
                       ("split-half sd over splits", "split_half_sd"),
-                      ("plurality agreement [CI]", "plurality_agreement"),
+                      ("plurality agreement [CI examples]", "plurality_agreement"),
                       ("its chance: own label frequencies", "plurality_chance_own"))
 PAIR_COLUMNS = (("Spearman [CI examples] [CI networks]", "spearman_accessibility"),
                 ("permutation null 97.5%", "spearman_null_q975"),
