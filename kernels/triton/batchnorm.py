@@ -230,7 +230,7 @@ def bn_stats(y, running_mean, running_var, training, momentum, eps, interpret):
     p, c = y.shape[0], y.shape[-1]
     n = y[0].numel() // c
     mean = torch.empty(p, c, device=y.device, dtype=torch.float32)
-    invstd = torch.empty_like(mean)
+    invstd = torch.empty(p, c, device=y.device, dtype=torch.float32)
     sums = squares = mean
     if training:
         bm, bc = _blocks(n, c, interpret)
@@ -291,8 +291,8 @@ def bn_bwd(dout, out, arg, y, mean, invstd, gamma, relu, pool, training, interpr
         dout, out, arg, y, mean, invstd, part, bsz, hc, wc, ho, wo, c, per_split, splits, POOL=POOLS[pool],
         RELU=relu, BLOCK_M=bm, BLOCK_C=bc)
     dgb = sum_splits(part, interpret)  # [P, 2, C]
-    dy = torch.empty_like(y)
-    dskip = torch.empty_like(y) if skip_grad else dy
+    dy = torch.empty(y.shape, device=y.device, dtype=torch.float32)
+    dskip = torch.empty(y.shape, device=y.device, dtype=torch.float32) if skip_grad else dy
     _bn_bwd_apply_kernel[(triton.cdiv(n, bm), p, triton.cdiv(c, bc))](
         dout, out, arg, y, mean, invstd, gamma, dgb, dy, dskip, bsz, hc, wc, ho, wo, c, TRAIN=training,
         POOL=POOLS[pool], RELU=relu, SKIP_GRAD=skip_grad, BLOCK_M=bm, BLOCK_C=bc)
