@@ -1,8 +1,8 @@
 """Compile a representative set of the Triton kernels' constexpr variants to PTX for sm_90 with the real compiler:
 no GPU needed. The interpreter runs kernels as numpy and accepts code that the compiler rejects (it did: a helper
 with two differently typed returns). Every kernel is compiled at least once, and every constexpr flag both ways
-in some kernel; kernel sizes 1, 3, 5 and 7 and strides 1 and 2 across the conv kernels. Run in a process without TRITON_INTERPRET;
-tests/test_kernels.py does. Prints one line per compiled variant."""
+in some kernel; kernel sizes 1, 3, 5 and 7 and strides 1 and 2 across the conv kernels. Run in a process without
+TRITON_INTERPRET; tests/test_kernels.py does. Prints one line per compiled variant."""
 
 import os
 import sys
@@ -20,7 +20,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"idx_ptr": "*i64", "y_ptr": "*i64", "pred_ptr": "*i64", "arg_ptr": "*i8", "bits_ptr": "*u8",
             "frozen_ptr": "*i1", "aug_ptr": "*i32", "draws_ptr": "*i32", "seeds_ptr": "*i64",
             "blocks_ptr": "*i64"}  # every other pointer is fp32
-FLOATS = {"momentum", "weight_decay", "smoothing", "beta1", "beta2", "eps", "bc2_sqrt", "unbias"}  # other scalars are i32
+FLOATS = {"momentum", "weight_decay", "smoothing", "beta1", "beta2", "eps", "bc2_sqrt",
+          "unbias"}  # other scalars are i32
 BLOCKS = {"BLOCK_M": 64, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_B": 64, "BLOCK_C": 16, "BLOCK": 1024}
 MAX, AVG = conv.POOLS["max"], conv.POOLS["avg"]
 
