@@ -66,6 +66,9 @@ VARIANTS = [
     (batchnorm._bn_apply_kernel, "*fp32", dict(SKIP=2, GATHER=False, AUG=False, RELU=False, POOL=0, WINDOW=1)),
     (batchnorm._bn_bwd_partial_kernel, "*fp32", dict(POOL=MAX, RELU=True)),
     (batchnorm._bn_bwd_partial_kernel, "*fp32", dict(POOL=0, RELU=False)),
+    # the GPU's block sizes for 16 channels: a 2-D accumulator at these sizes crashed LLVM
+    (batchnorm._bn_bwd_partial_kernel, "*fp32", dict(POOL=0, RELU=True, BLOCK_M=256, BLOCK_C=16)),
+    (batchnorm._bn_partial_kernel, "*fp32", dict(CENTER=True, BLOCK_M=256, BLOCK_C=16)),
     (batchnorm._bn_bwd_apply_kernel, "*fp32", dict(TRAIN=True, POOL=AVG, RELU=True, SKIP_GRAD=False)),
     (batchnorm._bn_bwd_apply_kernel, "*fp32", dict(TRAIN=False, POOL=0, RELU=True, SKIP_GRAD=True)),
     (pool._pool_fwd_kernel, "*u8", dict(GATHER=True, AUG=False, POOL=MAX)),

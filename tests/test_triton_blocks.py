@@ -237,3 +237,21 @@ def test_gpu_sizing_keeps_network_k_alone_or_in_company():
     ref.backward(g)
     for got, want in zip(full, [ref, *ref_stats, yr.grad, gr.grad, br.grad]):  # sums of 9,000 terms of size ~1
         torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=3e-3)
+
+
+def test_op_set_has_its_own_block_ops_and_updates_strided_running_statistics():
+    """conv_bn_block, conv_stride_block and residual_block are the op set's own; running statistics handed over as
+    views that are not contiguous are updated in place as the reference updates them."""
+    for name in ("conv_bn_block", "conv_stride_block", "residual_block"):
+        assert getattr(T, name).__module__ == T.__name__, name
+    gen = torch.Generator().manual_seed(9)
+    h = torch.randn(2, 3, 5, 4, 3, generator=gen).to(DEV)
+    w = torch.randn(2, 4, 3, 3, 3, generator=gen).to(DEV)
+    gamma, beta = torch.randn(2, 4, generator=gen).to(DEV), torch.randn(2, 4, generator=gen).to(DEV)
+    wide = torch.rand(2, 2, 8, generator=gen).to(DEV) + 0.5
+    ref_wide, before = wide.clone(), wide.clone()
+    out = T.conv_bn_block(h, w, gamma, beta, wide[:, 0, ::2], wide[:, 1, 1::2], 2, True, "avg")
+    ref = R.conv_bn_block(h, w, gamma, beta, ref_wide[:, 0, ::2], ref_wide[:, 1, 1::2], 2, True, "avg")
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(wide, ref_wide, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(wide[:, 0, ::2], before[:, 0, ::2]), "the running mean moved"

@@ -36,7 +36,7 @@ def _bn_partial_kernel(y_ptr,  # fp32 [P, N, C] a plain conv's output, N = B*HC*
     hi = tl.minimum(lo + ROWS_PER_SPLIT, N)
     if CENTER:
         mean = tl.load(sum_ptr + p * C + c, mask=c_ok, other=0.0) / N
-    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    acc = tl.zeros((BLOCK_C,), tl.float32)
     for m0 in range(lo, hi, BLOCK_M):  # the split's rows in order: a fixed summation order
         rows = m0 + tl.arange(0, BLOCK_M)
         ok = (rows < hi)[:, None] & c_ok[None, :]
@@ -44,8 +44,8 @@ def _bn_partial_kernel(y_ptr,  # fp32 [P, N, C] a plain conv's output, N = B*HC*
         if CENTER:
             v = tl.where(ok, v - mean[None, :], 0.0)
             v = v * v
-        acc += v
-    tl.store(part_ptr + (p * SPLITS + split) * C + c, tl.sum(acc, axis=0), mask=c_ok)
+        acc += tl.sum(v, axis=0)
+    tl.store(part_ptr + (p * SPLITS + split) * C + c, acc, mask=c_ok)
 
 
 @triton.jit
@@ -161,17 +161,17 @@ def _bn_bwd_partial_kernel(dout_ptr,  # fp32 [P, B, HO, WO, C] gradient of the n
     c_ok = c < C
     lo = split * ROWS_PER_SPLIT
     hi = tl.minimum(lo + ROWS_PER_SPLIT, B * HC * WC)
-    acc_b = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    acc_b = tl.zeros((BLOCK_C,), tl.float32)  # 1-D: [BLOCK_M, BLOCK_C] accumulators crashed LLVM (Triton 3.9)
+    acc_g = tl.zeros((BLOCK_C,), tl.float32)
     for m0 in range(lo, hi, BLOCK_M):  # the split's rows in order: a fixed summation order
         rows = m0 + tl.arange(0, BLOCK_M)
         d, xhat, ok = _dnorm_rows(dout_ptr, out_ptr, arg_ptr, y_ptr, mean_ptr, invstd_ptr, p, rows, rows < hi, c,
                                   c_ok, B, HC, WC, HO, WO, C, POOL, RELU)
-        acc_b += d
-        acc_g += d * xhat
+        acc_b += tl.sum(d, axis=0)
+        acc_g += tl.sum(d * xhat, axis=0)
     base = (p * SPLITS + split) * 2 * C
-    tl.store(part_ptr + base + c, tl.sum(acc_b, axis=0), mask=c_ok)
-    tl.store(part_ptr + base + C + c, tl.sum(acc_g, axis=0), mask=c_ok)
+    tl.store(part_ptr + base + c, acc_b, mask=c_ok)
+    tl.store(part_ptr + base + C + c, acc_g, mask=c_ok)
 
 
 @triton.jit

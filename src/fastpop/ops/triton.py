@@ -118,11 +118,11 @@ class _BatchNorm(torch.autograd.Function):
     def forward(ctx, y, gamma, beta, skip, yp, gp, bp, gathered, running, training, relu, pool):
         interpret = _interpret()
         y, gamma, beta = y.contiguous(), gamma.contiguous(), beta.contiguous()
-        mean, invstd = _batchnorm.bn_stats(y, *running[:2], training, BN_MOMENTUM, BN_EPS, interpret)
+        mean, invstd = _bn_stats(y, *running[:2], training, interpret)
         proj = skip_parts = None
         if yp is not None:
             yp, gp, bp = yp.contiguous(), gp.contiguous(), bp.contiguous()
-            proj = (yp, *_batchnorm.bn_stats(yp, *running[2:4], training, BN_MOMENTUM, BN_EPS, interpret), gp, bp)
+            proj = (yp, *_bn_stats(yp, *running[2:4], training, interpret), gp, bp)
         elif skip is not None:
             skip_parts = (skip.contiguous(), None, None, None, None)
         elif gathered is not None:
@@ -145,6 +145,17 @@ class _BatchNorm(torch.autograd.Function):
             dyp, dgp, dbp, _ = _batchnorm.bn_bwd(dout, out, arg, yp, meanp, invstdp, gp, ctx.relu, ctx.pool,
                                                  ctx.training, interpret)
         return dy, dgamma, dbeta, dskip, dyp, dgp, dbp, None, None, None, None, None
+
+
+def _bn_stats(y, running_mean, running_var, training, interpret):
+    """The kernels' statistics, the running ones updated in place (through contiguous stand-ins for views that
+    are not: the kernels index them as [P, C] rows)."""
+    rm, rv = running_mean.contiguous(), running_var.contiguous()
+    out = _batchnorm.bn_stats(y, rm, rv, training, BN_MOMENTUM, BN_EPS, interpret)
+    for view, written in ((running_mean, rm), (running_var, rv)):
+        if written is not view:
+            view.copy_(written)
+    return out
 
 
 def conv_bn_block(h, w, gamma, beta, running_mean, running_var, stride, training, pool):
