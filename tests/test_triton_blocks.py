@@ -259,8 +259,8 @@ def test_op_set_has_its_own_block_ops_and_updates_strided_running_statistics():
 
 def test_three_step_resnet_population_triton_vs_torch(tmp_path):
     """A population with BatchNorm, a strided conv and a projecting residual block trained 3 steps through the
-    kernels and through the reference (digits 0 and 1): loss at every step, the saved parameters, and the recorded
-    bits (the evaluation normalizes with the running statistics)."""
+    kernels and through the reference (digits 0 and 1): loss at every step, the saved parameters and running
+    statistics, and the recorded bits (the evaluation normalizes with the running statistics)."""
     import fastpop
     from fastpop import trainer
 
@@ -284,5 +284,6 @@ def test_three_step_resnet_population_triton_vs_torch(tmp_path):
     assert lt.shape == (3, 2)
     torch.testing.assert_close(lk, lt, rtol=1e-4, atol=1e-5, msg="loss at every step")
     torch.testing.assert_close(rk.weights(), rt.weights(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rk.weights("stats"), rt.weights("stats"), rtol=1e-4, atol=1e-5)
     assert (rt.correct("test") == rk.correct("test")).mean() > 0.99
     assert rk.manifest["backend"] == "triton" and not rk.manifest.get("backend_note")
