@@ -24,14 +24,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get
 TRITON = get_backend("triton", DEV)
 
 
-@pytest.mark.parametrize("p, bsz, cin, cout, hw, k, pool, bias, gather, aug", [
-    (2, 3, 3, 5, (7, 6), 3, None, True, False, None), (1, 2, 2, 3, (8, 7), 5, "max", True, False, None),
-    (2, 2, 3, 4, (9, 9), 1, "avg", True, True, "flip,crop:2"), (2, 3, 4, 3, (7, 5), 3, None, False, False, None),
-    (1, 3, 2, 4, (6, 7), 1, None, False, True, "crop:1,cutout:2")])
-def test_strided_conv_forward_and_every_gradient(p, bsz, cin, cout, hw, k, pool, bias, gather, aug):
-    """Stride 2 (output ceil(H / 2)): the conv block (bias, ReLU, pool), and the plain conv (no bias, no ReLU)."""
+@pytest.mark.parametrize("p, bsz, cin, cout, hw, k, pool, kind, gather, aug", [
+    (2, 3, 3, 5, (7, 6), 3, None, "block", False, None), (1, 2, 2, 3, (8, 7), 5, "max", "block", False, None),
+    (2, 2, 3, 4, (9, 9), 1, "avg", "block", True, "flip,crop:2"),
+    (2, 3, 4, 3, (7, 5), 3, None, "plain", False, None), (1, 3, 2, 4, (6, 7), 1, None, "plain", True, "crop:1,cutout:2"),
+    (2, 2, 3, 2, (5, 6), 3, None, "bias", False, None)])
+def test_strided_conv_forward_and_every_gradient(p, bsz, cin, cout, hw, k, pool, kind, gather, aug):
+    """Stride 2 (output ceil(H / 2)): the conv block (bias, ReLU, pool), the plain conv a BatchNorm takes (no bias,
+    no ReLU), and the plain conv with a bias."""
     gen = torch.Generator().manual_seed(p * 10 + cin + k)
     w = torch.randn(p, cout, cin, k, k, generator=gen).to(DEV) / k
+    bias, relu = kind != "plain", kind == "block"
     b = torch.randn(p, cout, generator=gen).to(DEV) * 0.1 if bias else None
     if gather:
         data, idx, mean, std, kaug, x = _gathered(gen, p, bsz, cin, *hw, False, aug)
@@ -40,13 +43,13 @@ def test_strided_conv_forward_and_every_gradient(p, bsz, cin, cout, hw, k, pool,
         data, idx, mean, std, kaug = x, None, None, None, None
     xr, wr = x.clone().requires_grad_(not gather), w.clone().requires_grad_()
     br = b.clone().requires_grad_() if bias else None
-    ref = R.conv_stride_block(xr, wr, br, 2, True, pool) if bias else R.conv(xr, wr, None, 2)
+    ref = R.conv_stride_block(xr, wr, br, 2, True, pool) if relu else R.conv(xr, wr, br, 2)
     g = torch.randn(ref.shape, generator=gen).to(DEV)
     ref.backward(g)
-    out, arg = poison(lambda: K.conv_fwd(data, idx, mean, std, w, b, pool, gather, INTERPRET, kaug, 2, bias))
+    out, arg = poison(lambda: K.conv_fwd(data, idx, mean, std, w, b, pool, gather, INTERPRET, kaug, 2, relu))
     torch.testing.assert_close(out, ref.detach(), **TOL, msg="forward output")
     dx, dw, db = poison(lambda: K.conv_bwd(data, idx, mean, std, w, out, arg, g, pool, gather, not gather, INTERPRET,
-                                           splits=2, aug=kaug, stride=2, bias=bias, relu=bias))
+                                           splits=2, aug=kaug, stride=2, bias=bias, relu=relu))
     torch.testing.assert_close(dw, wr.grad, **TOL, msg="weight gradient")
     if bias:
         torch.testing.assert_close(db, br.grad, **TOL, msg="bias gradient")
@@ -152,8 +155,9 @@ def _check_chain(arch, pop, x, y, idx, mean, std, rtol=2e-3):
     got_loss = TRITON.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
     torch.testing.assert_close(got_loss, want_loss, rtol=rtol, atol=1e-5)
     for (name, _), got, want in zip(arch.param_shapes(), pop.views(pop.grads), pop.views(want_grads)):
-        scale = float(want.abs().max()) + 1e-6
-        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale, msg=f"gradient of {name} ({arch.spec})")
+        # a floor of 1e-6: gamma's gradient is a sum that can cancel to ~1e-6 from terms ~1e-2 (seen: r1-gap)
+        atol = max(rtol * float(want.abs().max()), 1e-6)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=f"gradient of {name} ({arch.spec})")
     for (name, _), got, want in zip(arch.stat_shapes(), pop.stat_views(), stats):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"running {name} ({arch.spec})")
     p, nb = idx.shape
@@ -242,7 +246,7 @@ def test_gpu_sizing_keeps_network_k_alone_or_in_company():
 def test_op_set_has_its_own_block_ops_and_updates_strided_running_statistics():
     """conv_bn_block, conv_stride_block and residual_block are the op set's own; running statistics handed over as
     views that are not contiguous are updated in place as the reference updates them."""
-    for name in ("conv_bn_block", "conv_stride_block", "residual_block"):
+    for name in ("conv", "conv_bn_block", "conv_stride_block", "residual_block"):
         assert getattr(T, name).__module__ == T.__name__, name
     gen = torch.Generator().manual_seed(9)
     h = torch.randn(2, 3, 5, 4, 3, generator=gen).to(DEV)

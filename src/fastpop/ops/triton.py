@@ -102,9 +102,10 @@ def conv_stride_block(h, w, b, stride, training, pool):
     return _ConvBlock.apply(*_input(h), w, b, pool, stride)
 
 
-def _plain_conv(h, w, stride):
-    """The conv alone (no bias, no ReLU), for a BatchNorm: [P, B, ceil(H / stride), ceil(W / stride), COUT]."""
-    return _ConvBlock.apply(*_input(h), w, None, None, stride, False)
+def conv(h, w, b=None, stride=1):
+    """As `reference.conv`, the conv alone (no ReLU; no bias when b is None), as a BatchNorm takes it:
+    [P, B, ceil(H / stride), ceil(W / stride), COUT]."""
+    return _ConvBlock.apply(*_input(h), w, b, None, stride, False)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -160,7 +161,7 @@ def _bn_stats(y, running_mean, running_var, training, interpret):
 
 def conv_bn_block(h, w, gamma, beta, running_mean, running_var, stride, training, pool):
     """As `reference.conv_bn_block`: the plain conv, then BatchNorm + ReLU + the pool in one normalize pass."""
-    return _BatchNorm.apply(_plain_conv(h, w, stride), gamma, beta, None, None, None, None, None,
+    return _BatchNorm.apply(conv(h, w, None, stride), gamma, beta, None, None, None, None, None,
                             (running_mean, running_var), training, True, pool)
 
 
@@ -169,10 +170,10 @@ def residual_block(h, params, stats, stride, training):
     skip (the block's input, or the projection's 1x1 conv normalized in the same pass) and applies the ReLU."""
     w1, g1, b1, w2, g2, b2, *proj = params
     mid = conv_bn_block(h, w1, g1, b1, stats[0], stats[1], stride, training, None)
-    y2 = _plain_conv(mid, w2, 1)
+    y2 = conv(mid, w2)
     if proj:
         wp, gp, bp = proj
-        return _BatchNorm.apply(y2, g2, b2, None, _plain_conv(h, wp, stride), gp, bp, None, tuple(stats[2:6]),
+        return _BatchNorm.apply(y2, g2, b2, None, conv(h, wp, None, stride), gp, bp, None, tuple(stats[2:6]),
                                 training, True, None)
     gathered = h if isinstance(h, Gathered) else None
     return _BatchNorm.apply(y2, g2, b2, None if gathered else h, None, None, None, gathered, tuple(stats[2:4]),
