@@ -27,7 +27,8 @@ TRITON = get_backend("triton", DEV)
 @pytest.mark.parametrize("p, bsz, cin, cout, hw, k, pool, kind, gather, aug", [
     (2, 3, 3, 5, (7, 6), 3, None, "block", False, None), (1, 2, 2, 3, (8, 7), 5, "max", "block", False, None),
     (2, 2, 3, 4, (9, 9), 1, "avg", "block", True, "flip,crop:2"), (2, 3, 4, 3, (7, 5), 3, None, "plain", False, None),
-    (1, 3, 2, 4, (6, 7), 1, None, "plain", True, "crop:1,cutout:2"), (2, 2, 3, 2, (5, 6), 3, None, "bias", False, None)])
+    (1, 3, 2, 4, (6, 7), 1, None, "plain", True, "crop:1,cutout:2"),
+    (2, 2, 3, 2, (5, 6), 3, None, "bias", False, None)])
 def test_strided_conv_forward_and_every_gradient(p, bsz, cin, cout, hw, k, pool, kind, gather, aug):
     """Stride 2 (output ceil(H / 2)): the conv block (bias, ReLU, pool), the plain conv a BatchNorm takes (no bias,
     no ReLU), and the plain conv with a bias."""
