@@ -9,14 +9,15 @@ order: network k's statistics and gradients depend on its own shapes only, never
 
 Training forward: partial sums -> mean; partial centered squares -> biased variance (two passes, as the reference:
 no E[y^2] - E[y]^2 cancellation); one finalize launch for 1/sqrt(var + eps) and the running statistics; one
-normalize pass, y * 1 read, out * 1 written. Backward: the two reductions (sum of the gradient at the
-normalization's output, and of it times x-hat) in one pass, then one elementwise pass for the input's gradient.
+normalize pass that reads y once and writes the block's output once. Backward: the two reductions (sum of the
+gradient at the normalization's output, and of it times x-hat) in one pass, then one elementwise pass for the
+input's gradient.
 """
 
 import triton
 import triton.language as tl
 
-from .conv import POOLS, _load_dpre, load_input, pick, pixel
+from .conv import POOLS, load_dpre, load_input, pick, pixel
 from .reduce import rows_per_split, sum_splits
 
 SKIPS = {None: 0, "identity": 1, "projection": 2}  # the SKIP constexpr of _bn_apply_kernel
@@ -137,7 +138,7 @@ def _dnorm_rows(dout_ptr, out_ptr, arg_ptr, y_ptr, mean_ptr, invstd_ptr, p, rows
     ReLU and pool), x-hat, and the mask."""
     b, h, w = pixel(rows, HC, WC)
     ok = row_ok[:, None] & c_ok[None, :]
-    d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], c[None, :], ok, B, HC, WC, HO,
+    d = load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], c[None, :], ok, B, HC, WC, HO,
                    WO, C, POOL, RELU)
     mean = tl.load(mean_ptr + p * C + c, mask=c_ok, other=0.0)
     invstd = tl.load(invstd_ptr + p * C + c, mask=c_ok, other=0.0)

@@ -60,8 +60,8 @@ def pick(val, best, code, sub, POOL: tl.constexpr):
 
 
 @triton.jit
-def _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, HC, WC, HO, WO, COUT, POOL: tl.constexpr,
-               RELU: tl.constexpr):
+def load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, HC, WC, HO, WO, COUT, POOL: tl.constexpr,
+              RELU: tl.constexpr):
     """Gradient at the pre-activation of conv output (b, h, w, co) ([HC, WC] pixels), fp32: the ReLU mask and, with a
     pool, the route back through it (max: only the window position that won; avg: a quarter to each position).
     Without RELU (a plain conv, never pooled) the output's gradient as it is."""
@@ -95,9 +95,9 @@ def pixel(rows, H, W):
 @triton.jit
 def _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, HC, WC, HO, WO, COUT, POOL: tl.constexpr,
                RELU: tl.constexpr):
-    """_load_dpre for a block of conv-output pixels numbered rows = (b * HC + h) * WC + w; also returns b, h, w."""
+    """load_dpre for a block of conv-output pixels numbered rows = (b * HC + h) * WC + w; also returns b, h, w."""
     b, h, w = pixel(rows, HC, WC)
-    d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
+    d = load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
                    row_ok[:, None] & co_ok[None, :], B, HC, WC, HO, WO, COUT, POOL, RELU)
     return d, b, h, w
 
@@ -194,7 +194,7 @@ def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of th
         for k0 in range(0, COUT, BLOCK_K):
             co = k0 + tl.arange(0, BLOCK_K)
             ok = pix_ok[:, None] & (co < COUT)[None, :]
-            d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], hq[:, None], wq[:, None], co[None, :], ok,
+            d = load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], hq[:, None], wq[:, None], co[None, :], ok,
                            B, HC, WC, HO, WO, COUT, POOL, RELU)
             wv = tl.load(w_ptr + ((p * COUT + co[:, None]) * CIN + ci[None, :]) * (KS * KS) + tap,
                          mask=(co < COUT)[:, None] & ci_ok[None, :], other=0.0)
