@@ -291,3 +291,24 @@ def test_three_step_resnet_population_triton_vs_torch(tmp_path):
     torch.testing.assert_close(rk.weights("stats"), rt.weights("stats"), rtol=1e-4, atol=1e-5)
     assert (rt.correct("test") == rk.correct("test")).mean() > 0.99
     assert rk.manifest["backend"] == "triton" and not rk.manifest.get("backend_note")
+
+
+def test_more_networks_than_a_launch_takes_keep_their_running_statistics(monkeypatch):
+    """With the op set's network limit patched to 2, three networks train and score in pieces: the same loss,
+    gradients, running statistics and bits as in one piece (each piece gets its networks' statistics)."""
+    arch = build_arch("c2b-c3s2b-gap", (2, 5, 4), 3)
+    pop, x, y, idx, mean, std = _case(arch, 3, 3, 2)
+    pop.params.div_(3)
+    stats0 = pop.stats.clone()
+    runs = []
+    for limit in (T.MAX_NETWORKS, 2):
+        monkeypatch.setattr(T, "MAX_NETWORKS", limit)
+        pop.stats.copy_(stats0)
+        loss = TRITON.gradients(pop, 0, 3, x, idx, y[idx], mean, std)
+        bits = torch.zeros(3, 8, dtype=torch.uint8)
+        scored = TRITON.score(arch, pop.views(pop.params), x, idx, y[idx], mean, std, bits, 0,
+                              stats=pop.stat_views())
+        runs.append((loss, pop.grads.clone(), pop.stats.clone(), bits, *scored))
+    for whole, pieces in zip(*runs):
+        assert torch.equal(whole, pieces)
+    assert not torch.equal(runs[0][2], stats0), "training moved the running statistics"
