@@ -5,9 +5,9 @@ TRITON_INTERPRET=1 (tests).
 Every op of every spec of the grammar is a Triton launch: conv blocks (any odd K, stride 1 or 2, the 2x2 max or
 average pool fused), BatchNorm convs (the plain conv, then one normalize pass with the ReLU and pool fused) and
 residual blocks (the skip, identity or projection, added in the second BatchNorm's normalize pass), standalone 2x2
-pools, global average pool, flatten, dense layers (ReLU or not), cross-entropy, the fused
-head (global average pool + classifier + loss, and the evaluation bits) and the optimizer step (SGD, Nesterov,
-Adam(W): one launch for all networks, a grid's groups each with their own scalars). The first layer,
+pools, global average pool, flatten, dense layers (ReLU or not), cross-entropy, the fused head (global average
+pool + classifier + loss, and the evaluation bits) and the optimizer step (SGD, Nesterov, Adam(W): one launch for
+all networks, a grid's groups each with their own scalars). The first layer,
 whatever it is, reads its images from the resident data set by batch index, augmented inside that read when
 training asks for it: `gather_images` returns a `Gathered` marker (with each example's augmentation draws, a few
 bytes), not a batch.
