@@ -7,10 +7,12 @@ way and timed against plain SGD.
     python bench/gpu_check.py --small    # tiny shapes, checks only: runs on the CPU under TRITON_INTERPRET=1 (CI)
 
 Architectures: small-cnn (the fused head), CNN5 (a spec no preset has: five convs with 5x5 and 1x1 kernels,
-max and average pools, a hidden dense layer) and the mlp (dense layers on the flattened image). Providers:
+max and average pools, a hidden dense layer), the mlp (dense layers on the flattened image) and ResNet-8
+(BatchNorm with per-network running statistics, strided convs, residual blocks with identity and projection skips;
+checked at P = 1000 against the reference run 250 networks at a time). Providers:
 fastpop-triton (CUDA graph and eager), fastpop-torch (the reference: im2col + batched GEMM), torch.func vmap (cuDNN
-grouped convolution), a loop over nn.Modules (P = 100 only). Targets (issue 7): >= 10x vmap and >= 5M
-net-images/s for small-cnn on 3x32x32 at P = 1000.
+grouped convolution; each network's own BatchNorm buffers for ResNet-8), a loop over nn.Modules (P = 100 only).
+Targets (issue 7): >= 10x vmap and >= 5M net-images/s for small-cnn on 3x32x32 at P = 1000.
 """
 
 from __future__ import annotations
@@ -41,29 +43,41 @@ def synthetic(shape, n, classes, device) -> Dataset:
     return Dataset("synthetic", Split(x, y), Split(x[:256], y[:256]), list(range(classes)), mean, std).to(device)
 
 
-def check(data: Dataset, p: int, bsz: int, device, spec: str = "small-cnn") -> None:
-    """Loss and every gradient of one population step, triton against reference, and the eval bits."""
+def check(data: Dataset, p: int, bsz: int, device, spec: str = "small-cnn", ref_chunk: int | None = None) -> None:
+    """Loss, every gradient and the BatchNorm running statistics of one population step, triton against reference,
+    and the eval bits. ref_chunk: the reference takes the networks that many at a time (its im2col of a ResNet at
+    P = 1000 would not fit), the kernels all at once; network k's result does not depend on its company."""
     arch = build_arch(spec, data.in_shape, data.classes)
     pop = Population(arch, list(range(p)), device)
     idx = epoch_orders(list(range(p)), 0, len(data.train))[:, :bsz].to(device)
     grads = {}
-    for name, backend in (("torch", reference), ("triton", triton_ops)):
+    for name, backend, chunk in (("torch", reference, ref_chunk or p), ("triton", triton_ops, p)):
         pop.grads.zero_()
-        loss = chain.loss(arch, backend, pop.leaves(0, p), data.train.x, idx, data.train.y[idx], data.mean,
-                          data.std)
-        loss.sum().backward()
-        grads[name] = (loss.detach().clone(), pop.grads.clone())
-    (lr_, gr), (lt, gt) = grads["torch"], grads["triton"]
+        stats = [v.clone() for v in pop.stat_views()]
+        losses = []
+        for lo in range(0, p, chunk):
+            hi = min(p, lo + chunk)
+            loss = chain.loss(arch, backend, pop.leaves(lo, hi), data.train.x, idx[lo:hi], data.train.y[idx[lo:hi]],
+                              data.mean, data.std, stats=[v[lo:hi] for v in stats])
+            loss.sum().backward()
+            losses.append(loss.detach())
+        grads[name] = (torch.cat(losses), pop.grads.clone(), stats)
+    (lr_, gr, sr), (lt, gt, st) = grads["torch"], grads["triton"]
     torch.testing.assert_close(lt, lr_, rtol=1e-4, atol=1e-5, msg=f"loss, P={p} {data.in_shape}")
     for (name, shape), want, got in zip(arch.param_shapes(), pop.views(gr), pop.views(gt)):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=f"gradient of {name}")
+    for (name, _), want, got in zip(arch.stat_shapes(), sr, st):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"running statistic {name}")
+    for view, got in zip(pop.stat_views(), st):  # evaluation normalizes with the statistics of this step
+        view.copy_(got)
     from fastpop.recorder import evaluate
 
     bits = {name: evaluate(arch, get_backend(name, device), pop, data.test, data.mean, data.std)[0]
             for name in ("torch", "triton")}
     agree = (bits["torch"] == bits["triton"]).float().mean().item()
     assert agree > 0.999, f"eval bits agree on {agree:.5f} of bytes"
-    print(f"ok: P={p} B={bsz} {spec} input {data.in_shape}: loss, {len(arch.param_shapes())} gradients, eval bits")
+    print(f"ok: P={p} B={bsz} {spec} input {data.in_shape}: loss, {len(arch.param_shapes())} gradients, "
+          f"{len(arch.stat_shapes())} running statistics, eval bits")
     del pop, grads
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -147,6 +161,7 @@ def check_graph(data: Dataset, p: int, bsz: int, device, spec: str = "small-cnn"
         replay = graphed(idx, 0.05, s + 1)
         torch.testing.assert_close(replay, eager, msg=f"graph loss at step {s}")
     torch.testing.assert_close(pops[1].params, pops[0].params, msg="graph parameters after 5 steps")
+    torch.testing.assert_close(pops[1].stats, pops[0].stats, msg="graph running statistics after 5 steps")
     print(f"ok: CUDA graph == eager over 5 steps, P={p} {spec}")
 
 
@@ -242,6 +257,7 @@ def main() -> int:
         check(synthetic((3, 8, 6), 16, 10, device), 3, 4, device, CNN5)
         check(synthetic((1, 8, 8), 64, 10, device), 3, 8, device, "mlp")
         check_recipe(synthetic((2, 7, 6), 16, 10, device), 4, 4, device, "c3-ap-c4-flat-d5")
+        check(synthetic((3, 9, 7), 16, 10, device), 3, 3, device, "resnet8", ref_chunk=2)
         return 0
     if device.type != "cuda":
         print("no CUDA device: run with --small for the interpreter checks")
@@ -253,10 +269,12 @@ def main() -> int:
         attempt(failures, check, data, 1000, 32, device, "mlp")
     attempt(failures, check, digits, 1000, 32, device, CNN5)
     attempt(failures, check, cifar, 200, 32, device, CNN5)
+    attempt(failures, check, cifar, 1000, 32, device, "resnet8", 250)
     attempt(failures, check_recipe, cifar, 1000, 32, device)
     attempt(failures, check_recipe, digits, 1000, 32, device, "mlp")
     attempt(failures, check_graph, cifar, 64, 32, device)
     attempt(failures, check_graph, cifar, 64, 32, device, CNN5)
+    attempt(failures, check_graph, cifar, 64, 32, device, "resnet8")
     ceil = ceilings(device)
     print(f"ceilings: fp32 matmul {ceil['fp32']:.1f} TFLOP/s, tf32 {ceil['tf32']:.1f} TFLOP/s, "
           f"device copy {ceil['copy_TBps']:.2f} TB/s")
@@ -269,6 +287,7 @@ def main() -> int:
     timings(digits, 1000, 32, device, ceil, CNN5)
     recipe_timings(cifar, 1000, 32, device)
     timings(cifar, 1000, 32, device, ceil, CNN5, reference_too=False)
+    timings(cifar, 1000, 32, device, ceil, "resnet8", reference_too=False)  # vmap: per-network BN buffers
     print(f"{len(failures)} checks failed: {failures}" if failures else "all checks passed")
     return 1 if failures else 0
 

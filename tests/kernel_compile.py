@@ -1,8 +1,8 @@
 """Compile a representative set of the Triton kernels' constexpr variants to PTX for sm_90 with the real compiler:
 no GPU needed. The interpreter runs kernels as numpy and accepts code that the compiler rejects (it did: a helper
 with two differently typed returns). Every kernel is compiled at least once, and every constexpr flag both ways
-in some kernel; kernel sizes 1, 3, 5 and 7 across the conv kernels. Run in a process without TRITON_INTERPRET;
-tests/test_kernels.py does. Prints one line per compiled variant."""
+in some kernel; kernel sizes 1, 3, 5 and 7 and strides 1 and 2 across the conv kernels. Run in a process without
+TRITON_INTERPRET; tests/test_kernels.py does. Prints one line per compiled variant."""
 
 import os
 import sys
@@ -14,29 +14,63 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastpop.kernels.triton import augment, conv, dense, head, loss, optim, pool, reduce  # noqa: E402
+from fastpop.kernels.triton import augment, batchnorm, conv, dense, head, loss, optim, pool, reduce  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"idx_ptr": "*i64", "y_ptr": "*i64", "pred_ptr": "*i64", "arg_ptr": "*i8", "bits_ptr": "*u8",
             "frozen_ptr": "*i1", "aug_ptr": "*i32", "draws_ptr": "*i32", "seeds_ptr": "*i64",
             "blocks_ptr": "*i64"}  # every other pointer is fp32
-FLOATS = {"momentum", "weight_decay", "smoothing", "beta1", "beta2", "eps", "bc2_sqrt"}  # other scalars are i32
+FLOATS = {"momentum", "weight_decay", "smoothing", "beta1", "beta2", "eps", "bc2_sqrt",
+          "unbias"}  # other scalars are i32
 BLOCKS = {"BLOCK_M": 64, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_B": 64, "BLOCK_C": 16, "BLOCK": 1024}
 MAX, AVG = conv.POOLS["max"], conv.POOLS["avg"]
 
 # (kernel, x_ptr type, constexpr flags): uint8 images where the kernel gathers them
 VARIANTS = [
-    (conv._conv_fwd_kernel, "*u8", dict(GATHER=True, AUG=False, POOL=MAX, KS=3, WINDOW=4)),
-    (conv._conv_fwd_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=AVG, KS=5, WINDOW=4)),
-    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=AVG, KS=5, WINDOW=4)),
-    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=0, KS=7, WINDOW=1)),
-    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=MAX, KS=3)),
-    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=AVG, KS=1)),
-    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=0, KS=5)),
-    (conv._conv_bwd_weight_kernel, "*u8", dict(GATHER=True, AUG=False, POOL=AVG, KS=5)),
-    (conv._conv_bwd_weight_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=MAX, KS=3)),
-    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=MAX, KS=3)),
-    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=0, KS=1)),
+    (conv._conv_fwd_kernel, "*u8", dict(GATHER=True, AUG=False, POOL=MAX, KS=3, STRIDE=1, BIAS=True, RELU=True,
+                                        WINDOW=4)),
+    (conv._conv_fwd_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=AVG, KS=5, STRIDE=2, BIAS=True, RELU=True,
+                                        WINDOW=4)),
+    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=AVG, KS=5, STRIDE=1, BIAS=True, RELU=True,
+                                          WINDOW=4)),
+    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=0, KS=7, STRIDE=1, BIAS=True, RELU=True,
+                                          WINDOW=1)),
+    (conv._conv_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=0, KS=3, STRIDE=2, BIAS=False, RELU=False,
+                                          WINDOW=1)),
+    (conv._conv_fwd_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=0, KS=1, STRIDE=2, BIAS=False, RELU=False,
+                                        WINDOW=1)),
+    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=MAX, KS=3, STRIDE=1, RELU=True)),
+    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=AVG, KS=1, STRIDE=2, RELU=True)),
+    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=0, KS=5, STRIDE=1, RELU=True)),
+    (conv._conv_bwd_input_kernel, "*fp32", dict(POOL=0, KS=3, STRIDE=2, RELU=False)),
+    (conv._conv_bwd_weight_kernel, "*u8", dict(GATHER=True, AUG=False, POOL=AVG, KS=5, STRIDE=1, BIAS=True,
+                                               RELU=True)),
+    (conv._conv_bwd_weight_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=MAX, KS=3, STRIDE=2, BIAS=True,
+                                               RELU=True)),
+    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=MAX, KS=3, STRIDE=1, BIAS=True,
+                                                 RELU=True)),
+    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=0, KS=1, STRIDE=1, BIAS=True,
+                                                 RELU=True)),
+    (conv._conv_bwd_weight_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=0, KS=3, STRIDE=2, BIAS=False,
+                                                 RELU=False)),
+    (conv._conv_bwd_weight_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=0, KS=1, STRIDE=2, BIAS=False,
+                                               RELU=False)),
+    (batchnorm._bn_partial_kernel, "*fp32", dict(CENTER=False)),
+    (batchnorm._bn_partial_kernel, "*fp32", dict(CENTER=True)),
+    (batchnorm._bn_finalize_kernel, "*fp32", dict(TRAIN=True)),
+    (batchnorm._bn_finalize_kernel, "*fp32", dict(TRAIN=False)),
+    (batchnorm._bn_apply_kernel, "*fp32", dict(SKIP=0, GATHER=False, AUG=False, RELU=True, POOL=MAX, WINDOW=4)),
+    (batchnorm._bn_apply_kernel, "*fp32", dict(SKIP=0, GATHER=False, AUG=False, RELU=True, POOL=AVG, WINDOW=4)),
+    (batchnorm._bn_apply_kernel, "*fp32", dict(SKIP=1, GATHER=False, AUG=False, RELU=True, POOL=0, WINDOW=1)),
+    (batchnorm._bn_apply_kernel, "*u8", dict(SKIP=1, GATHER=True, AUG=True, RELU=True, POOL=0, WINDOW=1)),
+    (batchnorm._bn_apply_kernel, "*fp32", dict(SKIP=2, GATHER=False, AUG=False, RELU=False, POOL=0, WINDOW=1)),
+    (batchnorm._bn_bwd_partial_kernel, "*fp32", dict(POOL=MAX, RELU=True)),
+    (batchnorm._bn_bwd_partial_kernel, "*fp32", dict(POOL=0, RELU=False)),
+    # the GPU's block sizes for 16 channels: a 2-D accumulator at these sizes crashed LLVM
+    (batchnorm._bn_bwd_partial_kernel, "*fp32", dict(POOL=0, RELU=True, BLOCK_M=256, BLOCK_C=16)),
+    (batchnorm._bn_partial_kernel, "*fp32", dict(CENTER=True, BLOCK_M=256, BLOCK_C=16)),
+    (batchnorm._bn_bwd_apply_kernel, "*fp32", dict(TRAIN=True, POOL=AVG, RELU=True, SKIP_GRAD=False)),
+    (batchnorm._bn_bwd_apply_kernel, "*fp32", dict(TRAIN=False, POOL=0, RELU=True, SKIP_GRAD=True)),
     (pool._pool_fwd_kernel, "*u8", dict(GATHER=True, AUG=False, POOL=MAX)),
     (pool._pool_fwd_kernel, "*u8", dict(GATHER=True, AUG=True, POOL=MAX)),
     (pool._pool_fwd_kernel, "*fp32", dict(GATHER=False, AUG=False, POOL=AVG)),

@@ -1,5 +1,6 @@
-"""Population K x K convolution (padding K // 2, K odd) with bias, ReLU and an optional 2x2 max or average pool
-fused, forward and backward.
+"""Population K x K convolution (padding K // 2, K odd, stride 1 or 2) with bias, ReLU and an optional 2x2 max or
+average pool fused, forward and backward; or the plain conv (no bias, no ReLU) whose output a BatchNorm takes
+(batchnorm.py).
 
 Layout: activations [P, B, H, W, C] contiguous, channels last within each network, so the C inputs of one pixel
 are one contiguous run (coalesced loads along K of the implicit GEMM). Networks are grid axis 1: one launch
@@ -59,9 +60,11 @@ def pick(val, best, code, sub, POOL: tl.constexpr):
 
 
 @triton.jit
-def _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, H, W, HO, WO, COUT, POOL: tl.constexpr):
-    """Gradient at the pre-activation of conv output (b, h, w, co), fp32: the ReLU mask and, with a pool, the
-    route back through it (max: only the window position that won; avg: a quarter to each position)."""
+def load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, HC, WC, HO, WO, COUT, POOL: tl.constexpr,
+              RELU: tl.constexpr):
+    """Gradient at the pre-activation of conv output (b, h, w, co) ([HC, WC] pixels), fp32: the ReLU mask and, with a
+    pool, the route back through it (max: only the window position that won; avg: a quarter to each position).
+    Without RELU (a plain conv, never pooled) the output's gradient as it is."""
     if POOL != 0:
         ho = h // 2
         wo = w // 2
@@ -76,9 +79,10 @@ def _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b, h, w, co, ok, B, H, W, HO, WO, 
             alive = ((code >> sub) & 1) != 0
             g = tl.where(alive & ok, tl.load(dout_ptr + off, mask=ok, other=0.0) * 0.25, 0.0)
     else:
-        off = (((p * B + b) * H + h) * W + w) * COUT + co
-        alive = tl.load(out_ptr + off, mask=ok, other=0.0) > 0
-        g = tl.where(alive & ok, tl.load(dout_ptr + off, mask=ok, other=0.0), 0.0)
+        off = (((p * B + b) * HC + h) * WC + w) * COUT + co
+        g = tl.load(dout_ptr + off, mask=ok, other=0.0)
+        if RELU:
+            g = tl.where(tl.load(out_ptr + off, mask=ok, other=0.0) > 0, g, 0.0)
     return g
 
 
@@ -89,11 +93,12 @@ def pixel(rows, H, W):
 
 
 @triton.jit
-def _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, H, W, HO, WO, COUT, POOL: tl.constexpr):
-    """_load_dpre for a block of conv-output pixels numbered rows = (b * H + h) * W + w; also returns b, h, w."""
-    b, h, w = pixel(rows, H, W)
-    d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
-                   row_ok[:, None] & co_ok[None, :], B, H, W, HO, WO, COUT, POOL)
+def _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, HC, WC, HO, WO, COUT, POOL: tl.constexpr,
+               RELU: tl.constexpr):
+    """load_dpre for a block of conv-output pixels numbered rows = (b * HC + h) * WC + w; also returns b, h, w."""
+    b, h, w = pixel(rows, HC, WC)
+    d = load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], h[:, None], w[:, None], co[None, :],
+                   row_ok[:, None] & co_ok[None, :], B, HC, WC, HO, WO, COUT, POOL, RELU)
     return d, b, h, w
 
 
@@ -103,12 +108,12 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
                      mean_ptr, std_ptr,  # fp32 [CIN] normalization (GATHER)
                      aug_ptr,  # int32 [P, B, 5] augmentation draws (AUG, with GATHER)
                      w_ptr,  # fp32 [P, COUT, CIN, KS, KS]
-                     b_ptr,  # fp32 [P, COUT]
-                     out_ptr,  # fp32 [P, B, HO, WO, COUT]; HO, WO = H//2, W//2 with a pool, else H, W
+                     b_ptr,  # fp32 [P, COUT] (BIAS)
+                     out_ptr,  # fp32 [P, B, HO, WO, COUT]; HO, WO = HC//2, WC//2 with a pool, else HC, WC
                      arg_ptr,  # int8 [P, B, HO, WO, COUT] max: winning position; avg: ReLU mask (POOL)
-                     B, H, W, HO, WO, CIN, COUT, CUT,  # CUT: the cutout's side (AUG)
+                     B, H, W, HC, WC, HO, WO, CIN, COUT, CUT,  # HC, WC = ceil(H / STRIDE), ...; CUT: cutout (AUG)
                      GATHER: tl.constexpr, AUG: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr,
-                     WINDOW: tl.constexpr,
+                     STRIDE: tl.constexpr, BIAS: tl.constexpr, RELU: tl.constexpr, WINDOW: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,7 +121,10 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
     b, ho, wo = pixel(rows, HO, WO)
     co = tl.arange(0, BLOCK_N)
     co_ok = co < COUT
-    bias = tl.load(b_ptr + p * COUT + co, mask=co_ok, other=0.0)
+    if BIAS:
+        bias = tl.load(b_ptr + p * COUT + co, mask=co_ok, other=0.0)
+    else:
+        bias = tl.zeros((BLOCK_N,), tl.float32)
     if POOL == 1:
         best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
     else:
@@ -131,8 +139,8 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
             w0 = wo
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for tap in range(KS * KS):  # a loop, not unrolled: 25-100 unrolled GEMM tiles took minutes to compile
-            hi = h0 + tap // KS - KS // 2
-            wi = w0 + tap % KS - KS // 2
+            hi = h0 * STRIDE + tap // KS - KS // 2
+            wi = w0 * STRIDE + tap % KS - KS // 2
             pix_ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             for k0 in range(0, CIN, BLOCK_K):
                 ci = k0 + tl.arange(0, BLOCK_K)
@@ -144,7 +152,10 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
                              mask=(ci < CIN)[:, None] & co_ok[None, :], other=0.0)
                 acc += tl.dot(xv, wv, input_precision="ieee")
         pre = acc + bias[None, :]
-        val = tl.where(pre > 0, pre, tl.where(pre != pre, pre, 0.0))  # ReLU; NaN stays NaN, as torch.relu
+        if RELU:
+            val = tl.where(pre > 0, pre, tl.where(pre != pre, pre, 0.0))  # NaN stays NaN, as torch.relu
+        else:
+            val = pre
         best, code = pick(val, best, code, sub, POOL)
     if POOL == 2:
         best = best * 0.25
@@ -161,9 +172,9 @@ def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of th
                            arg_ptr,  # int8 [P, B, HO, WO, COUT] (POOL)
                            w_ptr,  # fp32 [P, COUT, CIN, KS, KS]
                            dx_ptr,  # fp32 [P, B, H, W, CIN] gradient of the block's input
-                           B, H, W, HO, WO, CIN, COUT,
-                           POOL: tl.constexpr, KS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           B, H, W, HC, WC, HO, WO, CIN, COUT,
+                           POOL: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, RELU: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     p = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels
     row_ok = rows < B * H * W
@@ -172,14 +183,19 @@ def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of th
     ci_ok = ci < CIN
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for tap in range(KS * KS):  # a loop, not unrolled: 25-100 unrolled GEMM tiles took minutes to compile
-        hq = h - (tap // KS - KS // 2)  # the output pixel that saw this input through this tap
-        wq = w - (tap % KS - KS // 2)
-        pix_ok = row_ok & (hq >= 0) & (hq < H) & (wq >= 0) & (wq < W)
+        hs = h - (tap // KS - KS // 2)  # STRIDE x the output pixel that saw this input through this tap
+        ws = w - (tap % KS - KS // 2)
+        pix_ok = row_ok & (hs >= 0) & (ws >= 0)
+        if STRIDE != 1:  # only every STRIDE-th position is an output pixel
+            pix_ok = pix_ok & (hs % STRIDE == 0) & (ws % STRIDE == 0)
+        hq = hs // STRIDE
+        wq = ws // STRIDE
+        pix_ok = pix_ok & (hq < HC) & (wq < WC)
         for k0 in range(0, COUT, BLOCK_K):
             co = k0 + tl.arange(0, BLOCK_K)
             ok = pix_ok[:, None] & (co < COUT)[None, :]
-            d = _load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], hq[:, None], wq[:, None], co[None, :], ok,
-                           B, H, W, HO, WO, COUT, POOL)
+            d = load_dpre(dout_ptr, out_ptr, arg_ptr, p, b[:, None], hq[:, None], wq[:, None], co[None, :], ok,
+                           B, HC, WC, HO, WO, COUT, POOL, RELU)
             wv = tl.load(w_ptr + ((p * COUT + co[:, None]) * CIN + ci[None, :]) * (KS * KS) + tap,
                          mask=(co < COUT)[:, None] & ci_ok[None, :], other=0.0)
             acc += tl.dot(d, wv, input_precision="ieee")
@@ -191,24 +207,26 @@ def _conv_bwd_input_kernel(dout_ptr,  # fp32 [P, B, HO, WO, COUT] gradient of th
 def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr,  # the input, as in _conv_fwd_kernel
                             dout_ptr, out_ptr, arg_ptr,  # as in _conv_bwd_input_kernel
                             dw_ptr,  # fp32 [P, SPLITS, KS * KS, CIN, COUT] partial weight gradients
-                            db_ptr,  # fp32 [P, SPLITS, COUT] partial bias gradients
-                            B, H, W, HO, WO, CIN, COUT, CUT, ROWS_PER_SPLIT, SPLITS,
+                            db_ptr,  # fp32 [P, SPLITS, COUT] partial bias gradients (BIAS)
+                            B, H, W, HC, WC, HO, WO, CIN, COUT, CUT, ROWS_PER_SPLIT, SPLITS,
                             GATHER: tl.constexpr, AUG: tl.constexpr, POOL: tl.constexpr, KS: tl.constexpr,
+                            STRIDE: tl.constexpr, BIAS: tl.constexpr, RELU: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     p = tl.program_id(1).to(tl.int64)
-    lo = split * ROWS_PER_SPLIT
-    hi_rows = tl.minimum(lo + ROWS_PER_SPLIT, B * H * W)
+    lo = split * ROWS_PER_SPLIT  # conv-output pixels (b * HC + h) * WC + w
+    hi_rows = tl.minimum(lo + ROWS_PER_SPLIT, B * HC * WC)
     co = tl.arange(0, BLOCK_N)
     co_ok = co < COUT
     base = (p * SPLITS + split)
-    db = tl.zeros((BLOCK_N,), tl.float32)
-    for m0 in range(lo, hi_rows, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        d, b, h, w = _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, rows < hi_rows, co, co_ok, B, H, W, HO, WO,
-                                COUT, POOL)
-        db += tl.sum(d, axis=0)
-    tl.store(db_ptr + base * COUT + co, db, mask=co_ok)
+    if BIAS:
+        db = tl.zeros((BLOCK_N,), tl.float32)
+        for m0 in range(lo, hi_rows, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            d, b, h, w = _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, rows < hi_rows, co, co_ok, B, HC, WC, HO,
+                                    WO, COUT, POOL, RELU)
+            db += tl.sum(d, axis=0)
+        tl.store(db_ptr + base * COUT + co, db, mask=co_ok)
     for tap in range(KS * KS):  # a loop, not unrolled: 25-100 unrolled GEMM tiles took minutes to compile
         for k0 in range(0, CIN, BLOCK_K):
             ci = k0 + tl.arange(0, BLOCK_K)
@@ -216,10 +234,10 @@ def _conv_bwd_weight_kernel(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr,  # the i
             for m0 in range(lo, hi_rows, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < hi_rows
-                d, b, h, w = _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, H, W, HO, WO,
-                                        COUT, POOL)
-                hi = h + tap // KS - KS // 2
-                wi = w + tap % KS - KS // 2
+                d, b, h, w = _dpre_rows(dout_ptr, out_ptr, arg_ptr, p, rows, row_ok, co, co_ok, B, HC, WC, HO, WO,
+                                        COUT, POOL, RELU)
+                hi = h * STRIDE + tap // KS - KS // 2
+                wi = w * STRIDE + tap % KS - KS // 2
                 pix_ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
                 xv = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], hi[:, None], wi[:, None],
                                 ci[None, :], pix_ok[:, None] & (ci < CIN)[None, :], B, H, W, CIN, CUT, GATHER, AUG)
@@ -242,33 +260,46 @@ def _input_shape(x, idx, gather):
     return x.shape[1], x.shape[2], x.shape[3]
 
 
-def conv_fwd(x, idx, mean, std, w, b, pool, gather, interpret, aug=None):
+def _check_variant(pool, relu):
+    if pool and not relu:
+        raise ValueError("a pool is fused only after the ReLU: a plain conv (relu=False) takes no pool")
+
+
+def conv_fwd(x, idx, mean, std, w, b, pool, gather, interpret, aug=None, stride=1, relu=True):
     """Launch the forward. x: activations [P, B, H, W, CIN], or the data set [N, CIN, H, W] with gather (then
     idx [P, B], mean, std [CIN], and aug None or (draws int32 [P, B, 5], cutout side)); w [P, COUT, CIN, K, K];
-    pool None, "max" or "avg". Returns (out [P, B, HO, WO, COUT], the pool's int8 record or None)."""
+    b [P, COUT] or None (no bias); pool None, "max" or "avg"; stride 1 or 2; relu False: the plain conv, for a
+    BatchNorm. Returns (out [P, B, HO, WO, COUT], the pool's int8 record or None)."""
     import torch
 
+    _check_variant(pool, relu)
     p, cout, cin, ks = w.shape[:4]
     bsz, h, wd = _input_shape(x, idx, gather)
-    ho, wo = (h // 2, wd // 2) if pool else (h, wd)
+    hc, wc = -(-h // stride), -(-wd // stride)
+    ho, wo = (hc // 2, wc // 2) if pool else (hc, wc)
     out = torch.empty(p, bsz, ho, wo, cout, device=w.device, dtype=torch.float32)
     arg = torch.empty(out.shape, device=w.device, dtype=torch.int8) if pool else out
     bm, bk, bn = _blocks(cin, cout, bsz * ho * wo, interpret)
     dummy = w
     grid = (triton.cdiv(bsz * ho * wo, bm), p)
     _conv_fwd_kernel[grid](x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy,
-                           aug[0] if aug else dummy, w, b, out, arg, bsz, h, wd, ho, wo, cin, cout,
-                           aug[1] if aug else 0, GATHER=gather, AUG=aug is not None, POOL=POOLS[pool], KS=ks,
+                           aug[0] if aug else dummy, w, dummy if b is None else b, out, arg, bsz, h, wd, hc, wc, ho,
+                           wo, cin, cout, aug[1] if aug else 0, GATHER=gather, AUG=aug is not None,
+                           POOL=POOLS[pool], KS=ks, STRIDE=stride, BIAS=b is not None, RELU=relu,
                            WINDOW=4 if pool else 1, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
     return out, (arg if pool else None)
 
 
-def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interpret, splits=None, aug=None):
-    """Launch the backward: (dx [P, B, H, W, CIN] or None, dw [P, COUT, CIN, K, K], db [P, COUT])."""
+def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interpret, splits=None, aug=None,
+             stride=1, bias=True, relu=True):
+    """Launch the backward: (dx [P, B, H, W, CIN] or None, dw [P, COUT, CIN, K, K], db [P, COUT] or None without
+    bias). out: the forward's output (its ReLU mask; only its shape without relu)."""
     import torch
 
+    _check_variant(pool, relu)
     p, cout, cin, ks = w.shape[:4]
     bsz, h, wd = _input_shape(x, idx, gather)
+    hc, wc = -(-h // stride), -(-wd // stride)
     ho, wo = out.shape[2:4]
     arg = arg if pool else out
     dummy = w
@@ -277,9 +308,9 @@ def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interp
         dx = torch.empty(p, bsz, h, wd, cin, device=w.device, dtype=torch.float32)
         bm, bk, bn = _blocks(cout, cin, bsz * h * wd, interpret)
         _conv_bwd_input_kernel[(triton.cdiv(bsz * h * wd, bm), p)](
-            dout, out, arg, w, dx, bsz, h, wd, ho, wo, cin, cout, POOL=POOLS[pool], KS=ks, BLOCK_M=bm, BLOCK_K=bk,
-            BLOCK_N=bn)
-    rows = bsz * h * wd
+            dout, out, arg, w, dx, bsz, h, wd, hc, wc, ho, wo, cin, cout, POOL=POOLS[pool], KS=ks, STRIDE=stride,
+            RELU=relu, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
+    rows = bsz * hc * wc
     bm, bk, bn = _blocks(cin, cout, rows, interpret)
     if splits is None:  # 1024 rows per program on a GPU: 32 programs per network at B = 32 on 32x32 images
         per_split = rows_per_split(rows, bm, interpret, 1024)
@@ -287,11 +318,11 @@ def conv_bwd(x, idx, mean, std, w, out, arg, dout, pool, gather, need_dx, interp
         per_split = triton.cdiv(triton.cdiv(rows, splits), bm) * bm
     splits = triton.cdiv(rows, per_split)
     dw_part = torch.empty(p, splits, ks * ks, cin, cout, device=w.device, dtype=torch.float32)
-    db_part = torch.empty(p, splits, cout, device=w.device, dtype=torch.float32)
+    db_part = torch.empty(p, splits, cout, device=w.device, dtype=torch.float32) if bias else dw_part
     _conv_bwd_weight_kernel[(splits, p)](
         x, idx if gather else dummy, mean if gather else dummy, std if gather else dummy, aug[0] if aug else dummy,
-        dout, out, arg, dw_part, db_part, bsz, h, wd, ho, wo, cin, cout, aug[1] if aug else 0, per_split, splits,
-        GATHER=gather, AUG=aug is not None, POOL=POOLS[pool], KS=ks,
+        dout, out, arg, dw_part, db_part, bsz, h, wd, hc, wc, ho, wo, cin, cout, aug[1] if aug else 0, per_split,
+        splits, GATHER=gather, AUG=aug is not None, POOL=POOLS[pool], KS=ks, STRIDE=stride, BIAS=bias, RELU=relu,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
     dw = sum_splits(dw_part, interpret).view(p, ks, ks, cin, cout).permute(0, 4, 3, 1, 2).contiguous()
-    return dx, dw, sum_splits(db_part, interpret)
+    return dx, dw, sum_splits(db_part, interpret) if bias else None

@@ -2,10 +2,12 @@
 signatures and semantics of `reference`. Used on CUDA by default (--backend auto), and on the CPU under
 TRITON_INTERPRET=1 (tests).
 
-Every op of every spec of the grammar is a Triton launch: conv blocks (any odd K, the 2x2 max or average pool
-fused), standalone 2x2 pools, global average pool, flatten, dense layers (ReLU or not), cross-entropy, the fused
-head (global average pool + classifier + loss, and the evaluation bits) and the optimizer step (SGD, Nesterov,
-Adam(W): one launch for all networks, a grid's groups each with their own scalars). The first layer,
+Every op of every spec of the grammar is a Triton launch: conv blocks (any odd K, stride 1 or 2, the 2x2 max or
+average pool fused), BatchNorm convs (the plain conv, then one normalize pass with the ReLU and pool fused) and
+residual blocks (the skip, identity or projection, added in the second BatchNorm's normalize pass), standalone 2x2
+pools, global average pool, flatten, dense layers (ReLU or not), cross-entropy, the fused head (global average
+pool + classifier + loss, and the evaluation bits) and the optimizer step (SGD, Nesterov, Adam(W): one launch for
+all networks, a grid's groups each with their own scalars). The first layer,
 whatever it is, reads its images from the resident data set by batch index, augmented inside that read when
 training asks for it: `gather_images` returns a `Gathered` marker (with each example's augmentation draws, a few
 bytes), not a batch.
@@ -20,7 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from fastpop.kernels.triton import augment as _augment, conv as _conv, dense as _dense, head as _head, loss as _loss
-from fastpop.kernels.triton import optim as _optim, pool as _pool
+from fastpop.kernels.triton import batchnorm as _batchnorm, optim as _optim, pool as _pool
+
+from ..archs import BN_EPS, BN_MOMENTUM
 
 
 # Networks are grid axis 1 of most kernels, which CUDA caps at 65,535: the chain runs no more in one op.
@@ -67,13 +71,16 @@ def _input(h):
 
 
 class _ConvBlock(torch.autograd.Function):
+    """A conv block (bias, ReLU, an optional pool; any stride), or with relu False and no bias the plain conv a
+    BatchNorm takes."""
+
     @staticmethod
-    def forward(ctx, x, idx, mean, std, aug, w, b, pool):
+    def forward(ctx, x, idx, mean, std, aug, w, b, pool, stride=1, relu=True):
         gather = idx is not None
-        w, b = w.contiguous(), b.contiguous()
-        out, arg = _conv.conv_fwd(x, idx, mean, std, w, b, pool, gather, _interpret(), aug)
+        w, b = w.contiguous(), None if b is None else b.contiguous()
+        out, arg = _conv.conv_fwd(x, idx, mean, std, w, b, pool, gather, _interpret(), aug, stride, relu)
         ctx.save_for_backward(x, idx, mean, std, w, out, arg)
-        ctx.pool, ctx.gather, ctx.aug = pool, gather, aug
+        ctx.pool, ctx.gather, ctx.aug, ctx.stride, ctx.relu, ctx.bias = pool, gather, aug, stride, relu, b is not None
         return out
 
     @staticmethod
@@ -81,12 +88,96 @@ class _ConvBlock(torch.autograd.Function):
         x, idx, mean, std, w, out, arg = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0] and not ctx.gather
         dx, dw, db = _conv.conv_bwd(x, idx, mean, std, w, out, arg, dout.contiguous(), ctx.pool, ctx.gather,
-                                    need_dx, _interpret(), aug=ctx.aug)
-        return dx, None, None, None, None, dw, db, None
+                                    need_dx, _interpret(), aug=ctx.aug, stride=ctx.stride, bias=ctx.bias,
+                                    relu=ctx.relu)
+        return dx, None, None, None, None, dw, db, None, None, None
 
 
 def conv_block(h, w, b, pool):
     return _ConvBlock.apply(*_input(h), w, b, pool)
+
+
+def conv_stride_block(h, w, b, stride, training, pool):
+    """As `reference.conv_stride_block`: the conv block's kernels with a stride."""
+    return _ConvBlock.apply(*_input(h), w, b, pool, stride)
+
+
+def conv(h, w, b=None, stride=1):
+    """As `reference.conv`, the conv alone (no ReLU; no bias when b is None), as a BatchNorm takes it:
+    [P, B, ceil(H / stride), ceil(W / stride), COUT]."""
+    return _ConvBlock.apply(*_input(h), w, b, None, stride, False)
+
+
+class _BatchNorm(torch.autograd.Function):
+    """BatchNorm of a plain conv's output y [P, B, H, W, C] with gamma, beta [P, C], then (relu) ReLU and a 2x2
+    pool, with a residual block's skip added before the ReLU in the same pass: `skip` (an activation [P, B, H, W,
+    C]), `gathered` (the block's input images, read by index), or the projection's plain conv output yp with its
+    own gamma and beta (gp, bp). running: the running mean and variance [P, C] of y (and of yp), updated in place
+    in training, used in evaluation."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, skip, yp, gp, bp, gathered, running, training, relu, pool):
+        interpret = _interpret()
+        y, gamma, beta = y.contiguous(), gamma.contiguous(), beta.contiguous()
+        mean, invstd = _bn_stats(y, *running[:2], training, interpret)
+        proj = skip_parts = None
+        if yp is not None:
+            yp, gp, bp = yp.contiguous(), gp.contiguous(), bp.contiguous()
+            proj = (yp, *_bn_stats(yp, *running[2:4], training, interpret), gp, bp)
+        elif skip is not None:
+            skip_parts = (skip.contiguous(), None, None, None, None)
+        elif gathered is not None:
+            skip_parts = gathered.parts
+        out, arg = _batchnorm.bn_apply(y, mean, invstd, gamma, beta, relu, pool, interpret, skip_parts, proj)
+        saved = (y, mean, invstd, gamma, out, arg) + (proj[:4] if proj else (None,) * 4)
+        ctx.save_for_backward(*saved)
+        ctx.training, ctx.relu, ctx.pool, ctx.skip = training, relu, pool, skip is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, mean, invstd, gamma, out, arg, yp, meanp, invstdp, gp = ctx.saved_tensors
+        dout, interpret = dout.contiguous(), _interpret()
+        skip_grad = ctx.skip and ctx.needs_input_grad[3]
+        dy, dgamma, dbeta, dskip = _batchnorm.bn_bwd(dout, out, arg, y, mean, invstd, gamma, ctx.relu, ctx.pool,
+                                                     ctx.training, interpret, skip_grad)
+        dyp = dgp = dbp = None
+        if yp is not None:
+            dyp, dgp, dbp, _ = _batchnorm.bn_bwd(dout, out, arg, yp, meanp, invstdp, gp, ctx.relu, ctx.pool,
+                                                 ctx.training, interpret)
+        return dy, dgamma, dbeta, dskip, dyp, dgp, dbp, None, None, None, None, None
+
+
+def _bn_stats(y, running_mean, running_var, training, interpret):
+    """The kernels' statistics, the running ones updated in place (through contiguous stand-ins for views that
+    are not: the kernels index them as [P, C] rows)."""
+    rm, rv = running_mean.contiguous(), running_var.contiguous()
+    out = _batchnorm.bn_stats(y, rm, rv, training, BN_MOMENTUM, BN_EPS, interpret)
+    for view, written in ((running_mean, rm), (running_var, rv)):
+        if written is not view:
+            view.copy_(written)
+    return out
+
+
+def conv_bn_block(h, w, gamma, beta, running_mean, running_var, stride, training, pool):
+    """As `reference.conv_bn_block`: the plain conv, then BatchNorm + ReLU + the pool in one normalize pass."""
+    return _BatchNorm.apply(conv(h, w, None, stride), gamma, beta, None, None, None, None, None,
+                            (running_mean, running_var), training, True, pool)
+
+
+def residual_block(h, params, stats, stride, training):
+    """As `reference.residual_block`: conv + BN + ReLU, then the second conv, whose normalize pass also adds the
+    skip (the block's input, or the projection's 1x1 conv normalized in the same pass) and applies the ReLU."""
+    w1, g1, b1, w2, g2, b2, *proj = params
+    mid = conv_bn_block(h, w1, g1, b1, stats[0], stats[1], stride, training, None)
+    y2 = conv(mid, w2)
+    if proj:
+        wp, gp, bp = proj
+        return _BatchNorm.apply(y2, g2, b2, None, conv(h, wp, None, stride), gp, bp, None, tuple(stats[2:6]),
+                                training, True, None)
+    gathered = h if isinstance(h, Gathered) else None
+    return _BatchNorm.apply(y2, g2, b2, None if gathered else h, None, None, None, gathered, tuple(stats[2:4]),
+                            training, True, None)
 
 
 class _Pool(torch.autograd.Function):
