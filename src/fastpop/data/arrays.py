@@ -109,7 +109,7 @@ def check_split(x, y, split: str, layout: str = "auto") -> tuple[np.ndarray, np.
         raise UsageError(f"the {split} split is empty")
     if np.issubdtype(x.dtype, np.floating):
         big = float(np.abs(x).max())
-        if not np.isfinite(big) or big > np.finfo(np.float32).max:
+        if not np.isfinite(big) or big > float(np.finfo(np.float32).max):  # a float32 scalar would overflow
             raise UsageError(f"x_{split} holds NaN, infinite or values beyond float32 (largest |x| = {big:.3g})")
         x = x.astype(np.float32)
     if y.ndim != 1 or len(y) != len(x):
