@@ -49,7 +49,10 @@ def test_vmap_baseline_trains_batchnorm_with_per_network_running_statistics():
                                        msg=f"{name} of network {k}")
 
 
-def test_batchnorm_spec_on_an_image_shape_is_timed():
+def test_batchnorm_spec_on_an_image_shape_is_timed(monkeypatch):
+    from fastpop import benchmark
+
+    monkeypatch.setattr(benchmark, "SYNTHETIC_TRAIN", 96)  # 3 batches of 32: two warm-up steps, one timed
     rows = run_benchmark([2], steps=1, arch_name="c4b-r4s2-gap", loop_max_nets=2, input_shape=(3, 10, 10))
     assert [r.provider for r in rows] == ["fastpop-numba", "fastpop-torch", "torch.func vmap", "module loop",
                                           "fastpop-numba eval", "fastpop-torch eval"]
