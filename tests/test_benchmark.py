@@ -18,10 +18,17 @@ def test_grouped_conv_baseline_computes_the_networks_losses():
 
 
 def test_every_provider_is_timed():
-    rows = run_benchmark([2], steps=1, loop_max_nets=2)
+    rows = run_benchmark([2], steps=1, loop_max_nets=2, isolate=False)
     assert [r.provider for r in rows] == ["fastpop-numba", "fastpop-torch", "torch.func vmap", "grouped conv",
                                           "module loop", "fastpop-numba eval", "fastpop-torch eval"]
     assert all(r.net_images_per_s > 0 and r.p == 2 and r.ceiling_gflops > 0 for r in rows)
+
+
+def test_a_provider_runs_in_a_process_of_its_own():
+    from fastpop.benchmark import _in_own_process
+
+    rate, rss = _in_own_process(("torch.func vmap", "mlp", 2, 1, 32, None))
+    assert rate > 0 and 0.05 < rss < 8
 
 
 def test_vmap_baseline_trains_batchnorm_with_per_network_running_statistics():
@@ -53,7 +60,8 @@ def test_batchnorm_spec_on_an_image_shape_is_timed(monkeypatch):
     from fastpop import benchmark
 
     monkeypatch.setattr(benchmark, "SYNTHETIC_TRAIN", 96)  # 3 batches of 32: two warm-up steps, one timed
-    rows = run_benchmark([2], steps=1, arch_name="c4b-r4s2-gap", loop_max_nets=2, input_shape=(3, 10, 10))
+    rows = run_benchmark([2], steps=1, arch_name="c4b-r4s2-gap", loop_max_nets=2, input_shape=(3, 10, 10),
+                         isolate=False)
     assert [r.provider for r in rows] == ["fastpop-numba", "fastpop-torch", "torch.func vmap", "module loop",
                                           "fastpop-numba eval", "fastpop-torch eval"]
     assert all(r.net_images_per_s > 0 and r.data == "arrays:random" for r in rows)

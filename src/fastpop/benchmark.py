@@ -91,37 +91,65 @@ def bench_data(input_shape: tuple[int, int, int] | None = None):
 
 
 def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", batch_size: int = 32,
-                  loop_max_nets: int = 1000, input_shape: tuple[int, int, int] | None = None) -> list[Row]:
-    cpu = torch.device("cpu")
+                  loop_max_nets: int = 1000, input_shape: tuple[int, int, int] | None = None,
+                  isolate: bool = True) -> list[Row]:
+    """Every provider at every P. isolate: each in a process of its own, one after the other, with its own peak
+    RSS. In one process, numba's OpenMP workers still spinning after its kernels made the torch providers that
+    followed up to 8x slower on 2 cores (the mlp at P = 1000: torch backend 95k net-images/s after numba, 770k
+    alone)."""
     data = bench_data(input_shape)
     arch = build_arch(arch_name, data.in_shape, data.classes)
-    backends = [get_backend(name, cpu) for name in ("numba", "torch")]
-    x_all = (data.train.x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
     ceiling = sgemm_ceiling()
     rows = []
     for p in nets:
-        seeds = list(range(p))
-        orders = epoch_orders(seeds, 0, len(data.train))
-        n_batches = min(WARMUP + steps, len(data.train) // batch_size)
-        batches = [orders[:, i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
-        providers = {f"fastpop-{b.name}": lambda b=b: _fastpop_step(arch, data, seeds, batch_size, b)
-                     for b in backends}
-        providers["torch.func vmap"] = lambda: _vmap_step(arch, seeds, x_all, data.train.y)
+        names = ["fastpop-numba", "fastpop-torch", "torch.func vmap"]
         if not arch.batchnorm and all(op.stride == 1 for op in arch.ops):  # plain convs, pools and dense layers
-            providers["grouped conv"] = lambda: _grouped_step(arch, seeds, x_all, data.train.y)
+            names.append("grouped conv")
         if p <= loop_max_nets:
-            providers["module loop"] = lambda: _loop_step(arch, seeds, x_all, data.train.y)
-        for name, make in providers.items():
-            dt = _time(make(), batches)
-            rate = p * batch_size / dt
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            rows.append(Row(name, p, rate, 3 * arch.flops_per_example() * rate / 1e9, ceiling, rss, str(arch),
-                            data.name))
-        for backend in backends:
-            rate = _eval_rate(arch, data, seeds, backend)
-            rows.append(Row(f"fastpop-{backend.name} eval", p, rate, arch.flops_per_example() * rate / 1e9, ceiling,
-                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, str(arch), data.name))
+            names.append("module loop")
+        names += ["fastpop-numba eval", "fastpop-torch eval"]
+        for name in names:
+            args = (name, arch_name, p, steps, batch_size, input_shape)
+            rate, rss = _in_own_process(args) if isolate else provider_rate(*args)
+            flops = arch.flops_per_example() * (1 if name.endswith("eval") else 3)
+            rows.append(Row(name, p, rate, flops * rate / 1e9, ceiling, rss, str(arch), data.name))
     return rows
+
+
+def _in_own_process(args) -> tuple[float, float]:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fastpop.benchmark", json.dumps(args)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark provider {args[0]} failed:\n{proc.stderr[-2000:]}")
+    return tuple(json.loads(proc.stdout.splitlines()[-1]))
+
+
+def provider_rate(name: str, arch_name: str, p: int, steps: int, batch_size: int, input_shape=None
+                  ) -> tuple[float, float]:
+    """(net-images/s, peak RSS GiB of this process) of one provider: a training step, or (name "... eval") the
+    recorder's evaluation checkpoint."""
+    cpu = torch.device("cpu")
+    data = bench_data(None if input_shape is None else tuple(input_shape))
+    arch = build_arch(arch_name, data.in_shape, data.classes)
+    seeds = list(range(p))
+    if name.endswith(" eval"):
+        rate = _eval_rate(arch, data, seeds, get_backend(name.split("-")[1].split()[0], cpu))
+        return rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    orders = epoch_orders(seeds, 0, len(data.train))
+    n_batches = min(WARMUP + steps, len(data.train) // batch_size)
+    batches = [orders[:, i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+    x_all = (data.train.x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
+    if name.startswith("fastpop-"):
+        step = _fastpop_step(arch, data, seeds, batch_size, get_backend(name.removeprefix("fastpop-"), cpu))
+    else:
+        make = {"torch.func vmap": _vmap_step, "grouped conv": _grouped_step, "module loop": _loop_step}[name]
+        step = make(arch, seeds, x_all, data.train.y)
+    rate = p * batch_size / _time(step, batches)
+    return rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _eval_rate(arch, data, seeds, backend) -> float:
@@ -251,3 +279,10 @@ def print_table(rows: list[Row], batch_size: int) -> None:
 
     facts = machine_facts()
     print(f"machine: {describe(facts)}; fastpop {__version__}, commit {facts['commit']}, torch {torch.__version__}")
+
+
+if __name__ == "__main__":  # one provider in this process (run_benchmark's isolation): prints [rate, peak RSS]
+    import json
+    import sys
+
+    print(json.dumps(provider_rate(*json.loads(sys.argv[1]))))
