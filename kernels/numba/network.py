@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 _FMA = {"contract"}
 _DOT = {"contract", "reassoc"}
 
-# The op table (int64 [L, 12]), one row per layer. KIND: one of the kinds below. (C, H, W): the layer's input shape
+# The op table (int64 [L, 21]), one row per layer. KIND: one of the kinds below. (C, H, W): the layer's input shape
 # (dense: C features, H = W = 1); OUTC its output channels or features; K the conv's kernel size; RELU: ReLU after
 # it. Offsets count floats: WOFF/BOFF in the network's parameter row (`_point` moves them to its place in the
 # population's buffers); IN and OUT in its scratch, where activations and their gradients lie at the same offsets
@@ -39,9 +39,17 @@ _DOT = {"contract", "reassoc"}
 # rows, 2 (K // 2) copies of [C, H, W, B]. DIN: whether the gradient of the layer's input is needed (a layer with
 # parameters comes before it). The head array: where the gradient scratch has room for a pre-activation gradient
 # shifted along rows (a transposed conv's input) or a dense layer's input transposed, and the classes.
+# A conv's further columns: STRIDE (1 or 2); BN: BatchNorm after it (no bias; BOFF is then BatchNorm's weight and
+# BETA its bias), with XHAT the normalized output [OUTC, H', W', B] in the scratch followed by OUTC inverse standard
+# deviations and OUTC floats of room, and SOFF and SVAR the running mean and variance in the network's statistics
+# row (`_point` moves them too); SKIP: the offset of a tensor added before the ReLU (a residual block's skip) or -1;
+# ACC: the input gradient is added to what a later layer (in the forward order) already wrote there, not set.
 KIND, C, H, W, OUTC, K, RELU, WOFF, BOFF, IN, OUT, SHIFT, DIN = range(13)
+STRIDE, BN, XHAT, SOFF, SKIP, ACC, BETA, SVAR = range(13, 21)
 CONV, MAXPOOL, AVGPOOL, GAP, FLAT, DENSE = range(6)
-HEAD_WORK, HEAD_K = range(2)
+# HEAD_TMP: room for a strided conv's stride-1 output (forward) or its upsampled gradient (backward)
+HEAD_WORK, HEAD_K, HEAD_TMP = range(3)
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # nn.BatchNorm2d's defaults (`fastpop.archs`)
 
 
 @njit(fastmath=_DOT, cache=True)
@@ -301,6 +309,88 @@ def _unpool_max(act, dout, c, h, w, nb, dz):
 
 
 @njit(fastmath=_FMA, cache=True)
+def _subsample(full, c, h, w, nb, dst):
+    """Every second pixel of full [c, h, w, nb] from the first: dst [c, ceil(h / 2), ceil(w / 2), nb], a stride-2
+    conv's output from its stride-1 one (padding K // 2 centres output pixel y on input pixel 2y)."""
+    h2, w2 = (h + 1) // 2, (w + 1) // 2
+    for o in range(c):
+        for y in range(h2):
+            for x in range(w2):
+                t = ((o * h + 2 * y) * w + 2 * x) * nb
+                t2 = ((o * h2 + y) * w2 + x) * nb
+                dst[t2:t2 + nb] = full[t:t + nb]
+
+
+@njit(fastmath=_FMA, cache=True)
+def _upsample(d, c, h, w, nb, full):
+    """Adjoint of `_subsample`: the gradient d [c, ceil(h / 2), ceil(w / 2), nb] of a stride-2 conv's output as the
+    gradient of its stride-1 output full [c, h, w, nb] (zero at the pixels the stride skips)."""
+    h2, w2 = (h + 1) // 2, (w + 1) // 2
+    full[:c * h * w * nb] = 0
+    for o in range(c):
+        for y in range(h2):
+            for x in range(w2):
+                t = ((o * h + 2 * y) * w + 2 * x) * nb
+                t2 = ((o * h2 + y) * w2 + x) * nb
+                full[t:t + nb] = d[t2:t2 + nb]
+
+
+@njit(fastmath=_DOT, cache=True)
+def _sq_dev(u, m):
+    """sum((u - m)^2)."""
+    s = np.float32(0)
+    for k in range(u.shape[0]):
+        d = u[k] - m
+        s += d * d
+    return s
+
+
+@njit(fastmath=_FMA, cache=True)
+def _batch_norm(z, cout, n, stats, smean, svar, invstd, update):
+    """Training-mode BatchNorm's statistics: each channel of z [cout, n] (n = H * W * B) normalized in place with
+    its batch mean and biased variance, the inverse standard deviations into invstd [cout]; with update, the
+    running mean and (unbiased) variance at stats[smean:] and stats[svar:] moved by BN_MOMENTUM, rounded as
+    torch's mul_ then add_ with alpha."""
+    keep, mom = np.float32(1 - BN_MOMENTUM), np.float32(BN_MOMENTUM)
+    unbias = np.float32(n / max(n - 1, 1))
+    for o in range(cout):
+        zo = z[o * n:(o + 1) * n]
+        mean = _sum(zo) / np.float32(n)
+        var = _sq_dev(zo, mean) / np.float32(n)
+        inv = np.float32(1) / np.sqrt(var + np.float32(BN_EPS))
+        invstd[o] = inv
+        for k in range(n):
+            zo[k] = (zo[k] - mean) * inv
+        if update:
+            stats[smean + o] = _fma(mom, mean, stats[smean + o] * keep)
+            stats[svar + o] = _fma(mom, var * unbias, stats[svar + o] * keep)
+
+
+@njit(fastmath=_FMA, cache=True)
+def _scale_shift(z, scale, shift, skip, out):
+    """out = z * scale + shift (+ skip when it is not empty)."""
+    if skip.shape[0]:
+        for k in range(out.shape[0]):
+            out[k] = z[k] * scale + shift + skip[k]
+    else:
+        for k in range(out.shape[0]):
+            out[k] = z[k] * scale + shift
+
+
+@njit(fastmath=_FMA, cache=True)
+def _batch_norm_grad(d, xhat, gamma, invstd, n):
+    """Backward of z -> gamma * xhat + beta for one channel (xhat from the batch statistics, n entries): d, the
+    gradient of the output, becomes the gradient of z in place. Returns (d gamma, d beta)."""
+    dbeta = _sum(d)
+    dgamma = _dot(d, xhat)
+    scale = gamma * invstd / np.float32(n)
+    fn = np.float32(n)
+    for k in range(d.shape[0]):
+        d[k] = scale * (fn * d[k] - dbeta - xhat[k] * dgamma)
+    return dgamma, dbeta
+
+
+@njit(fastmath=_FMA, cache=True)
 def _dense(src, prm, wo, bo, fin, fout, nb, dst):
     """dst [fout, nb] = W src + b for src [fin, nb], W [fout, fin] at prm[wo:], b at prm[bo:]."""
     for k in range(fout):
@@ -410,10 +500,12 @@ def _gather_augmented(x, idx, mean, std, nb, aug, seed, act):
 
 
 @njit(fastmath=_FMA, cache=True)
-def _forward(x, idx, mean, std, prm, ops, nb, act, logits, gather, aug, seed):
+def _forward(x, idx, mean, std, prm, ops, head, nb, act, logits, gather, aug, seed, stats, training):
     """One network's forward pass on its batch idx [nb]: activations into act, logits [K, nb]. With gather False
     the input block (and a first conv's shifted copies) in act are already those of idx (the previous network's
-    batch). aug: (flip, crop, cutout, epoch), all zero for none; seed: the network's order seed."""
+    batch). aug: (flip, crop, cutout, epoch), all zero for none; seed: the network's order seed. stats: the
+    BatchNorm running statistics (where ops points), which BatchNorm normalizes with when not training, and which
+    training updates in place."""
     if gather and (aug[0] or aug[1] or aug[2]):
         _gather_augmented(x, idx, mean, std, nb, aug, seed, act)
     elif gather:
@@ -430,17 +522,39 @@ def _forward(x, idx, mean, std, prm, ops, nb, act, logits, gather, aug, seed):
         n = h * w * nb
         src = act[ops[l, IN]:ops[l, IN] + c * n]
         if kind == CONV:
-            ks = ops[l, K]
-            out = act[ops[l, OUT]:ops[l, OUT] + cout * n]
+            ks, stride, bn, bo = ops[l, K], ops[l, STRIDE], ops[l, BN], ops[l, BOFF]
+            n2 = ((h + stride - 1) // stride) * ((w + stride - 1) // stride) * nb  # output pixels times nb
+            out = act[ops[l, OUT]:ops[l, OUT] + cout * n2]
+            z = act[ops[l, XHAT]:ops[l, XHAT] + cout * n2] if bn else out  # the conv's own output
+            full = z if stride == 1 else act[head[HEAD_TMP]:head[HEAD_TMP] + cout * n]
             for o in range(cout):
-                out[o * n:(o + 1) * n] = prm[ops[l, BOFF] + o]
+                full[o * n:(o + 1) * n] = 0 if bn else prm[bo + o]
             sh = ops[l, SHIFT]
             shifted = act[sh:sh + (ks - 1) * c * n]
             if ks > 1 and (gather or l > 0):
                 _shift(src, c, h, w, nb, ks // 2, shifted)
             wo = ops[l, WOFF]
-            _conv(src, shifted, prm[wo:wo + cout * c * ks * ks], False, c, cout, h, w, nb, ks, out)
-            _relu(out)
+            _conv(src, shifted, prm[wo:wo + cout * c * ks * ks], False, c, cout, h, w, nb, ks, full)
+            if stride != 1:  # computed at stride 1, then subsampled
+                _subsample(full, cout, h, w, nb, z)
+            skip = act[ops[l, SKIP]:ops[l, SKIP] + cout * n2] if ops[l, SKIP] >= 0 else act[:0]
+            if bn:
+                so, sv, be = ops[l, SOFF], ops[l, SVAR], ops[l, BETA]
+                if training:
+                    _batch_norm(z, cout, n2, stats, so, sv, act[ops[l, XHAT] + cout * n2:], True)
+                for o in range(cout):
+                    if training:
+                        scale, shift = prm[bo + o], prm[be + o]
+                    else:
+                        scale = prm[bo + o] * (np.float32(1) / np.sqrt(stats[sv + o] + np.float32(BN_EPS)))
+                        shift = prm[be + o] - stats[so + o] * scale
+                    _scale_shift(z[o * n2:(o + 1) * n2], scale, shift, skip[o * n2:(o + 1) * n2] if skip.shape[0]
+                                 else skip, out[o * n2:(o + 1) * n2])
+            elif skip.shape[0]:
+                for k in range(cout * n2):
+                    out[k] += skip[k]
+            if ops[l, RELU]:
+                _relu(out)
         elif kind == MAXPOOL or kind == AVGPOOL:
             o = ops[l, OUT]
             _pool(src, c, h, w, nb, kind == AVGPOOL, act[o:o + c * (h // 2) * (w // 2) * nb])
@@ -508,7 +622,7 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
         kind, c, h, w, cout = ops[l, KIND], ops[l, C], ops[l, H], ops[l, W], ops[l, OUTC]
         n = h * w * nb
         i0, need_din = ops[l, IN], ops[l, DIN]
-        relu_in = l > 0 and ops[l - 1, KIND] == CONV  # this layer's input is a conv's ReLU output
+        relu_in = l > 0 and ops[l - 1, KIND] == CONV and ops[l - 1, RELU]  # its input is a conv's ReLU output
         mask_out = masked
         masked = False
         if kind == DENSE:
@@ -545,14 +659,30 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
                 masked = kind == MAXPOOL and relu_in  # only a positive maximum passes a gradient
         elif kind == CONV:
             ks, out, wo, bo, sh = ops[l, K], ops[l, OUT], ops[l, WOFF], ops[l, BOFF], ops[l, SHIFT]
-            dz = dact[out:out + cout * n]
-            if not mask_out:
-                _relu_grad(act[out:out + cout * n], dz)  # the pre-activation gradient
+            stride, bn, xo = ops[l, STRIDE], ops[l, BN], ops[l, XHAT]
+            n2 = ((h + stride - 1) // stride) * ((w + stride - 1) // stride) * nb
+            dz = dact[out:out + cout * n2]
+            if ops[l, RELU] and not mask_out:
+                _relu_grad(act[out:out + cout * n2], dz)  # the pre-activation gradient
+            if ops[l, SKIP] >= 0:  # the skip's gradient is the same; it is the first to write there
+                dact[ops[l, SKIP]:ops[l, SKIP] + cout * n2] = dz
+            if bn:
+                for o in range(cout):
+                    grad[bo + o], grad[ops[l, BETA] + o] = _batch_norm_grad(
+                        dz[o * n2:(o + 1) * n2], act[xo + o * n2:xo + (o + 1) * n2], prm[bo + o],
+                        act[xo + cout * n2 + o], n2)
+            if stride != 1:  # the gradient of the stride-1 conv's output
+                t = head[HEAD_TMP]
+                _upsample(dz, cout, h, w, nb, dact[t:t + cout * n])
+                dz = dact[t:t + cout * n]
+            # a conv before BatchNorm has no bias: its sums go to room after the inverse standard deviations
+            gb = act[xo + cout * n2 + cout:xo + cout * n2 + 2 * cout] if bn else grad[bo:bo + cout]
             _weight_grad(dz, act[i0:i0 + c * n], act[sh:sh + (ks - 1) * c * n], c, cout, h, w, nb, ks,
-                         grad[wo:wo + cout * c * ks * ks], grad[bo:bo + cout])
+                         grad[wo:wo + cout * c * ks * ks], gb)
             if need_din:
                 din = dact[i0:i0 + c * n]  # the gradient of this conv's input
-                din[:] = 0
+                if not ops[l, ACC]:
+                    din[:] = 0
                 t = head[HEAD_WORK]
                 shifted = dact[t:t + (ks - 1) * cout * n]
                 if ks > 1:
@@ -564,11 +694,13 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
 
 @njit(parallel=True, cache=True)
 def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, grads, loss, threads, aug, seeds,
-                 smoothing):
+                 smoothing, stats, stab):
     """Networks lo..lo + n: each one's loss [n] on its batch idx [n, B] with labels y [n, B], and its gradient,
     written into grads. params and grads are the population's flat layer-major buffers; ptab [m, 2] gives each
     parameter tensor's start in them and its size per network. aug (flip, crop, cutout, epoch) and seeds [n] (the
-    networks' order seeds) draw each example's augmentation; smoothing: label smoothing. threads:
+    networks' order seeds) draw each example's augmentation; smoothing: label smoothing. stats: the population's
+    BatchNorm running statistics, flat layer-major as params (stab its ptab; empty without BatchNorm), updated in
+    place with each network's batch statistics. threads:
     numba.get_num_threads(), passed in because a global read inside keeps numba from caching the kernel.
 
     The three parallel kernels here are cached, against the house rule (HOUSE.md: no cache on parallel=True,
@@ -584,20 +716,22 @@ def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, gra
         logits = np.empty((k_out, nb), np.float32)
         own = ops.copy()
         for p in range(t, p_all, threads):
-            _point(ops, ptab, lo + p, own)
-            _forward(x, idx[p], mean, std, params, own, nb, act, logits, True, aug, seeds[p] if seeds.shape[0] else 0)
+            _point(ops, ptab, stab, lo + p, own)
+            _forward(x, idx[p], mean, std, params, own, head, nb, act, logits, True, aug,
+                     seeds[p] if seeds.shape[0] else 0, stats, True)
             loss[p] = _backward(y[p], params, own, head, nb, act, logits, grads, dact, smoothing)
 
 
 @njit(parallel=True, cache=True)
 def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, byte0, loss, pred, threads, margin,
-                 xent):
+                 xent, stats, stab):
     """Evaluation of networks 0..n on their batches idx [n, B] with labels y [n, B], as `reference.score_logits`
     on their logits: argmax == y (ties and NaN: the first, as torch.argmax) as bits into bits[:, byte0:] (little
     bit order, a last partial byte zero-padded), the cross-entropy summed over examples with y >= 0 into loss [n],
     the argmax into pred [n, B]. y = -1 marks a class the network was not trained on: wrong, and no loss. When
     margin and xent are [n, B] (not empty): each example's true-class logit minus the largest other, and its
-    cross-entropy (NaN where y = -1)."""
+    cross-entropy (NaN where y = -1). stats (stab its ptab): the networks' BatchNorm running statistics, which
+    BatchNorm normalizes with."""
     per_example = margin.shape[0] > 0
     nb, k_out, n = idx.shape[1], head[HEAD_K], idx.shape[0]
     for t in prange(threads):
@@ -607,11 +741,11 @@ def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, b
         right = np.zeros(-(-nb // 8) * 8, np.uint8)
         no_aug = np.zeros(4, np.int64)  # evaluation never augments
         for p in range(t, n, threads):
-            _point(ops, ptab, p, own)
+            _point(ops, ptab, stab, p, own)
             # evaluation shows every network the same examples: the input layer is gathered once per thread
             # (its gather and shifted copies cost 10% of an evaluation pass)
             gather = p < threads or not np.array_equal(idx[p], idx[p - threads])
-            _forward(x, idx[p], mean, std, params, own, nb, act, logits, gather, no_aug, 0)
+            _forward(x, idx[p], mean, std, params, own, head, nb, act, logits, gather, no_aug, 0, stats, False)
             total = np.float32(0)
             for b in range(nb):
                 best, at, m = logits[0, b], 0, logits[0, b]
@@ -646,19 +780,21 @@ def score_kernel(x, idx, y, mean, std, params, ptab, ops, head, scratch, bits, b
 
 
 @njit(cache=True)
-def _point(ops, ptab, p, own):
-    """own: the op table ops with its parameter offsets (WOFF, BOFF: into one network's parameter row) moved to
-    where network p's parameters lie in a population's flat buffers, whose tensor j starts at ptab[j, 0] and holds
-    ptab[j, 1] floats per network, network after network. The kernels then read the weights and write the gradients
-    in place: copying each network's row in and its gradient out cost 20% of the mlp's training kernel."""
+def _point(ops, ptab, stab, p, own):
+    """own: the op table ops with its parameter offsets (WOFF, BOFF, BETA: into one network's parameter row) moved
+    to where network p's parameters lie in a population's flat buffers, whose tensor j starts at ptab[j, 0] and
+    holds ptab[j, 1] floats per network, network after network; its running statistics' offsets (SOFF, SVAR) the
+    same way by stab. The kernels then read the weights and write the gradients in place: copying each network's
+    row in and its gradient out cost 20% of the mlp's training kernel."""
     for l in range(ops.shape[0]):
-        for col in (WOFF, BOFF):
+        for col in (WOFF, BOFF, BETA, SOFF, SVAR):
+            tab = stab if col == SOFF or col == SVAR else ptab
             off, start = ops[l, col], 0
-            for j in range(ptab.shape[0]):
-                if off < start + ptab[j, 1]:
-                    own[l, col] = ptab[j, 0] + p * ptab[j, 1] + off - start
+            for j in range(tab.shape[0]):
+                if off < start + tab[j, 1]:
+                    own[l, col] = tab[j, 0] + p * tab[j, 1] + off - start
                     break
-                start += ptab[j, 1]
+                start += tab[j, 1]
 
 
 @intrinsic

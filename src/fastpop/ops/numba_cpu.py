@@ -27,81 +27,101 @@ _KINDS = {"conv": _k.CONV, "maxpool": _k.MAXPOOL, "avgpool": _k.AVGPOOL, "gap": 
 @lru_cache(maxsize=64)
 def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The kernels' op table and head array for batch size nb (columns in `network`), and the scratch floats
-    per network."""
+    per network. A residual block is three conv rows: conv1 (+ BN + ReLU), the projection (1x1 conv + BN) when it
+    has one, conv2 (+ BN) adding the skip before its ReLU."""
     offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in arch.param_shapes()])
+    soffsets = np.cumsum([0] + [int(np.prod(s)) for _, s in arch.stat_shapes()])
     c, h, w = arch.in_shape
     end = c * h * w * nb  # the input images lie at 0
-    cur, n_params, work, rows = 0, 0, 0, []
+    layout = {"end": end, "tshift": 0, "tmp": 0, "t": 0, "s": 0}  # scratch used; parameter and statistic tensors
+
+    def alloc(n: int) -> int:
+        at = layout["end"]
+        layout["end"] += n
+        return at
+
+    def conv(c, h, w, out, k, stride, bn, relu, src, din, t, st, skip=-1, acc=False):
+        """A conv row reading src (din: the gradient of src is needed), its weight parameter tensor t (then
+        BatchNorm's or the bias), its running statistics tensor st."""
+        n, n2 = h * w * nb, -(-h // stride) * -(-w // stride) * nb
+        row = [_k.CONV, c, h, w, out, k, int(relu), 0, 0, src, 0, 0, int(din), stride, int(bn), 0, 0, skip,
+               int(acc), 0, 0]
+        if k > 1:
+            row[_k.SHIFT] = alloc((k - 1) * c * n)
+        if din:  # a transposed conv's input: the (stride-1) pre-activation gradient shifted along rows
+            layout["tshift"] = max(layout["tshift"], (k - 1) * out * n)
+        if stride != 1:
+            layout["tmp"] = max(layout["tmp"], out * n)
+        row[_k.WOFF], row[_k.BOFF] = offsets[t], offsets[t + 1]
+        if bn:
+            row[_k.BETA], row[_k.XHAT] = offsets[t + 2], alloc(out * n2 + 2 * out)
+            row[_k.SOFF], row[_k.SVAR] = soffsets[st], soffsets[st + 1]
+        row[_k.OUT] = alloc(out * n2)
+        return row
+
+    cur, rows = 0, []
     last = len(arch.ops) - 1
     for i, op in enumerate(arch.ops):
-        row = [_KINDS[op.kind], op.c, op.h, op.w, op.out, op.k, int(op.relu), 0, 0, cur, -1, 0, int(n_params > 0)]
-        n = op.h * op.w * nb
         if op.kind == "conv":
-            row[_k.SHIFT], end = end, end + (op.k - 1) * op.c * n
-            if n_params:  # a transposed conv's input: the pre-activation gradient shifted along rows
-                work = max(work, (op.k - 1) * op.out * n)
-        if op.kind == "dense":  # its input transposed, for the weight gradient
-            work = max(work, op.c * nb)
-        if op.kind in ("conv", "dense"):
-            row[_k.WOFF], row[_k.BOFF] = offsets[n_params], offsets[n_params + 1]
-            n_params += 2
-        if op.kind == "flat":
-            row[_k.OUT] = cur
-        elif i < last:
-            row[_k.OUT], end = end, end + op.out_size * nb
-        cur = row[_k.OUT]
-        rows.append(row)
-    head = [end, arch.classes]
-    return np.array(rows, np.int64), np.array(head, np.int64), int(end + work)
+            rows.append(conv(op.c, op.h, op.w, op.out, op.k, op.stride, op.bn, True, cur, layout["t"] > 0,
+                             layout["t"], layout["s"]))
+            layout["t"] += 3 if op.bn else 2
+            layout["s"] += 2 if op.bn else 0
+        elif op.kind == "res":  # conv1's input gradient is added to the skip's, which conv2 or the projection wrote
+            din, t, st = layout["t"] > 0, layout["t"], layout["s"]  # tensors: conv1, bn1, conv2, bn2, proj, projbn
+            conv1 = conv(op.c, op.h, op.w, op.out, 3, op.stride, True, True, cur, din, t, st, acc=True)
+            rows.append(conv1)
+            skip = cur
+            if op.projects:
+                rows.append(conv(op.c, op.h, op.w, op.out, 1, op.stride, True, False, cur, din, t + 6, st + 4))
+                skip = rows[-1][_k.OUT]
+            h2, w2 = op.out_hw
+            rows.append(conv(op.out, h2, w2, op.out, 3, 1, True, True, conv1[_k.OUT], True, t + 3, st + 2, skip))
+            layout["t"] += 9 if op.projects else 6
+            layout["s"] += 6 if op.projects else 4
+        else:
+            row = [_KINDS[op.kind], op.c, op.h, op.w, op.out, op.k, int(op.relu), 0, 0, cur, -1, 0,
+                   int(layout["t"] > 0), 1, 0, 0, 0, -1, 0, 0, 0]
+            if op.kind == "dense":  # its input transposed, for the weight gradient
+                layout["tshift"] = max(layout["tshift"], op.c * nb)
+                row[_k.WOFF], row[_k.BOFF] = offsets[layout["t"]], offsets[layout["t"] + 1]
+                layout["t"] += 2
+            if op.kind == "flat":
+                row[_k.OUT] = cur
+            elif i < last:
+                row[_k.OUT] = alloc(op.out_size * nb)
+            rows.append(row)
+        cur = rows[-1][_k.OUT]
+    end = layout["end"]
+    head = [end + layout["tmp"], arch.classes, end]
+    return np.array(rows, np.int64), np.array(head, np.int64), int(end + layout["tmp"] + layout["tshift"])
 
 
 @lru_cache(maxsize=64)
-def _layer_major(arch: Arch, p: int) -> np.ndarray:
-    """ptab of a population's flat layer-major buffer: each parameter tensor's start and size per network."""
-    sizes = [int(np.prod(s)) for _, s in arch.param_shapes()]
-    return np.array([[p * sum(sizes[:j]), n] for j, n in enumerate(sizes)], np.int64)
-
-
-def _unsupported(arch: Arch) -> list[str]:
-    """The layers of arch the kernels do not run (they go through the reference's torch ops)."""
-    kinds = {"BatchNorm": any(op.bn for op in arch.ops), "strided convs": any(op.stride != 1 for op in arch.ops),
-             "residual blocks": any(op.kind == "res" for op in arch.ops)}
-    return [k for k, v in kinds.items() if v]
+def _layer_major(arch: Arch, p: int, stats: bool = False) -> np.ndarray:
+    """ptab of a population's flat layer-major buffer (of the parameters, or of the BatchNorm running statistics):
+    each tensor's start and size per network."""
+    sizes = [int(np.prod(s)) for _, s in (arch.stat_shapes() if stats else arch.param_shapes())]
+    return np.array([[p * sum(sizes[:j]), n] for j, n in enumerate(sizes)], np.int64).reshape(-1, 2)
 
 
 class NumbaBackend:
     name = "numba"
     graphable = False
 
-    def __init__(self):
-        from . import reference
-        from .chain import ChainBackend
-
-        self._torch = ChainBackend("torch", reference)
-
     def native(self, arch: Arch) -> str | None:
-        missing = _unsupported(arch)
-        if missing:
-            return (f"{' and '.join(missing)} have no numba kernels yet: {arch} trains and evaluates on the torch "
-                    "backend's ops")
         return None
 
     def chunk_size(self, arch: Arch, batch_size: int, p: int, device: torch.device) -> int:
         """All networks: a thread holds one network's activations whatever the chunk."""
-        if _unsupported(arch):
-            return self._torch.chunk_size(arch, batch_size, p, device)
         return p
 
     def eval_floats(self, arch: Arch) -> int:
         """Only the logits leave the kernel."""
-        if _unsupported(arch):
-            return self._torch.eval_floats(arch)
         return arch.classes
 
     def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0
                   ) -> torch.Tensor:
-        if _unsupported(pop.arch):
-            return self._torch.gradients(pop, lo, hi, x, idx, y, mean, std, aug, smoothing)
         ops, head, scratch = tables(pop.arch, idx.shape[1])
         loss = torch.empty(hi - lo, dtype=torch.float32)
         if aug is None:
@@ -112,16 +132,15 @@ class NumbaBackend:
             seeds = aug.seeds.numpy()
         _k.train_kernel(x.numpy(), idx.contiguous().numpy(), y.contiguous().numpy(), _f32(mean).numpy(),
                         _f32(std).numpy(), pop.params.numpy(), _layer_major(pop.arch, pop.p), lo, ops, head, scratch,
-                        pop.grads.numpy(), loss.numpy(), numba.get_num_threads(), draws, seeds, float(smoothing))
+                        pop.grads.numpy(), loss.numpy(), numba.get_num_threads(), draws, seeds, float(smoothing),
+                        pop.stats.numpy(), _layer_major(pop.arch, pop.p, True))
         return loss
 
     @torch.no_grad()
     def score(self, arch: Arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None, stats=()):
-        if _unsupported(arch):
-            return self._torch.score(arch, params, x, idx, y, mean, std, bits, bit_offset, per_example, stats)
         p, nb = idx.shape
-        rows = torch.cat([t.detach().reshape(p, -1) for t in params], 1).contiguous().view(-1).numpy()
-        ptab = np.array([[0, rows.shape[0] // p]], np.int64)
+        rows, ptab = _rows(params, p)
+        srows, stab = _rows(stats, p)
         loss = torch.zeros(p)
         pred = torch.empty(p, nb, dtype=torch.int64)
         parts = -(-nb // SCORE_EXAMPLES)
@@ -134,7 +153,7 @@ class NumbaBackend:
             margin, xent = (none, none) if per_example is None else (t[:, lo:lo + size].numpy() for t in per_example)
             _k.score_kernel(x.numpy(), part.numpy(), labels.numpy(), _f32(mean).numpy(), _f32(std).numpy(), rows,
                             ptab, ops, head, scratch, bits.numpy(), (bit_offset + lo) // 8, summed.numpy(),
-                            pred[:, lo:lo + size].numpy(), numba.get_num_threads(), margin, xent)
+                            pred[:, lo:lo + size].numpy(), numba.get_num_threads(), margin, xent, srows, stab)
             loss += summed
         return loss, pred
 
@@ -178,6 +197,14 @@ def adam_step(params, grads, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, 
     _k.adam_kernel(params.numpy(), grads.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), blocks, lr64.astype(f32),
                    f32(beta1), f32(beta2), f32(eps), wd, decoupled, (lr64 / (1 - beta1**step)).astype(f32),
                    f32((1 - beta2**step) ** 0.5), _mask(frozen), numba.get_num_threads())
+
+
+def _rows(tensors, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-network tensors [p, ...] as one flat network-major buffer, and its ptab (one tensor per network)."""
+    if not len(tensors):
+        return np.empty(0, np.float32), np.empty((0, 2), np.int64)
+    rows = torch.cat([t.detach().reshape(p, -1) for t in tensors], 1).contiguous().view(-1).numpy()
+    return rows, np.array([[0, rows.shape[0] // p]], np.int64)
 
 
 def _whole(buf) -> np.ndarray:
