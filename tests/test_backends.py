@@ -37,20 +37,27 @@ def _case(arch, p, bsz, seed, constant=False):
 
 
 def _reference_grads(pop, x, y, idx, mean, std, aug=None, smoothing=0.0):
+    """The reference's losses and gradients, and the running statistics it leaves (pop.stats stays as it was)."""
     pop.grads.zero_()
-    loss = chain.loss(pop.arch, reference, pop.leaves(0, pop.p), x, idx, y[idx], mean, std, aug, smoothing)
+    stats = [v.clone() for v in pop.stat_views()]
+    loss = chain.loss(pop.arch, reference, pop.leaves(0, pop.p), x, idx, y[idx], mean, std, aug, smoothing, stats)
     loss.sum().backward()
-    return loss.detach(), pop.grads.clone()
+    return loss.detach(), pop.grads.clone(), stats
 
 
 def _check_grads(arch, pop, x, y, idx, mean, std, backend=NUMBA, rtol=1e-4, aug=None, smoothing=0.0):
-    want_loss, want_grads = _reference_grads(pop, x, y, idx, mean, std, aug, smoothing)
+    want_loss, want_grads, want_stats = _reference_grads(pop, x, y, idx, mean, std, aug, smoothing)
     pop.grads.fill_(float("nan"))  # the kernel must write every gradient entry
     loss = backend.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std, aug, smoothing)
     torch.testing.assert_close(loss, want_loss, rtol=rtol, atol=1e-5)
+    # BatchNorm's input gradient is a difference of terms that nearly cancel (exactly, for two values per channel):
+    # its rounding is measured against the largest gradient of the network, not against the tiny result
+    floor = float(want_grads.abs().max()) if arch.batchnorm else 0.0
     for name, got, want in zip([n for n, _ in arch.param_shapes()], pop.views(pop.grads), pop.views(want_grads)):
-        scale = float(want.abs().max()) + 1e-6
+        scale = max(float(want.abs().max()), floor) + 1e-6
         torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale, msg=f"gradient of {name} ({arch.spec})")
+    for (name, _), got, want in zip(arch.stat_shapes(), pop.stat_views(), want_stats):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5, msg=f"running statistic {name} ({arch.spec})")
 
 
 @pytest.mark.parametrize("arch", [ODD, build_arch("small-cnn", (1, 8, 8), 10), build_arch("wide-cnn", (1, 8, 8), 10),
@@ -62,14 +69,23 @@ def test_loss_and_every_gradient_match_reference(arch, p, bsz):
 
 
 @st.composite
-def specs(draw):
+def specs(draw, blocks=False):
     """Random specs of the grammar: 0-4 convs (widths 1-64, kernels 1/3/5) with max or average pools where they fit,
-    gap or flat, 0-2 hidden dense layers, on odd image shapes."""
+    gap or flat, 0-2 hidden dense layers, on odd image shapes. With blocks: convs also strided and with BatchNorm,
+    and residual blocks (identity or projection skips, strided or not)."""
     shape = (draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9)))
     h, w = shape[1:]
     layers = []
-    for _ in range(draw(st.integers(0, 4))):
-        layers.append(f"c{draw(st.sampled_from([1, 2, 3, 5, 8, 64]))}{draw(st.sampled_from(['', 'k1', 'k5']))}")
+    for _ in range(draw(st.integers(1 if blocks else 0, 4))):
+        width = draw(st.sampled_from([1, 2, 3, 5, 8, 64]))
+        stride = draw(st.sampled_from(["", "s2"])) if blocks else ""
+        if blocks and draw(st.booleans()):
+            layers.append(f"r{width}{stride}")
+        else:
+            layers.append(f"c{width}{draw(st.sampled_from(['', 'k1', 'k5']))}{stride}"
+                          f"{draw(st.sampled_from(['', 'b'])) if blocks else ''}")
+        if stride:
+            h, w = -(-h // 2), -(-w // 2)
         if h >= 2 and w >= 2 and draw(st.booleans()):
             layers.append(draw(st.sampled_from(["mp", "ap"])))
             h, w = h // 2, w // 2
@@ -88,22 +104,37 @@ def test_random_specs_match_reference(arch, p, bsz, seed):
     _check_score(arch, pop, x, y, idx, mean, std)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=specs(blocks=True), p=st.integers(1, 3), bsz=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_random_specs_with_batchnorm_strides_and_blocks_match_reference(arch, p, bsz, seed):
+    """Training: loss, gradients and the running statistics left behind; evaluation with the running statistics
+    (drawn away from their initial 0 and 1)."""
+    pop, x, y, idx, mean, std = _case(arch, p, bsz, seed)
+    pop.params.div_(3)
+    g = torch.Generator().manual_seed(seed)
+    pop.stats.copy_(torch.rand(pop.stats.shape, generator=g) + 0.5)
+    _check_grads(arch, pop, x, y, idx, mean, std, rtol=2e-3)
+    _check_score(arch, pop, x, y, idx, mean, std)
+
+
 def _check_score(arch, pop, x, y, idx, mean, std):
     """Bits, predictions and summed loss of the numba evaluation against the reference, where the reference's top
     two logits differ by more than fp32 noise."""
     p, nb = idx.shape
     labels = y[idx]
     params = pop.views(pop.params)
-    logits, _ = chain._features(arch, reference, params, x, idx, mean, std, len(arch.ops))
+    stats = pop.stat_views()
+    logits, _ = chain._features(arch, reference, params, x, idx, mean, std, len(arch.ops), stats=stats)
     top2 = logits.topk(2, -1).values if arch.classes > 1 else None
     clear = (top2[..., 0] - top2[..., 1]) > 1e-3 * (logits.abs().amax(-1) + 1)
     labels[:, ::4] = -1  # classes the networks were not trained on: NaN margin and loss
     want_bits = torch.zeros(p, 8 * -(-nb // 64), dtype=torch.uint8)
     want_extra = tuple(torch.empty(p, nb) for _ in range(2))
-    want_loss, want_pred = chain.score(arch, reference, params, x, idx, labels, mean, std, want_bits, 0, want_extra)
+    want_loss, want_pred = chain.score(arch, reference, params, x, idx, labels, mean, std, want_bits, 0, want_extra,
+                                       stats)
     bits = torch.full_like(want_bits, 0xAB)
     extra = tuple(torch.full((p, nb), 7.0) for _ in range(2))
-    loss, pred = NUMBA.score(arch, params, x, idx, labels, mean, std, bits, 0, extra)
+    loss, pred = NUMBA.score(arch, params, x, idx, labels, mean, std, bits, 0, extra, stats)
     for name, got, want in zip(("margin", "loss"), extra, want_extra):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4, equal_nan=True, msg=f"per-example {name}")
     assert torch.isnan(extra[0][:, ::4]).all() and not torch.isnan(extra[0][:, 1::4]).any()
@@ -153,7 +184,7 @@ def test_avg_pools_and_pool_chains_match_reference_on_ties(spec):
     _check_grads(arch, *_case(arch, 2, 6, 3, constant=True))
 
 
-@pytest.mark.parametrize("spec", ["small-cnn", "c4k5-ap-c3k1-flat-d7-d5"])
+@pytest.mark.parametrize("spec", ["small-cnn", "c4k5-ap-c3k1-flat-d7-d5", "c4s2b-r4-r6s2-gap"])
 def test_network_is_bit_identical_alone_or_in_company(spec):
     arch = build_arch(spec, (1, 8, 8), 10)
     pop, x, y, idx, mean, std = _case(arch, 5, 9, 8)
@@ -163,6 +194,15 @@ def test_network_is_bit_identical_alone_or_in_company(spec):
     loss_alone = NUMBA.gradients(alone, 0, 1, x, idx[3:4], y[idx[3:4]], mean, std)
     assert torch.equal(loss[3:4], loss_alone)
     assert torch.equal(pop.networks(pop.grads)[3], alone.networks(alone.grads)[0])
+    for got, want in zip(pop.stat_views(), alone.stat_views()):  # BatchNorm's running statistics
+        assert torch.equal(got[3], want[0])
+    # evaluation (BatchNorm on the running statistics just updated)
+    bits, bits_alone = torch.zeros(5, 8, dtype=torch.uint8), torch.zeros(1, 8, dtype=torch.uint8)
+    scored = NUMBA.score(arch, pop.views(pop.params), x, idx, y[idx], mean, std, bits, 0, stats=pop.stat_views())
+    scored_alone = NUMBA.score(arch, alone.views(alone.params), x, idx[3:4], y[idx[3:4]], mean, std, bits_alone, 0,
+                               stats=alone.stat_views())
+    assert torch.equal(bits[3], bits_alone[0])
+    assert torch.equal(scored[0][3:4], scored_alone[0]) and torch.equal(scored[1][3:4], scored_alone[1])
     # a chunk (lo > 0) of the population writes the same gradients
     grads = pop.grads.clone()
     pop.grads.fill_(float("nan"))
@@ -202,8 +242,8 @@ def test_backend_choice():
 
     assert get_backend("auto", CPU).name == "numba"
     assert get_backend("torch", CPU).name == "torch"
-    for spec in ("small-cnn", "mlp", "c3k5-ap-c2k1-flat-d4"):
-        assert get_backend("numba", CPU).native(build_arch(spec, (1, 8, 8), 10)) is None
+    for spec in ("small-cnn", "mlp", "c3k5-ap-c2k1-flat-d4", "resnet8", "vgg-small", "c4s2-c4k5s2b-r4-gap"):
+        assert get_backend("numba", CPU).native(build_arch(spec, (3, 32, 32), 10)) is None
     with pytest.raises(UsageError, match="runs on the CPU"):
         get_backend("numba", torch.device("cuda"))
 

@@ -1,5 +1,6 @@
 """The network with seed s ends with the same weights and record bits alone, among others, or among different
-others: through the whole trainer, record included."""
+others: through the whole trainer, record included (with BatchNorm, the record is made with the running statistics
+that training left)."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 import fastpop
 
 
-@pytest.mark.parametrize("arch", ["small-cnn", "mlp"])
+@pytest.mark.parametrize("arch", ["small-cnn", "mlp", "c4s2b-r6-r8s2-gap"])
 def test_network_is_independent_of_its_company(tmp_path, arch):
     common = dict(arch=arch, epochs=2, batch_size=64, record_every=7)
     runs = {name: fastpop.train(fastpop.Config(seeds=seeds, out=str(tmp_path / name), **common))
