@@ -117,6 +117,18 @@ def test_random_specs_with_batchnorm_strides_and_blocks_match_reference(arch, p,
     _check_score(arch, pop, x, y, idx, mean, std)
 
 
+@pytest.mark.parametrize("spec", ["c5s2b-r8-r8s2-ap-gap", "c4b-r4-flat-d5"])
+def test_batchnorm_strides_and_blocks_on_planes_of_several_bands(spec):
+    """Planes over BAND floats (13 x 11 images, 17 examples): the convs' bands, four outputs at a time, with
+    BatchNorm, strides and blocks; gradients, running statistics and the evaluation against the reference."""
+    arch = build_arch(spec, (3, 13, 11), 5)
+    pop, x, y, idx, mean, std = _case(arch, 2, 17, 6)
+    pop.params.div_(3)
+    pop.stats.copy_(torch.rand(pop.stats.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
+    _check_grads(arch, pop, x, y, idx, mean, std, rtol=1e-3)
+    _check_score(arch, pop, x, y, idx, mean, std)
+
+
 def _check_score(arch, pop, x, y, idx, mean, std):
     """Bits, predictions and summed loss of the numba evaluation against the reference, where the reference's top
     two logits differ by more than fp32 noise."""

@@ -50,6 +50,8 @@ CONV, MAXPOOL, AVGPOOL, GAP, FLAT, DENSE = range(6)
 # HEAD_TMP: room for a strided conv's stride-1 output (forward) or its upsampled gradient (backward)
 HEAD_WORK, HEAD_K, HEAD_TMP = range(3)
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # nn.BatchNorm2d's defaults (`fastpop.archs`)
+# Floats of a plane per band of a conv: four output bands (16 KB) and three input bands stay in a 48 KB L1
+BAND = 1024
 
 
 @njit(fastmath=_DOT, cache=True)
@@ -119,47 +121,93 @@ def _tap1(d, a, w0):
         d[k] = d[k] + w0 * a[k]
 
 
+@njit(fastmath=_FMA, cache=True, inline="always")
+def _taps4(d0, d1, d2, d3, a, b, c, w):
+    """d_j += w[3j] * a + w[3j + 1] * b + w[3j + 2] * c for four outputs j: each load of a, b, c serves twelve
+    multiply-adds. w: the twelve weights (a tuple)."""
+    for k in range(d0.shape[0]):
+        ak, bk, ck = a[k], b[k], c[k]
+        d0[k] = d0[k] + w[0] * ak + w[1] * bk + w[2] * ck
+        d1[k] = d1[k] + w[3] * ak + w[4] * bk + w[5] * ck
+        d2[k] = d2[k] + w[6] * ak + w[7] * bk + w[8] * ck
+        d3[k] = d3[k] + w[9] * ak + w[10] * bk + w[11] * ck
+
+
+@njit(inline="always")
+def _w12(wgt, k0, k1, k2, k3):
+    """The three taps of a kernel row at k0..k3 (one per output), as one tuple."""
+    return (wgt[k0], wgt[k0 + 1], wgt[k0 + 2], wgt[k1], wgt[k1 + 1], wgt[k1 + 2],
+            wgt[k2], wgt[k2 + 1], wgt[k2 + 2], wgt[k3], wgt[k3 + 1], wgt[k3 + 2])
+
+
+@njit(inline="always")
+def _span(p0, p1, h, row, dy):
+    """The positions [q0, q1) of the band [p0, p1) of an output plane (h rows of `row` floats) whose input row,
+    dy rows away, exists."""
+    return max(p0, max(0, -dy) * row), min(p1, min(h, h - dy) * row)
+
+
 @njit(fastmath=_FMA, cache=True)
 def _conv(src, shifted, wgt, transpose, cin, cout, h, w, nb, ks, dst):
     """dst[o] += sum over i and the ks x ks taps of wgt * src[i] shifted, on [C, h, w, nb] blocks; `shifted` holds
     src moved along its rows (`_shift`). Forward (transpose False): wgt is [cout, cin, ks, ks]. Transposed, the
     input gradient of a forward conv with weight wgt [cin, cout, ks, ks] (so i runs over its output channels): taps
-    mirrored. A kernel row's taps go three at a time."""
+    mirrored. A kernel row's taps go three at a time; 3 x 3 kernels four outputs at a time. The planes go in bands
+    of BAND floats, so that the outputs' band stays in L1 over all inputs and taps (the same sums in the same order
+    as without bands)."""
     row = w * nb
     n = h * row
     r = ks // 2
     size = cin * n
     sg = 1 if not transpose else -1
-    for o in range(cout):
-        for i in range(cin):
-            k0 = (o * cin + i) * ks * ks if not transpose else (i * cout + o) * ks * ks
-            for ky in range(ks):
-                dy = sg * (ky - r)
-                y0, y1 = max(0, -dy), min(h, h - dy)  # output rows whose input row y + dy exists
-                if y1 <= y0:
-                    continue
-                a, b, m = o * n + y0 * row, i * n + (y0 + dy) * row, (y1 - y0) * row
-                kk = k0 + ks * ky
-                out = dst[a:a + m]
-                if ks == 3:  # the common case, sliced directly (see `_weight_grad`)
-                    lo, hi = shifted[b:b + m], shifted[size + b:size + b + m]
-                    if transpose:
-                        _taps(out, hi, src[b:b + m], lo, wgt[kk], wgt[kk + 1], wgt[kk + 2])
-                    else:
-                        _taps(out, lo, src[b:b + m], hi, wgt[kk], wgt[kk + 1], wgt[kk + 2])
-                    continue
-                for kx in range(0, ks, 3):
-                    left = ks - kx
-                    if left >= 3:
-                        _taps(out, _tap_src(src, shifted, size, b, m, r, sg * (kx - r)),
-                              _tap_src(src, shifted, size, b, m, r, sg * (kx + 1 - r)),
-                              _tap_src(src, shifted, size, b, m, r, sg * (kx + 2 - r)),
-                              wgt[kk + kx], wgt[kk + kx + 1], wgt[kk + kx + 2])
-                    elif left == 2:
-                        _taps2(out, _tap_src(src, shifted, size, b, m, r, sg * (kx - r)),
-                               _tap_src(src, shifted, size, b, m, r, sg * (kx + 1 - r)), wgt[kk + kx], wgt[kk + kx + 1])
-                    else:
-                        _tap1(out, _tap_src(src, shifted, size, b, m, r, sg * (kx - r)), wgt[kk + kx])
+    kk2 = ks * ks
+    for p0 in range(0, n, BAND):
+        p1 = min(n, p0 + BAND)
+        for o0 in range(0, cout, 4):
+            quad = ks == 3 and o0 + 4 <= cout
+            for i in range(cin):
+                for ky in range(ks):
+                    dy = sg * (ky - r)
+                    q0, q1 = _span(p0, p1, h, row, dy)
+                    if q1 <= q0:
+                        continue
+                    b, m = i * n + q0 + dy * row, q1 - q0
+                    if quad:
+                        lo, hi = shifted[b:b + m], shifted[size + b:size + b + m]
+                        if transpose:
+                            lo, hi = hi, lo
+                            k0 = (i * cout + o0) * kk2 + 3 * ky
+                            ws = _w12(wgt, k0, k0 + kk2, k0 + 2 * kk2, k0 + 3 * kk2)
+                        else:
+                            k0 = (o0 * cin + i) * kk2 + 3 * ky
+                            ws = _w12(wgt, k0, k0 + cin * kk2, k0 + 2 * cin * kk2, k0 + 3 * cin * kk2)
+                        _taps4(dst[o0 * n + q0:o0 * n + q1], dst[(o0 + 1) * n + q0:(o0 + 1) * n + q1],
+                               dst[(o0 + 2) * n + q0:(o0 + 2) * n + q1], dst[(o0 + 3) * n + q0:(o0 + 3) * n + q1],
+                               lo, src[b:b + m], hi, ws)
+                        continue
+                    for o in range(o0, min(cout, o0 + 4)):
+                        kk = ((o * cin + i) * kk2 if not transpose else (i * cout + o) * kk2) + ks * ky
+                        out = dst[o * n + q0:o * n + q1]
+                        if ks == 3:
+                            lo, hi = shifted[b:b + m], shifted[size + b:size + b + m]
+                            if transpose:
+                                _taps(out, hi, src[b:b + m], lo, wgt[kk], wgt[kk + 1], wgt[kk + 2])
+                            else:
+                                _taps(out, lo, src[b:b + m], hi, wgt[kk], wgt[kk + 1], wgt[kk + 2])
+                            continue
+                        for kx in range(0, ks, 3):
+                            left = ks - kx
+                            if left >= 3:
+                                _taps(out, _tap_src(src, shifted, size, b, m, r, sg * (kx - r)),
+                                      _tap_src(src, shifted, size, b, m, r, sg * (kx + 1 - r)),
+                                      _tap_src(src, shifted, size, b, m, r, sg * (kx + 2 - r)),
+                                      wgt[kk + kx], wgt[kk + kx + 1], wgt[kk + kx + 2])
+                            elif left == 2:
+                                _taps2(out, _tap_src(src, shifted, size, b, m, r, sg * (kx - r)),
+                                       _tap_src(src, shifted, size, b, m, r, sg * (kx + 1 - r)), wgt[kk + kx],
+                                       wgt[kk + kx + 1])
+                            else:
+                                _tap1(out, _tap_src(src, shifted, size, b, m, r, sg * (kx - r)), wgt[kk + kx])
 
 
 @njit(fastmath=_DOT, cache=True)
@@ -173,40 +221,91 @@ def _dot3(d, a, b, c):
     return s0, s1, s2
 
 
+@njit(fastmath=_DOT, cache=True)
+def _dot12(g0, g1, g2, g3, a, b, c, gw, k0, step):
+    """gw[k0 + j * step + t] += g_j . (a, b, c)[t] for four outputs j and three taps t: twelve dot products in one
+    pass, each load serving three or four of them."""
+    s0, s1, s2, s3, s4, s5 = np.float32(0), np.float32(0), np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+    s6, s7, s8, s9, s10, s11 = np.float32(0), np.float32(0), np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+    for k in range(g0.shape[0]):
+        ak, bk, ck = a[k], b[k], c[k]
+        s0 += g0[k] * ak
+        s1 += g0[k] * bk
+        s2 += g0[k] * ck
+        s3 += g1[k] * ak
+        s4 += g1[k] * bk
+        s5 += g1[k] * ck
+        s6 += g2[k] * ak
+        s7 += g2[k] * bk
+        s8 += g2[k] * ck
+        s9 += g3[k] * ak
+        s10 += g3[k] * bk
+        s11 += g3[k] * ck
+    gw[k0] += s0
+    gw[k0 + 1] += s1
+    gw[k0 + 2] += s2
+    gw[k0 + step] += s3
+    gw[k0 + step + 1] += s4
+    gw[k0 + step + 2] += s5
+    gw[k0 + 2 * step] += s6
+    gw[k0 + 2 * step + 1] += s7
+    gw[k0 + 2 * step + 2] += s8
+    gw[k0 + 3 * step] += s9
+    gw[k0 + 3 * step + 1] += s10
+    gw[k0 + 3 * step + 2] += s11
+
+
 @njit(fastmath=_FMA, cache=True)
 def _weight_grad(dz, src, shifted, cin, cout, h, w, nb, ks, gw, gb):
     """gw [cout, cin, ks, ks] = correlation of the pre-activation gradient dz [cout, h, w, nb] with the conv's
     input src [cin, h, w, nb] (`shifted`: src moved along its rows); gb [cout] = dz summed. A kernel row's taps are
-    one pass of three dot products over whole rows, three taps at a time."""
+    one pass of three dot products, 3 x 3 kernels four outputs at a time (twelve dot products), band by band of
+    the planes as `_conv` (each band's sums added in band order)."""
     row = w * nb
     n = h * row
     r = ks // 2
     size = cin * n
+    kk2 = ks * ks
     for o in range(cout):
         gb[o] = _sum(dz[o * n:(o + 1) * n])
-        for i in range(cin):
-            for ky in range(ks):
-                dy = ky - r
-                y0, y1 = max(0, -dy), min(h, h - dy)
-                k = ((o * cin + i) * ks + ky) * ks
-                if y1 <= y0:
-                    gw[k:k + ks] = 0
-                    continue
-                a, b, m = o * n + y0 * row, i * n + (y0 + dy) * row, (y1 - y0) * row
-                g = dz[a:a + m]
-                if ks == 3:  # the common case, sliced directly: through _tap_src the dots ran 3x slower
-                    gw[k], gw[k + 1], gw[k + 2] = _dot3(g, shifted[b:b + m], src[b:b + m],
-                                                        shifted[size + b:size + b + m])
-                    continue
-                for kx in range(0, ks, 3):
-                    if ks - kx >= 3:
-                        gw[k + kx], gw[k + kx + 1], gw[k + kx + 2] = _dot3(
-                            g, _tap_src(src, shifted, size, b, m, r, kx - r),
-                            _tap_src(src, shifted, size, b, m, r, kx + 1 - r),
-                            _tap_src(src, shifted, size, b, m, r, kx + 2 - r))
-                    else:
-                        for t in range(kx, ks):
-                            gw[k + t] = _dot(g, _tap_src(src, shifted, size, b, m, r, t - r))
+    gw[:cout * cin * kk2] = 0
+    for p0 in range(0, n, BAND):
+        p1 = min(n, p0 + BAND)
+        for o0 in range(0, cout, 4):
+            quad = ks == 3 and o0 + 4 <= cout
+            for i in range(cin):
+                for ky in range(ks):
+                    dy = ky - r
+                    q0, q1 = _span(p0, p1, h, row, dy)
+                    if q1 <= q0:
+                        continue
+                    b, m = i * n + q0 + dy * row, q1 - q0
+                    if quad:
+                        _dot12(dz[o0 * n + q0:o0 * n + q1], dz[(o0 + 1) * n + q0:(o0 + 1) * n + q1],
+                               dz[(o0 + 2) * n + q0:(o0 + 2) * n + q1], dz[(o0 + 3) * n + q0:(o0 + 3) * n + q1],
+                               shifted[b:b + m], src[b:b + m], shifted[size + b:size + b + m], gw,
+                               (o0 * cin + i) * kk2 + 3 * ky, cin * kk2)
+                        continue
+                    for o in range(o0, min(cout, o0 + 4)):
+                        k = (o * cin + i) * kk2 + ks * ky
+                        g = dz[o * n + q0:o * n + q1]
+                        if ks == 3:  # sliced directly: through _tap_src the dots ran 3x slower
+                            s0, s1, s2 = _dot3(g, shifted[b:b + m], src[b:b + m], shifted[size + b:size + b + m])
+                            gw[k] += s0
+                            gw[k + 1] += s1
+                            gw[k + 2] += s2
+                            continue
+                        for kx in range(0, ks, 3):
+                            if ks - kx >= 3:
+                                s0, s1, s2 = _dot3(g, _tap_src(src, shifted, size, b, m, r, kx - r),
+                                                   _tap_src(src, shifted, size, b, m, r, kx + 1 - r),
+                                                   _tap_src(src, shifted, size, b, m, r, kx + 2 - r))
+                                gw[k + kx] += s0
+                                gw[k + kx + 1] += s1
+                                gw[k + kx + 2] += s2
+                            else:
+                                for t in range(kx, ks):
+                                    gw[k + t] += _dot(g, _tap_src(src, shifted, size, b, m, r, t - r))
 
 
 @njit(fastmath=_FMA, cache=True)
