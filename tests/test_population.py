@@ -35,8 +35,7 @@ def _train_population(arch, data, config, steps, backend):
 
 
 @BACKENDS
-@pytest.mark.parametrize("arch_name", ["small-cnn", "wide-cnn", "mlp", "c6k5-ap-c5k1-mp-flat-d12-d9", "gap-d7",
-                                       "c6s2b-r6-r8s2-gap"])
+@pytest.mark.parametrize("arch_name", ["small-cnn", "wide-cnn", "mlp", "c6k5-ap-c5k1-mp-flat-d12-d9", "gap-d7"])
 def test_population_equals_plain_modules(digits, arch_name, backend):
     config = Config(arch=arch_name, seeds=4, batch_size=16, lr=0.1, momentum=0.9, weight_decay=1e-3,
                     schedule="cosine")
@@ -67,10 +66,6 @@ def test_population_equals_plain_modules(digits, arch_name, backend):
                                        msg=f"loss of network {k} at step {s}")
         want = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
         torch.testing.assert_close(pop.networks()[k], want, rtol=1e-5, atol=1e-6, msg=f"weights of network {k}")
-        bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        want = [buf for m in bns for buf in (m.running_mean, m.running_var)]
-        for got, buf in zip(pop.stat_views(), want, strict=True):
-            torch.testing.assert_close(got[k], buf, rtol=1e-5, atol=1e-6, msg=f"running statistics of network {k}")
 
 
 def test_init_depends_on_seed_only(digits):
