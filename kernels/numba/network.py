@@ -36,19 +36,19 @@ _DOT = {"contract", "reassoc"}
 # it. Offsets count floats: WOFF/BOFF in the network's parameter row (`_point` moves them to its place in the
 # population's buffers); IN and OUT in its scratch, where activations and their gradients lie at the same offsets
 # of two arrays (the last layer's OUT is -1: its output is the logits array); SHIFT: a conv's input shifted along
-# rows, 2 (K // 2) copies of [C, H, W, B]. DIN: whether the gradient of the layer's input is needed (a layer with
-# parameters comes before it). The head array: where the gradient scratch has room for a pre-activation gradient
-# shifted along rows (a transposed conv's input) or a dense layer's input transposed, and the classes.
-# A conv's further columns: STRIDE (1 or 2); BN: BatchNorm after it (no bias; BOFF is then BatchNorm's weight and
-# BETA its bias), with XHAT the normalized output [OUTC, H', W', B] in the scratch followed by OUTC inverse standard
-# deviations and OUTC floats of room, and SOFF and SVAR the running mean and variance in the network's statistics
-# row (`_point` moves them too); SKIP: the offset of a tensor added before the ReLU (a residual block's skip) or -1;
-# ACC: the input gradient is added to what a later layer (in the forward order) already wrote there, not set.
+# rows, 2 (K // 2) copies of [C, H, W, B] (a strided conv's: its K column copies, `_columns`). DIN: whether the
+# gradient of the layer's input is needed (a layer with parameters comes before it). A conv's further columns:
+# STRIDE (1 or 2: `_conv_s2`); BN: BatchNorm after it (no bias; BOFF is then BatchNorm's weight and BETA its bias),
+# with XHAT the normalized output [OUTC, H', W', B] in the scratch followed by OUTC inverse standard deviations and
+# OUTC floats of room, and SOFF and SVAR the running mean and variance in the network's statistics row (`_point`
+# moves them too); SKIP: the offset of a tensor added before the ReLU (a residual block's skip) or -1; ACC: the
+# input gradient is added to what a later layer (in the forward order) already wrote there, not set. The head
+# array: where the gradient scratch has room for a pre-activation gradient shifted along rows (a transposed conv's
+# input), a dense layer's input transposed or a strided conv's column copies' gradients, and the classes.
 KIND, C, H, W, OUTC, K, RELU, WOFF, BOFF, IN, OUT, SHIFT, DIN = range(13)
 STRIDE, BN, XHAT, SOFF, SKIP, ACC, BETA, SVAR = range(13, 21)
 CONV, MAXPOOL, AVGPOOL, GAP, FLAT, DENSE = range(6)
-# HEAD_TMP: room for a strided conv's stride-1 output (forward) or its upsampled gradient (backward)
-HEAD_WORK, HEAD_K, HEAD_TMP = range(3)
+HEAD_WORK, HEAD_K = range(2)
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # nn.BatchNorm2d's defaults (`fastpop.archs`)
 # Floats of a plane per band of a conv: four output bands (16 KB) and three input bands stay in a 48 KB L1
 BAND = 1024
@@ -408,30 +408,155 @@ def _unpool_max(act, dout, c, h, w, nb, dz):
 
 
 @njit(fastmath=_FMA, cache=True)
-def _subsample(full, c, h, w, nb, dst):
-    """Every second pixel of full [c, h, w, nb] from the first: dst [c, ceil(h / 2), ceil(w / 2), nb], a stride-2
-    conv's output from its stride-1 one (padding K // 2 centres output pixel y on input pixel 2y)."""
-    h2, w2 = (h + 1) // 2, (w + 1) // 2
-    for o in range(c):
-        for y in range(h2):
-            for x in range(w2):
-                t = ((o * h + 2 * y) * w + 2 * x) * nb
-                t2 = ((o * h2 + y) * w2 + x) * nb
-                dst[t2:t2 + nb] = full[t:t + nb]
+def _columns(src, c, h, w, nb, ks, out):
+    """What a stride-2 conv reads, as ks copies of src [c, h, w, nb] with every second column: copy kx
+    [c, h, ceil(w / 2), nb] holds src's columns 2 x2 + kx - ks // 2 (zero past the edge), so that each kernel tap
+    of an output row is one pass over a whole row of a copy."""
+    w2 = (w + 1) // 2
+    r = ks // 2
+    size = c * h * w2 * nb
+    for kx in range(ks):
+        for i in range(c):
+            for y in range(h):
+                to, frm = kx * size + (i * h + y) * w2 * nb, (i * h + y) * w * nb
+                for x2 in range(w2):
+                    x = 2 * x2 + kx - r
+                    d = out[to + x2 * nb:to + (x2 + 1) * nb]
+                    if 0 <= x < w:
+                        d[:] = src[frm + x * nb:frm + (x + 1) * nb]
+                    else:
+                        d[:] = 0
 
 
 @njit(fastmath=_FMA, cache=True)
-def _upsample(d, c, h, w, nb, full):
-    """Adjoint of `_subsample`: the gradient d [c, ceil(h / 2), ceil(w / 2), nb] of a stride-2 conv's output as the
-    gradient of its stride-1 output full [c, h, w, nb] (zero at the pixels the stride skips)."""
+def _conv_s2(cols, wgt, cin, cout, h, w, nb, ks, dst):
+    """dst [cout, ceil(h / 2), ceil(w / 2), nb] += the stride-2 conv (weight wgt [cout, cin, ks, ks], padding
+    ks // 2) of the input whose column copies are cols (`_columns`): output row by output row (each stays in L1
+    over all inputs and taps), 3 x 3 kernels four outputs at a time."""
+    h2 = (h + 1) // 2
+    m = (w + 1) // 2 * nb  # one row of the output or of a copy
+    n2, size, kk2, r = h2 * m, cin * h * m, ks * ks, ks // 2
+    for y2 in range(h2):
+        a = y2 * m
+        for o0 in range(0, cout, 4):
+            quad = ks == 3 and o0 + 4 <= cout
+            for i in range(cin):
+                for ky in range(ks):
+                    y = 2 * y2 + ky - r
+                    if y < 0 or y >= h:
+                        continue
+                    b = (i * h + y) * m
+                    if quad:
+                        k0 = (o0 * cin + i) * kk2 + 3 * ky
+                        _taps4(dst[o0 * n2 + a:o0 * n2 + a + m], dst[(o0 + 1) * n2 + a:(o0 + 1) * n2 + a + m],
+                               dst[(o0 + 2) * n2 + a:(o0 + 2) * n2 + a + m],
+                               dst[(o0 + 3) * n2 + a:(o0 + 3) * n2 + a + m], cols[b:b + m],
+                               cols[size + b:size + b + m], cols[2 * size + b:2 * size + b + m],
+                               _w12(wgt, k0, k0 + cin * kk2, k0 + 2 * cin * kk2, k0 + 3 * cin * kk2))
+                        continue
+                    for o in range(o0, min(cout, o0 + 4)):
+                        kk = (o * cin + i) * kk2 + ks * ky
+                        out = dst[o * n2 + a:o * n2 + a + m]
+                        for kx in range(0, ks, 3):
+                            c0 = kx * size + b
+                            if ks - kx >= 3:
+                                _taps(out, cols[c0:c0 + m], cols[c0 + size:c0 + size + m],
+                                      cols[c0 + 2 * size:c0 + 2 * size + m], wgt[kk + kx], wgt[kk + kx + 1],
+                                      wgt[kk + kx + 2])
+                            elif ks - kx == 2:
+                                _taps2(out, cols[c0:c0 + m], cols[c0 + size:c0 + size + m], wgt[kk + kx],
+                                       wgt[kk + kx + 1])
+                            else:
+                                _tap1(out, cols[c0:c0 + m], wgt[kk + kx])
+
+
+@njit(fastmath=_FMA, cache=True)
+def _weight_grad_s2(dz, cols, cin, cout, h, w, nb, ks, gw, gb):
+    """The weight gradient gw [cout, cin, ks, ks] of `_conv_s2` from its output gradient dz and its input's
+    column copies cols, row by row of the output (sums added in row order); gb [cout] = dz summed."""
+    h2 = (h + 1) // 2
+    m = (w + 1) // 2 * nb
+    n2, size, kk2, r = h2 * m, cin * h * m, ks * ks, ks // 2
+    for o in range(cout):
+        gb[o] = _sum(dz[o * n2:(o + 1) * n2])
+    gw[:cout * cin * kk2] = 0
+    for y2 in range(h2):
+        a = y2 * m
+        for o0 in range(0, cout, 4):
+            quad = ks == 3 and o0 + 4 <= cout
+            for i in range(cin):
+                for ky in range(ks):
+                    y = 2 * y2 + ky - r
+                    if y < 0 or y >= h:
+                        continue
+                    b = (i * h + y) * m
+                    if quad:
+                        _dot12(dz[o0 * n2 + a:o0 * n2 + a + m], dz[(o0 + 1) * n2 + a:(o0 + 1) * n2 + a + m],
+                               dz[(o0 + 2) * n2 + a:(o0 + 2) * n2 + a + m],
+                               dz[(o0 + 3) * n2 + a:(o0 + 3) * n2 + a + m], cols[b:b + m],
+                               cols[size + b:size + b + m], cols[2 * size + b:2 * size + b + m], gw,
+                               (o0 * cin + i) * kk2 + 3 * ky, cin * kk2)
+                        continue
+                    for o in range(o0, min(cout, o0 + 4)):
+                        k = (o * cin + i) * kk2 + ks * ky
+                        g = dz[o * n2 + a:o * n2 + a + m]
+                        for kx in range(ks):
+                            gw[k + kx] += _dot(g, cols[kx * size + b:kx * size + b + m])
+
+
+@njit(fastmath=_FMA, cache=True, inline="always")
+def _taps_t4(d0, d1, d2, g0, g1, g2, g3, w):
+    """d_t += w[t] g0 + w[3 + t] g1 + w[6 + t] g2 + w[9 + t] g3 for three taps t: a transposed kernel row of four
+    outputs' gradients."""
+    for k in range(d0.shape[0]):
+        a, b, c, e = g0[k], g1[k], g2[k], g3[k]
+        d0[k] = d0[k] + w[0] * a + w[3] * b + w[6] * c + w[9] * e
+        d1[k] = d1[k] + w[1] * a + w[4] * b + w[7] * c + w[10] * e
+        d2[k] = d2[k] + w[2] * a + w[5] * b + w[8] * c + w[11] * e
+
+
+@njit(fastmath=_FMA, cache=True)
+def _conv_s2_input_grad(dz, wgt, cin, cout, h, w, nb, ks, dcols, din):
+    """din [cin, h, w, nb] += the input gradient of `_conv_s2` (weight wgt [cout, cin, ks, ks]) from its output
+    gradient dz: first the gradient of the column copies into dcols (room for ks copies), then each copy's columns
+    added where they came from."""
     h2, w2 = (h + 1) // 2, (w + 1) // 2
-    full[:c * h * w * nb] = 0
-    for o in range(c):
-        for y in range(h2):
-            for x in range(w2):
-                t = ((o * h + 2 * y) * w + 2 * x) * nb
-                t2 = ((o * h2 + y) * w2 + x) * nb
-                full[t:t + nb] = d[t2:t2 + nb]
+    m = w2 * nb
+    n2, size, kk2, r = h2 * m, cin * h * m, ks * ks, ks // 2
+    dcols[:ks * size] = 0
+    for y2 in range(h2):
+        a = y2 * m
+        for o0 in range(0, cout, 4):
+            quad = ks == 3 and o0 + 4 <= cout
+            for i in range(cin):
+                for ky in range(ks):
+                    y = 2 * y2 + ky - r
+                    if y < 0 or y >= h:
+                        continue
+                    b = (i * h + y) * m
+                    if quad:
+                        k0 = (o0 * cin + i) * kk2 + 3 * ky
+                        _taps_t4(dcols[b:b + m], dcols[size + b:size + b + m], dcols[2 * size + b:2 * size + b + m],
+                                 dz[o0 * n2 + a:o0 * n2 + a + m], dz[(o0 + 1) * n2 + a:(o0 + 1) * n2 + a + m],
+                                 dz[(o0 + 2) * n2 + a:(o0 + 2) * n2 + a + m],
+                                 dz[(o0 + 3) * n2 + a:(o0 + 3) * n2 + a + m],
+                                 _w12(wgt, k0, k0 + cin * kk2, k0 + 2 * cin * kk2, k0 + 3 * cin * kk2))
+                        continue
+                    for o in range(o0, min(cout, o0 + 4)):
+                        kk = (o * cin + i) * kk2 + ks * ky
+                        g = dz[o * n2 + a:o * n2 + a + m]
+                        for kx in range(ks):
+                            _tap1(dcols[kx * size + b:kx * size + b + m], g, wgt[kk + kx])
+    for kx in range(ks):
+        for i in range(cin):
+            for y in range(h):
+                frm, to = kx * size + (i * h + y) * m, (i * h + y) * w * nb
+                for x2 in range(w2):
+                    x = 2 * x2 + kx - r
+                    if 0 <= x < w:
+                        d, s = din[to + x * nb:to + (x + 1) * nb], dcols[frm + x2 * nb:frm + (x2 + 1) * nb]
+                        for k in range(nb):
+                            d[k] += s[k]
 
 
 @njit(fastmath=_DOT, cache=True)
@@ -625,17 +750,19 @@ def _forward(x, idx, mean, std, prm, ops, head, nb, act, logits, gather, aug, se
             n2 = ((h + stride - 1) // stride) * ((w + stride - 1) // stride) * nb  # output pixels times nb
             out = act[ops[l, OUT]:ops[l, OUT] + cout * n2]
             z = act[ops[l, XHAT]:ops[l, XHAT] + cout * n2] if bn else out  # the conv's own output
-            full = z if stride == 1 else act[head[HEAD_TMP]:head[HEAD_TMP] + cout * n]
             for o in range(cout):
-                full[o * n:(o + 1) * n] = 0 if bn else prm[bo + o]
-            sh = ops[l, SHIFT]
-            shifted = act[sh:sh + (ks - 1) * c * n]
-            if ks > 1 and (gather or l > 0):
-                _shift(src, c, h, w, nb, ks // 2, shifted)
-            wo = ops[l, WOFF]
-            _conv(src, shifted, prm[wo:wo + cout * c * ks * ks], False, c, cout, h, w, nb, ks, full)
-            if stride != 1:  # computed at stride 1, then subsampled
-                _subsample(full, cout, h, w, nb, z)
+                z[o * n2:(o + 1) * n2] = 0 if bn else prm[bo + o]
+            sh, wo = ops[l, SHIFT], ops[l, WOFF]
+            if stride != 1:
+                cols = act[sh:sh + ks * c * h * ((w + 1) // 2) * nb]
+                if gather or l > 0:
+                    _columns(src, c, h, w, nb, ks, cols)
+                _conv_s2(cols, prm[wo:wo + cout * c * ks * ks], c, cout, h, w, nb, ks, z)
+            else:
+                shifted = act[sh:sh + (ks - 1) * c * n]
+                if ks > 1 and (gather or l > 0):
+                    _shift(src, c, h, w, nb, ks // 2, shifted)
+                _conv(src, shifted, prm[wo:wo + cout * c * ks * ks], False, c, cout, h, w, nb, ks, z)
             skip = act[ops[l, SKIP]:ops[l, SKIP] + cout * n2] if ops[l, SKIP] >= 0 else act[:0]
             if bn:
                 so, sv, be = ops[l, SOFF], ops[l, SVAR], ops[l, BETA]
@@ -770,12 +897,19 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
                     grad[bo + o], grad[ops[l, BETA] + o] = _batch_norm_grad(
                         dz[o * n2:(o + 1) * n2], act[xo + o * n2:xo + (o + 1) * n2], prm[bo + o],
                         act[xo + cout * n2 + o], n2)
-            if stride != 1:  # the gradient of the stride-1 conv's output
-                t = head[HEAD_TMP]
-                _upsample(dz, cout, h, w, nb, dact[t:t + cout * n])
-                dz = dact[t:t + cout * n]
             # a conv before BatchNorm has no bias: its sums go to room after the inverse standard deviations
             gb = act[xo + cout * n2 + cout:xo + cout * n2 + 2 * cout] if bn else grad[bo:bo + cout]
+            if stride != 1:
+                cols = ks * c * h * ((w + 1) // 2) * nb
+                _weight_grad_s2(dz, act[sh:sh + cols], c, cout, h, w, nb, ks, grad[wo:wo + cout * c * ks * ks], gb)
+                if need_din:
+                    din = dact[i0:i0 + c * n]
+                    if not ops[l, ACC]:
+                        din[:] = 0
+                    t = head[HEAD_WORK]
+                    _conv_s2_input_grad(dz, prm[wo:wo + cout * c * ks * ks], c, cout, h, w, nb, ks,
+                                        dact[t:t + cols], din)
+                continue
             _weight_grad(dz, act[i0:i0 + c * n], act[sh:sh + (ks - 1) * c * n], c, cout, h, w, nb, ks,
                          grad[wo:wo + cout * c * ks * ks], gb)
             if need_din:

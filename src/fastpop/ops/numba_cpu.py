@@ -33,7 +33,7 @@ def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
     soffsets = np.cumsum([0] + [int(np.prod(s)) for _, s in arch.stat_shapes()])
     c, h, w = arch.in_shape
     end = c * h * w * nb  # the input images lie at 0
-    layout = {"end": end, "tshift": 0, "tmp": 0, "t": 0, "s": 0}  # scratch used; parameter and statistic tensors
+    layout = {"end": end, "work": 0, "t": 0, "s": 0}  # scratch used; parameter and statistic tensors
 
     def alloc(n: int) -> int:
         at = layout["end"]
@@ -46,12 +46,14 @@ def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
         n, n2 = h * w * nb, -(-h // stride) * -(-w // stride) * nb
         row = [_k.CONV, c, h, w, out, k, int(relu), 0, 0, src, 0, 0, int(din), stride, int(bn), 0, 0, skip,
                int(acc), 0, 0]
-        if k > 1:
+        if stride != 1:  # the input's column copies; in the gradient scratch, their gradients
+            row[_k.SHIFT] = alloc(k * c * h * -(-w // 2) * nb)
+            if din:
+                layout["work"] = max(layout["work"], k * c * h * -(-w // 2) * nb)
+        elif k > 1:
             row[_k.SHIFT] = alloc((k - 1) * c * n)
-        if din:  # a transposed conv's input: the (stride-1) pre-activation gradient shifted along rows
-            layout["tshift"] = max(layout["tshift"], (k - 1) * out * n)
-        if stride != 1:
-            layout["tmp"] = max(layout["tmp"], out * n)
+            if din:  # a transposed conv's input: the pre-activation gradient shifted along rows
+                layout["work"] = max(layout["work"], (k - 1) * out * n)
         row[_k.WOFF], row[_k.BOFF] = offsets[t], offsets[t + 1]
         if bn:
             row[_k.BETA], row[_k.XHAT] = offsets[t + 2], alloc(out * n2 + 2 * out)
@@ -83,7 +85,7 @@ def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
             row = [_KINDS[op.kind], op.c, op.h, op.w, op.out, op.k, int(op.relu), 0, 0, cur, -1, 0,
                    int(layout["t"] > 0), 1, 0, 0, 0, -1, 0, 0, 0]
             if op.kind == "dense":  # its input transposed, for the weight gradient
-                layout["tshift"] = max(layout["tshift"], op.c * nb)
+                layout["work"] = max(layout["work"], op.c * nb)
                 row[_k.WOFF], row[_k.BOFF] = offsets[layout["t"]], offsets[layout["t"] + 1]
                 layout["t"] += 2
             if op.kind == "flat":
@@ -93,8 +95,7 @@ def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
             rows.append(row)
         cur = rows[-1][_k.OUT]
     end = layout["end"]
-    head = [end + layout["tmp"], arch.classes, end]
-    return np.array(rows, np.int64), np.array(head, np.int64), int(end + layout["tmp"] + layout["tshift"])
+    return np.array(rows, np.int64), np.array([end, arch.classes], np.int64), int(end + layout["work"])
 
 
 @lru_cache(maxsize=64)
