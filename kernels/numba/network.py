@@ -580,11 +580,11 @@ def _sq_dev(u, m):
 
 
 @njit(fastmath=_FMA, cache=True)
-def _batch_norm(z, cout, n, stats, smean, svar, invstd, update):
+def _batch_norm(z, cout, n, stats, smean, svar, invstd):
     """Training-mode BatchNorm's statistics: each channel of z [cout, n] (n = H * W * B) normalized in place with
-    its batch mean and biased variance, the inverse standard deviations into invstd [cout]; with update, the
-    running mean and (unbiased) variance at stats[smean:] and stats[svar:] moved by BN_MOMENTUM, rounded as
-    torch's mul_ then add_ with alpha."""
+    its batch mean and biased variance, the inverse standard deviations into invstd [cout]; the running mean and
+    (unbiased) variance at stats[smean:] and stats[svar:] moved by BN_MOMENTUM, rounded as torch's mul_ then add_
+    with alpha."""
     keep, mom = np.float32(1 - BN_MOMENTUM), np.float32(BN_MOMENTUM)
     unbias = np.float32(n / max(n - 1, 1))
     for o in range(cout):
@@ -595,9 +595,8 @@ def _batch_norm(z, cout, n, stats, smean, svar, invstd, update):
         invstd[o] = inv
         for k in range(n):
             zo[k] = (zo[k] - mean) * inv
-        if update:
-            stats[smean + o] = _fma(mom, mean, stats[smean + o] * keep)
-            stats[svar + o] = _fma(mom, var * unbias, stats[svar + o] * keep)
+        stats[smean + o] = _fma(mom, mean, stats[smean + o] * keep)
+        stats[svar + o] = _fma(mom, var * unbias, stats[svar + o] * keep)
 
 
 @njit(fastmath=_FMA, cache=True)
@@ -777,12 +776,12 @@ def _forward(x, idx, mean, std, prm, ops, head, nb, act, logits, gather, aug, se
             if bn:
                 so, sv, be = ops[l, SOFF], ops[l, SVAR], ops[l, BETA]
                 if training:
-                    _batch_norm(z, cout, n2, stats, so, sv, act[ops[l, XHAT] + cout * n2:], True)
+                    _batch_norm(z, cout, n2, stats, so, sv, act[ops[l, XHAT] + cout * n2:])
                 for o in range(cout):
                     if training:
                         scale, shift = prm[bo + o], prm[be + o]
                     else:
-                        scale = prm[bo + o] * (np.float32(1) / np.sqrt(stats[sv + o] + np.float32(BN_EPS)))
+                        scale = prm[bo + o] / np.sqrt(stats[sv + o] + np.float32(BN_EPS))  # as the reference
                         shift = prm[be + o] - stats[so + o] * scale
                     _scale_shift(z[o * n2:(o + 1) * n2], scale, shift, skip[o * n2:(o + 1) * n2] if skip.shape[0]
                                  else skip, out[o * n2:(o + 1) * n2])
