@@ -117,6 +117,42 @@ def test_random_specs_with_batchnorm_strides_and_blocks_match_reference(arch, p,
     _check_score(arch, pop, x, y, idx, mean, std)
 
 
+def test_conv_kernels_in_bands_match_numpy():
+    """The 3 x 3 conv, its transpose and its weight gradient on planes of several BAND and WBAND floats (9 x 7
+    pixels, 600 examples), six outputs (four at a time, then two), against a float64 numpy correlation."""
+    from fastpop.kernels.numba import network as k
+
+    cin, cout, h, w, nb = 5, 6, 9, 7, 600
+    assert h * w * nb > 2 * k.WBAND >= 2 * k.BAND
+    rng = np.random.default_rng(0)
+    src, dz = rng.standard_normal((cin, h, w, nb)), rng.standard_normal((cout, h, w, nb))
+    wgt = rng.standard_normal((cout, cin, 3, 3))
+    pad = np.pad(src, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    windows = np.stack([pad[:, ky:ky + h, kx:kx + w] for ky in range(3) for kx in range(3)], 1)  # [cin, 9, h, w, nb]
+    want_out = np.einsum("oit,ityxb->oyxb", wgt.reshape(cout, cin, 9), windows)
+    want_gw = np.einsum("oyxb,ityxb->oit", dz, windows).reshape(cout, cin, 3, 3)
+    dpad = np.pad(dz, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want_din = sum(np.einsum("oi,oyxb->iyxb", wgt[:, :, ky, kx], dpad[:, 2 - ky:2 - ky + h, 2 - kx:2 - kx + w])
+                   for ky in range(3) for kx in range(3))
+
+    def f32(a):
+        return np.ascontiguousarray(a, np.float32).reshape(-1)
+
+    def shifted(a, c):
+        out = np.empty(2 * a.size, np.float32)
+        k._shift(f32(a), c, h, w, nb, 1, out)
+        return out
+
+    out = np.zeros(cout * h * w * nb, np.float32)
+    k._conv(f32(src), shifted(src, cin), f32(wgt), False, cin, cout, h, w, nb, 3, out)
+    din = np.zeros(cin * h * w * nb, np.float32)
+    k._conv(f32(dz), shifted(dz, cout), f32(wgt), True, cout, cin, h, w, nb, 3, din)
+    gw, gb = np.full(wgt.size, np.nan, np.float32), np.full(cout, np.nan, np.float32)
+    k._weight_grad(f32(dz), f32(src), shifted(src, cin), cin, cout, h, w, nb, 3, gw, gb)
+    for got, want in ((out, want_out), (din, want_din), (gw, want_gw), (gb, dz.sum((1, 2, 3)))):
+        np.testing.assert_allclose(got, want.reshape(-1), rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("spec", ["c5s2b-r8-r8s2-ap-gap", "c4b-r4-flat-d5"])
 def test_batchnorm_strides_and_blocks_on_planes_of_several_bands(spec):
     """Planes over BAND floats (13 x 11 images, 17 examples): the convs' bands, four outputs at a time, with
