@@ -79,7 +79,7 @@ def _module_stats(module) -> torch.Tensor:
 def test_population_equals_plain_modules_in_training_and_evaluation(digits, spec):
     """Each network per step as nn.Module + torch.optim.SGD: loss, weights, running statistics (train mode), then
     evaluation with the running statistics (eval mode): bits, loss and predictions."""
-    backend = get_backend("numba", CPU)  # its own kernels, or the reference's ops it says it uses
+    backend = get_backend("numba", CPU)  # the default; its kernels equal the reference (tests/test_backends.py)
     config = Config(arch=spec, seeds=3, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-3)
     arch = build_arch(spec, digits.in_shape, digits.classes)
     pop = Population(arch, config.init_seeds(), CPU)

@@ -25,9 +25,9 @@ def test_every_provider_is_timed():
 
 
 def test_a_provider_runs_in_a_process_of_its_own():
-    from fastpop.benchmark import _in_own_process
+    from fastpop.benchmark import in_own_process
 
-    rate, rss = _in_own_process(("torch.func vmap", "mlp", 2, 1, 32, None))
+    rate, rss = in_own_process(("torch.func vmap", "mlp", 2, 1, 32, None))
     assert rate > 0 and 0.05 < rss < 8
 
 

@@ -110,13 +110,13 @@ def run_benchmark(nets: list[int], steps: int, arch_name: str = "small-cnn", bat
         names += ["fastpop-numba eval", "fastpop-torch eval"]
         for name in names:
             args = (name, arch_name, p, steps, batch_size, input_shape)
-            rate, rss = _in_own_process(args) if isolate else provider_rate(*args)
+            rate, rss = in_own_process(args) if isolate else provider_rate(*args)
             flops = arch.flops_per_example() * (1 if name.endswith("eval") else 3)
             rows.append(Row(name, p, rate, flops * rate / 1e9, ceiling, rss, str(arch), data.name))
     return rows
 
 
-def _in_own_process(args) -> tuple[float, float]:
+def in_own_process(args) -> tuple[float, float]:
     import json
     import subprocess
     import sys
