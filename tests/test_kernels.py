@@ -381,7 +381,7 @@ def test_gpu_check_script_cpu_part():
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--small"], capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OUT": str(__import__("tempfile").mkdtemp())})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("ok: P=3") == 4
+    assert proc.stdout.count("\nok: P=") == 5 and "resnet8" in proc.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (not part of the CPU proof)")

@@ -56,8 +56,9 @@ def _mtime(path):
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
-    """SIGKILL at >= 8 random moments (tests/test_faults.py kills at every write boundary in process): mostly a random instant after the attempt has saved new progress (so
-    kills fall across steps, state saves and checkpoint writes), every fourth at a random time from launch."""
+    """SIGKILL at 5 random moments (tests/test_faults.py kills at every write boundary in process; each attempt
+    here is a process start, ~4 s): mostly a random instant after the attempt has saved new progress (so kills fall
+    across steps, state saves and checkpoint writes), every fourth at a random time from launch."""
     ref = tmp_path / "ref"
     assert main(["run", *KILL_ARGS, "--out", str(ref), "--quiet"]) == 0
     out = tmp_path / "run"
@@ -69,7 +70,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         cmd = _cli("--resume", str(out)) if (out / "run.json").exists() else _cli(*KILL_ARGS, "--out", str(out))
         before = _mtime(out / STATE)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if kills < 8:
+        if kills < 5:
             if attempt % 4 == 3:
                 time.sleep(rng.uniform(0.0, 2.5))
             else:
@@ -82,7 +83,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
                 kills += 1
                 continue
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    assert kills >= 8, f"only {kills} kills landed"
+    assert kills >= 5, f"only {kills} kills landed"
     run = fastpop.load_run(out)
     assert run.status == "complete"
     assert_same_run(fastpop.load_run(ref), run)
