@@ -168,9 +168,9 @@ def test_a_state_without_its_statistics_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("spec", ["c4b-gap", "c3s2-mp-flat-d5", "r4s2-gap", "c3-r4-gap"])
-def test_triton_backend_runs_specs_whose_layers_it_borrows_from_the_reference(digits, spec):
+def test_triton_backend_equals_the_torch_backend_with_blocks_first_or_later(digits, spec):
     """Under TRITON_INTERPRET=1 (conftest) or on a GPU: the loss, gradients and running statistics of the triton
-    backend equal the torch backend's, a borrowed first layer included (it needs a batch, not the kernels' marker)."""
+    backend equal the torch backend's, a BatchNorm conv, strided conv or block reading the images by index."""
     import os
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -186,6 +186,28 @@ def test_triton_backend_runs_specs_whose_layers_it_borrows_from_the_reference(di
         out[name] = (loss, pop.grads, pop.stats)
     for want, got in zip(out["torch"], out["triton"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_op_set_without_a_block_borrows_the_reference_and_says_so(digits):
+    """An op set that lacks conv_bn_block, and whose gather hands its kernels a marker rather than a batch: the
+    chain runs that layer on the reference's ops with the reference's batch, and `native` names it."""
+    from types import SimpleNamespace
+
+    from fastpop.ops import chain, reference
+
+    marker = object()
+    ops = SimpleNamespace(**{k: getattr(reference, k) for k in dir(reference) if not k.startswith("_")})
+    del ops.conv_bn_block
+    ops.gather_images = lambda *args: marker
+    arch = build_arch("c4b-r4-gap", digits.in_shape, digits.classes)
+    assert "conv_bn_block of c4b-r4-gap runs on the reference's torch ops" in chain.native(arch, ops)
+    assert chain.native(arch, reference) is None
+    pop = Population(arch, [1, 2], CPU)
+    idx = torch.randint(0, len(digits.train), (2, 6), generator=torch.Generator().manual_seed(0))
+    args = (pop.views(pop.params), digits.train.x, idx, digits.train.y[idx], digits.mean, digits.std)
+    stats = [v.clone() for v in pop.stat_views()]
+    torch.testing.assert_close(chain.loss(arch, ops, *args, stats=stats),
+                               chain.loss(arch, reference, *args, stats=[v.clone() for v in pop.stat_views()]))
 
 
 def test_diverged_networks_keep_their_running_statistics(digits):
