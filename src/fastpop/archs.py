@@ -332,7 +332,8 @@ class Arch:
             if op.kind == "conv":
                 flops += 2 * op.k * op.k * op.c * op.out * oh * ow
             elif op.kind == "res":
-                flops += 2 * 9 * (op.c + op.out) * op.out * oh * ow + (2 * op.c * op.out * oh * ow if op.projects else 0)
+                flops += 2 * 9 * (op.c + op.out) * op.out * oh * ow
+                flops += 2 * op.c * op.out * oh * ow if op.projects else 0
             elif op.kind == "dense":
                 flops += 2 * op.c * op.out
         return flops

@@ -9,9 +9,9 @@ different grouped-conv algorithms for different group counts, so network k's res
 with P (seen on this 2-core AVX-512 CPU, torch 2.13). bmm computes each network's product the same way for any
 P for the presets' shapes, which makes network k bit-identical alone or in any population there
 (tests/test_independence.py); not for every shape: with an odd output width (5 or 10 columns from 5 or 7 rows),
-MKL's batched GEMM rounds a lone network's product differently. The numba backend is bit-identical for any spec. The bias rides
-in the GEMM as a column of ones, so its gradient comes from the same GEMM rather than a reduction whose
-threading, and so rounding, could depend on P.
+MKL's batched GEMM rounds a lone network's product differently. The numba backend is bit-identical for any spec.
+The bias rides in the GEMM as a column of ones, so its gradient comes from the same GEMM rather than a reduction
+whose threading, and so rounding, could depend on P.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def col2im(dcols: torch.Tensor, shape, k: int = 3, stride: int = 1) -> torch.Ten
     dx = torch.zeros(p, bsz, h + 2 * r, w + 2 * r, c, dtype=dcols.dtype, device=dcols.device)
     for kh in range(k):
         for kw in range(k):
-            dx[:, :, kh:kh + stride * (h2 - 1) + 1:stride, kw:kw + stride * (w2 - 1) + 1:stride] += d[:, :, :, :, kh, kw]
+            rows, cols = slice(kh, kh + stride * (h2 - 1) + 1, stride), slice(kw, kw + stride * (w2 - 1) + 1, stride)
+            dx[:, :, rows, cols] += d[:, :, :, :, kh, kw]
     return dx[:, :, r:r + h, r:r + w]
 
 
