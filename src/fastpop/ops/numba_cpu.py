@@ -150,11 +150,17 @@ class NumbaBackend:
             part, labels = idx[:, lo:lo + size].contiguous(), y[:, lo:lo + size].contiguous()
             ops, head, scratch = tables(arch, part.shape[1])
             summed = torch.empty(p)
-            none = np.empty((0, 0), np.float32)
-            margin, xent = (none, none) if per_example is None else (t[:, lo:lo + size].numpy() for t in per_example)
+            # contiguous outputs, copied into their slices after: numba compiles the kernel once per argument
+            # layout (15 s each), and slices of the outputs are contiguous or not depending on the split
+            n = part.shape[1]
+            out = np.empty((p, n), np.int64)
+            extra = np.empty((2, p, n) if per_example is not None else (2, 0, 0), np.float32)
             _k.score_kernel(x.numpy(), part.numpy(), labels.numpy(), _f32(mean).numpy(), _f32(std).numpy(), rows,
-                            ptab, ops, head, scratch, bits.numpy(), (bit_offset + lo) // 8, summed.numpy(),
-                            pred[:, lo:lo + size].numpy(), numba.get_num_threads(), margin, xent, srows, stab)
+                            ptab, ops, head, scratch, bits.numpy(), (bit_offset + lo) // 8, summed.numpy(), out,
+                            numba.get_num_threads(), extra[0], extra[1], srows, stab)
+            pred[:, lo:lo + size] = torch.from_numpy(out)
+            for t, values in zip(per_example or (), extra):
+                t[:, lo:lo + size] = torch.from_numpy(values)
             loss += summed
         return loss, pred
 
