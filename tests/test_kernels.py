@@ -341,23 +341,20 @@ def test_adam_kernel_matches_torch_optim(decoupled):
     torch.testing.assert_close(params, ref.detach(), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("arch", ["c4-ap-c6k1-mp-flat-d16"])
-def test_three_step_population_triton_vs_torch(tmp_path, arch):
-    """A whole population trained 3 steps through the kernels and through the reference: loss at every step,
-    then the recorded bits. Digits 0 and 1 only, to keep the interpreter's steps and evaluation short (the fused
-    head is checked against the reference in tests/test_triton_specs.py)."""
+def train_on_both_backends(tmp_path, arch: str) -> dict:
+    """backend -> (each step's losses [3, 2], the run): two networks trained 3 steps on digits 0 and 1 through the
+    torch and the triton backend (the trainer's train_step watched)."""
     import fastpop
     from fastpop import trainer
 
-    losses = {}
+    out = {}
     for backend in ("torch", "triton"):
-        seen = []
-        real = trainer.train_step
+        seen, real = [], trainer.train_step
 
         def spy(*args, **kwargs):
-            out = real(*args, **kwargs)
-            seen.append(out.clone())
-            return out
+            loss = real(*args, **kwargs)
+            seen.append(loss.clone())
+            return loss
 
         trainer.train_step = spy
         try:
@@ -365,7 +362,16 @@ def test_three_step_population_triton_vs_torch(tmp_path, arch):
                                                backend=backend, out=str(tmp_path / backend)))
         finally:
             trainer.train_step = real
-        losses[backend] = (torch.stack(seen), run)
+        out[backend] = (torch.stack(seen), run)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["c4-ap-c6k1-mp-flat-d16"])
+def test_three_step_population_triton_vs_torch(tmp_path, arch):
+    """A whole population trained 3 steps through the kernels and through the reference: loss at every step,
+    then the recorded bits. Digits 0 and 1 only, to keep the interpreter's steps and evaluation short (the fused
+    head is checked against the reference in tests/test_triton_specs.py)."""
+    losses = train_on_both_backends(tmp_path, arch)
     (lt, rt), (lk, rk) = losses["torch"], losses["triton"]
     assert lt.shape == (3, 2)
     torch.testing.assert_close(lk, lt, rtol=1e-4, atol=1e-5, msg="loss at every step")

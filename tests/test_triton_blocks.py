@@ -17,7 +17,7 @@ from fastpop.ops import chain, get_backend, reference as R
 from fastpop.ops import triton as T
 from fastpop.population import Population
 from test_backends import _case
-from test_kernels import DEV, INTERPRET, TOL, _gathered, poison
+from test_kernels import DEV, INTERPRET, TOL, _gathered, poison, train_on_both_backends
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -265,25 +265,7 @@ def test_three_step_resnet_population_triton_vs_torch(tmp_path):
     """A population with BatchNorm, a strided conv and a projecting residual block trained 3 steps through the
     kernels and through the reference (digits 0 and 1): loss at every step, the saved parameters and running
     statistics, and the recorded bits (the evaluation normalizes with the running statistics)."""
-    import fastpop
-    from fastpop import trainer
-
-    runs = {}
-    for backend in ("torch", "triton"):
-        seen, real = [], trainer.train_step
-
-        def spy(*args, **kwargs):
-            out = real(*args, **kwargs)
-            seen.append(out.clone())
-            return out
-
-        trainer.train_step = spy
-        try:
-            run = fastpop.train(fastpop.Config(arch="c4s2b-r5s2-gap", seeds=[3, 8], epochs=1, batch_size=96,
-                                               classes=[0, 1], backend=backend, out=str(tmp_path / backend)))
-        finally:
-            trainer.train_step = real
-        runs[backend] = (torch.stack(seen), run)
+    runs = train_on_both_backends(tmp_path, "c4s2b-r5s2-gap")
     (lt, rt), (lk, rk) = runs["torch"], runs["triton"]
     assert lt.shape == (3, 2)
     torch.testing.assert_close(lk, lt, rtol=1e-4, atol=1e-5, msg="loss at every step")
