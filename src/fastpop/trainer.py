@@ -236,7 +236,7 @@ def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: f
     before = pop.stats.clone() if pop.stat_sizes else None
     loss = accumulate_gradients(pop, backend, data, idx, chunk, groups, epoch, seeds)
     pop.mark_diverged(~torch.isfinite(loss) | ~pop.finite_stats(), step)
-    if before is not None:
+    if before is not None and pop.frozen is not None:  # only once some network has diverged
         pop.keep_diverged_stats(before)
     lrs = lr if isinstance(lr, list) else [lr]
     backend.optimizer_step(pop, [(lo, hi, cfg, lr_g) for (lo, hi, cfg), lr_g in zip(groups, lrs)], pop.frozen, step)
