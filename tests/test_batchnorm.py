@@ -243,3 +243,13 @@ def test_batchnorm_on_one_value_per_channel_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "token 'c4s2b' would normalize 1 value per channel at batch size 1" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("spec", ["resnet20", "vgg-small", "c4b-r6s2-c3s2-mp-flat-d5", "d7-d5"])
+def test_each_layer_says_how_many_tensors_it_takes(spec):
+    """Op.tensors, which the backends use to take a layer's parameters and statistics, agrees with the names."""
+    arch = build_arch(spec, (3, 16, 16), 10)
+    names = [(n, i) for n, _, i in arch._tensors()]
+    for i, op in enumerate(arch.ops):
+        stats = sum(1 for n, j in names if j == i and n.endswith(("running_mean", "running_var")))
+        assert op.tensors == (sum(1 for _, j in names if j == i) - stats, stats), (i, op)

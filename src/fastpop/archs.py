@@ -117,6 +117,16 @@ class Op:
         return 1, 1
 
     @property
+    def tensors(self) -> tuple[int, int]:
+        """(parameter tensors, running-statistics tensors) of this layer, in `Arch.param_shapes` and
+        `Arch.stat_shapes` order: what a backend takes from the population's lists for it."""
+        if self.kind == "conv":
+            return (3, 2) if self.bn else (2, 0)
+        if self.kind == "res":
+            return (9, 6) if self.projects else (6, 4)
+        return (2, 0) if self.kind == "dense" else (0, 0)
+
+    @property
     def projects(self) -> bool:
         """A residual block whose skip is a 1x1 conv + BN (channels or stride change), not the identity."""
         return self.kind == "res" and (self.c != self.out or self.stride != 1)

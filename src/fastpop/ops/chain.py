@@ -49,13 +49,12 @@ def _features(arch: Arch, ops: ModuleType, params, images, idx, mean, std, stop:
             if i + 1 < stop and layers[i + 1].kind in ("maxpool", "avgpool"):
                 pool, i = layers[i + 1].kind[:3], i + 1
             if _block(op):
-                h = _op(ops, _block(op))(
-                    h, *_take(it, 3 if op.bn else 2), *_take(st, 2 if op.bn else 0), op.stride, training, pool)
+                h = _op(ops, _block(op))(h, *_take(it, op.tensors[0]), *_take(st, op.tensors[1]), op.stride, training,
+                                         pool)
             else:
                 h = ops.conv_block(h, next(it), next(it), pool)
         elif op.kind == "res":
-            h = _op(ops, _block(op))(h, _take(it, 9 if op.projects else 6), _take(st, 6 if op.projects else 4),
-                                           op.stride, training)
+            h = _op(ops, _block(op))(h, _take(it, op.tensors[0]), _take(st, op.tensors[1]), op.stride, training)
         elif op.kind in ("maxpool", "avgpool"):
             h = ops.pool2x2(h, op.kind[:3])
         elif op.kind == "gap":

@@ -67,8 +67,8 @@ def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
         if op.kind == "conv":
             rows.append(conv(op.c, op.h, op.w, op.out, op.k, op.stride, op.bn, True, cur, layout["t"] > 0,
                              layout["t"], layout["s"]))
-            layout["t"] += 3 if op.bn else 2
-            layout["s"] += 2 if op.bn else 0
+            layout["t"] += op.tensors[0]
+            layout["s"] += op.tensors[1]
         elif op.kind == "res":  # conv1's input gradient is added to the skip's, which conv2 or the projection wrote
             din, t, st = layout["t"] > 0, layout["t"], layout["s"]  # tensors: conv1, bn1, conv2, bn2, proj, projbn
             conv1 = conv(op.c, op.h, op.w, op.out, 3, op.stride, True, True, cur, din, t, st, acc=True)
@@ -79,15 +79,15 @@ def tables(arch: Arch, nb: int) -> tuple[np.ndarray, np.ndarray, int]:
                 skip = rows[-1][_k.OUT]
             h2, w2 = op.out_hw
             rows.append(conv(op.out, h2, w2, op.out, 3, 1, True, True, conv1[_k.OUT], True, t + 3, st + 2, skip))
-            layout["t"] += 9 if op.projects else 6
-            layout["s"] += 6 if op.projects else 4
+            layout["t"] += op.tensors[0]
+            layout["s"] += op.tensors[1]
         else:
             row = [_KINDS[op.kind], op.c, op.h, op.w, op.out, op.k, int(op.relu), 0, 0, cur, -1, 0,
                    int(layout["t"] > 0), 1, 0, 0, 0, -1, 0, 0, 0]
             if op.kind == "dense":  # its input transposed, for the weight gradient
                 layout["work"] = max(layout["work"], op.c * nb)
                 row[_k.WOFF], row[_k.BOFF] = offsets[layout["t"]], offsets[layout["t"] + 1]
-                layout["t"] += 2
+                layout["t"] += op.tensors[0]
             if op.kind == "flat":
                 row[_k.OUT] = cur
             elif i < last:
