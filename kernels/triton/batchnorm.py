@@ -17,7 +17,7 @@ input's gradient.
 import triton
 import triton.language as tl
 
-from .conv import POOLS, load_dpre, load_input, pick, pixel
+from .conv import POOLS, load_dpre, load_input, pick, pixel, pool_start
 from .reduce import rows_per_split, sum_splits
 
 SKIPS = {None: 0, "identity": 1, "projection": 2}  # the SKIP constexpr of _bn_apply_kernel
@@ -100,11 +100,7 @@ def _bn_apply_kernel(y_ptr,  # fp32 [P, B, HC, WC, C] a plain conv's output
     b, ho, wo = pixel(rows, HO, WO)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = row_ok[:, None] & (c < C)[None, :]
-    if POOL == 1:
-        best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
-    else:
-        best = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    code = tl.zeros((BLOCK_M, BLOCK_C), tl.int32)
+    best, code = pool_start(BLOCK_M, BLOCK_C, POOL)
     for sub in range(WINDOW):  # the 4 positions of the pool window, or the pixel itself
         if POOL != 0:
             h = ho * 2 + sub // 2

@@ -44,6 +44,16 @@ def load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b, hi, wi, ci, ok,
 
 
 @triton.jit
+def pool_start(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POOL: tl.constexpr):
+    """The (best, code) that `pick` folds a pool window into: -inf for max, 0 for avg (and for no pool)."""
+    if POOL == 1:
+        best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    else:
+        best = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    return best, tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+
+
+@triton.jit
 def pick(val, best, code, sub, POOL: tl.constexpr):
     """Fold window position `sub`'s value into the pool: max keeps the first maximum (a NaN wins and stays, as
     in nn.MaxPool2d) and its position; avg sums, and code collects the positions whose value is > 0."""
@@ -125,11 +135,7 @@ def _conv_fwd_kernel(x_ptr,  # [P, B, H, W, CIN] fp32, or the data set [N, CIN, 
         bias = tl.load(b_ptr + p * COUT + co, mask=co_ok, other=0.0)
     else:
         bias = tl.zeros((BLOCK_N,), tl.float32)
-    if POOL == 1:
-        best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
-    else:
-        best = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    code = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    best, code = pool_start(BLOCK_M, BLOCK_N, POOL)
     for sub in range(WINDOW):  # the 4 positions of the pool window, or the pixel itself
         if POOL != 0:
             h0 = ho * 2 + sub // 2

@@ -8,7 +8,7 @@ backward, as the fused conv pool does.
 import triton
 import triton.language as tl
 
-from .conv import POOLS, load_input, pick, pixel
+from .conv import POOLS, load_input, pick, pixel, pool_start
 
 
 @triton.jit
@@ -27,11 +27,7 @@ def _pool_fwd_kernel(x_ptr,  # [P, B, H, W, C] fp32, or the data set [N, C, H, W
     b, ho, wo = pixel(rows, HO, WO)
     c = tl.arange(0, BLOCK_C)
     ok = row_ok[:, None] & (c < C)[None, :]
-    if POOL == 1:
-        best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
-    else:
-        best = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    code = tl.zeros((BLOCK_M, BLOCK_C), tl.int32)
+    best, code = pool_start(BLOCK_M, BLOCK_C, POOL)
     for sub in tl.static_range(4):
         val = load_input(x_ptr, idx_ptr, mean_ptr, std_ptr, aug_ptr, p, b[:, None], (ho * 2 + sub // 2)[:, None],
                          (wo * 2 + sub % 2)[:, None], c[None, :], ok, B, H, W, C, CUT, GATHER, AUG)
