@@ -66,9 +66,9 @@ class Population:
         # BatchNorm's running statistics, layer-major as the parameters: training state that no optimizer moves
         self.stat_shapes = [shape for _, shape in arch.stat_shapes()]
         self.stat_sizes = [math.prod(s) for s in self.stat_shapes]
-        self.stats = torch.cat([torch.zeros(0)] + [torch.full((self.p * n,), 1.0 if name.endswith("var") else 0.0)
-                                                   for (name, _), n in zip(arch.stat_shapes(), self.stat_sizes)]
-                               ).to(device) if self.stat_sizes else torch.zeros(0, device=device)
+        self.stats = torch.cat([torch.zeros(0)] + [  # running means 0, variances 1
+            torch.full((self.p * n,), 1.0 if name.endswith("var") else 0.0)
+            for (name, _), n in zip(arch.stat_shapes(), self.stat_sizes)]).to(device)
         # drawn INIT_BLOCK networks at a time, so that no [P, D] copy exists beside the buffers; a seed shared
         # by many networks (--vary order) is drawn once
         shared = {s for s, n in Counter(init_seeds).items() if n > 1}
