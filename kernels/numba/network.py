@@ -38,6 +38,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .gemm import gemm_rows
+
 _FMA = {"contract"}
 _DOT = {"contract", "reassoc"}
 
@@ -631,51 +633,7 @@ def _dense(src, prm, wo, bo, fin, fout, nb, dst):
     """dst [fout, nb] = W src + b for src [fin, nb], W [fout, fin] at prm[wo:], b at prm[bo:]."""
     for k in range(fout):
         dst[k * nb:(k + 1) * nb] = prm[bo + k]
-    _gemm_rows(prm[wo:wo + fout * fin], fin, 1, src, fin, fout, nb, dst)
-
-
-@njit(fastmath=_FMA, cache=True)
-def _gemm_rows(w, so, sj, src, nin, nout, nb, dst):
-    """dst[o] += sum over j of w[o * so + j * sj] * src[j], on rows of nb floats, dst [nout, nb] and src [nin, nb]; the
-    terms
-    added in the order of j, one fused multiply-add each, as a loop over j would. Four output rows per pass over the
-    input rows, two input rows per step: each row loaded serves 4 or 8 multiply-adds (2.4x the one-row loop, 64 x 64,
-    B = 32, on the 2-core AVX-512 CPU). More rows per step stopped LLVM vectorizing (too many runtime alias checks).
-    A dense layer's forward, its input gradient (W transposed: so = 1) and its weight gradient (w the output
-    gradient, src the input transposed to [B, F]) are all this one loop."""
-    o = 0
-    while o + 4 <= nout:
-        d0, d1 = dst[o * nb:(o + 1) * nb], dst[(o + 1) * nb:(o + 2) * nb]
-        d2, d3 = dst[(o + 2) * nb:(o + 3) * nb], dst[(o + 3) * nb:(o + 4) * nb]
-        w0, w1, w2, w3 = o * so, (o + 1) * so, (o + 2) * so, (o + 3) * so
-        j = 0
-        while j + 2 <= nin:
-            s0, s1 = src[j * nb:(j + 1) * nb], src[(j + 1) * nb:(j + 2) * nb]
-            a, b = j * sj, (j + 1) * sj
-            a0, a1, a2, a3 = w[w0 + a], w[w1 + a], w[w2 + a], w[w3 + a]
-            b0, b1, b2, b3 = w[w0 + b], w[w1 + b], w[w2 + b], w[w3 + b]
-            for k in range(nb):
-                x, y = s0[k], s1[k]
-                d0[k] = d0[k] + a0 * x + b0 * y
-                d1[k] = d1[k] + a1 * x + b1 * y
-                d2[k] = d2[k] + a2 * x + b2 * y
-                d3[k] = d3[k] + a3 * x + b3 * y
-            j += 2
-        if j < nin:
-            s0 = src[j * nb:(j + 1) * nb]
-            a = j * sj
-            a0, a1, a2, a3 = w[w0 + a], w[w1 + a], w[w2 + a], w[w3 + a]
-            for k in range(nb):
-                x = s0[k]
-                d0[k] = d0[k] + a0 * x
-                d1[k] = d1[k] + a1 * x
-                d2[k] = d2[k] + a2 * x
-                d3[k] = d3[k] + a3 * x
-        o += 4
-    for o in range(o, nout):
-        d0 = dst[o * nb:(o + 1) * nb]
-        for j in range(nin):
-            _tap1(d0, src[j * nb:(j + 1) * nb], w[o * so + j * sj])
+    gemm_rows(prm[wo:wo + fout * fin], fin, 1, src, fin, fout, nb, dst)
 
 
 @njit(fastmath=_FMA, cache=True)
@@ -688,7 +646,7 @@ def _dense_weight_grad(dout, src, fin, fout, nb, tr, gw):
         for b in range(nb):
             tr[b * fin + i] = si[b]
     gw[:] = 0
-    _gemm_rows(dout, nb, 1, tr, nb, fout, fin, gw)
+    gemm_rows(dout, nb, 1, tr, nb, fout, fin, gw)
 
 
 _M31 = 0x7FFFFFFF
@@ -875,7 +833,7 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
             if need_din:  # W^T dout: input i's weight from output k at W[k, i]
                 din = dact[i0:i0 + c * nb]
                 din[:] = 0
-                _gemm_rows(prm[wo:wo + cout * c], 1, c, dout, cout, c, nb, din)
+                gemm_rows(prm[wo:wo + cout * c], 1, c, dout, cout, c, nb, din)
         elif kind == GAP:
             if need_din:
                 hw = h * w
