@@ -10,7 +10,7 @@ from fastpop.config import Config
 from fastpop.data import load_dataset
 from fastpop.data.orders import epoch_orders
 from fastpop.population import Population, init_network
-from fastpop.trainer import train_step
+from fastpop.trainer import accumulate_gradients, network_groups, train_step
 
 CPU = torch.device("cpu")
 
@@ -94,8 +94,37 @@ def test_gradients_do_not_mix(digits, backend):
     config = Config(seeds=3, batch_size=8, momentum=0.0, weight_decay=0.0)
     pop = Population(arch, [1, 2, 3], CPU)
     idx = epoch_orders([1, 2, 3], 0, len(digits.train))[:, :8]
-    train_step(pop, backend, digits, idx, 0.0, config)
+    accumulate_gradients(pop, backend, digits, idx, None, [(0, 3, config)])
     together = pop.networks(pop.grads)
     single = Population(arch, [2], CPU)
-    train_step(single, backend, digits, idx[1:2], 0.0, config)
+    accumulate_gradients(single, backend, digits, idx[1:2], None, [(0, 1, config)])
     torch.testing.assert_close(together[1], single.networks(single.grads)[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("spec, nesterov", [("c3b-mp-c4-flat-d6", False), ("d9-d6", True)])
+def test_sgd_in_the_gradient_pass_is_the_separate_step_bit_for_bit(digits, spec, nesterov):
+    """numba takes the SGD step in the pass that computes the gradient (`fuses_sgd`); against its gradients then
+    its separate optimizer step, three steps of a grid (lr, momentum and weight decay per group): parameters,
+    momentum, running statistics and divergence bit for bit, with a network diverged from the start (NaN
+    weights) and those of a group that diverge at step 2 or 3 (lr 1e30)."""
+    arch = build_arch(spec, digits.in_shape, digits.classes)
+    config = Config(arch=spec, seeds=3, batch_size=8, nesterov=nesterov,
+                    grid={"lr": [10.0, 0.1] if not nesterov else [0.2, 10.0], "momentum": [0.9, 0.5],
+                          "weight_decay": [5e-4, 0.0]})
+    groups = network_groups(config)
+    idx = epoch_orders(config.order_seeds(), 0, len(digits.train))
+    out = {}
+    for fused in (True, False):
+        backend = get_backend("numba", CPU)
+        backend.fuses_sgd = fused
+        pop = Population(arch, config.init_seeds(), CPU)
+        pop.set_networks(torch.full((1, pop.d), float("nan")), lo=5)
+        for step in range(3):
+            lrs = [1e30 if cfg.lr == 10 and step else cfg.lr_at(step, 3, 3) for _, _, cfg in groups]
+            train_step(pop, backend, digits, idx[:, step * 8:(step + 1) * 8], lrs, config, step=step + 1,
+                       groups=groups)
+        out[fused] = (pop.params, pop.momentum, pop.stats, pop.diverged_at)
+    diverged = out[True][3]
+    assert diverged[5] == 1 and (diverged >= 0).sum() > 1  # NaN from the start; lr 1e30 at a later step
+    for got, want in zip(out[True], out[False]):
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))

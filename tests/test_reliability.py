@@ -223,10 +223,10 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint(tmp_path, reference_ru
 def test_out_of_memory_suggests_smaller_chunks_and_resumes(tmp_path, reference_run, monkeypatch, capsys):
     real = numba_cpu.NumbaBackend.gradients  # the CPU default's training call
 
-    def hungry(self, pop, lo, hi, *args):
+    def hungry(self, pop, lo, hi, *args, **kw):
         if hi - lo > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, pop, lo, hi, *args)
+        return real(self, pop, lo, hi, *args, **kw)
 
     out = tmp_path / "run"
     monkeypatch.setattr(numba_cpu.NumbaBackend, "gradients", hungry)

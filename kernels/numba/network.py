@@ -36,6 +36,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .gemm import gemm_rows
@@ -778,10 +779,10 @@ def _forward(x, idx, mean, std, prm, ops, head, nb, act, logits, gather, aug, se
 
 
 @njit(fastmath=_FMA, cache=True)
-def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
+def _backward(y, prm, ops, head, nb, act, logits, grad, gops, dact, smoothing):
     """One network's mean cross-entropy over its batch (labels y [nb]; label smoothing as F.cross_entropy's),
-    from the activations of `_forward`; its gradient into grad, at the op table's parameter offsets. logits [K, nb] are
-    overwritten with the loss's gradient."""
+    from the activations of `_forward`; its gradient into grad, at the parameter offsets of the op table gops (ops
+    itself, or the offsets in one network's own row). logits [K, nb] are overwritten with the loss's gradient."""
     k_out = logits.shape[0]
     inv = np.float32(1) / nb
     loss = 0.0
@@ -827,9 +828,10 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
                 _relu_grad(act[ops[l, OUT]:ops[l, OUT] + cout * nb], dout)
             wo, bo = ops[l, WOFF], ops[l, BOFF]
             for k in range(cout):
-                grad[bo + k] = _sum(dout[k * nb:(k + 1) * nb])
+                grad[gops[l, BOFF] + k] = _sum(dout[k * nb:(k + 1) * nb])
             t = head[HEAD_WORK]
-            _dense_weight_grad(dout, act[i0:i0 + c * nb], c, cout, nb, dact[t:t + c * nb], grad[wo:wo + cout * c])
+            _dense_weight_grad(dout, act[i0:i0 + c * nb], c, cout, nb, dact[t:t + c * nb],
+                               grad[gops[l, WOFF]:gops[l, WOFF] + cout * c])
             if need_din:  # W^T dout: input i's weight from output k at W[k, i]
                 din = dact[i0:i0 + c * nb]
                 din[:] = 0
@@ -864,14 +866,16 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
                 dact[ops[l, SKIP]:ops[l, SKIP] + cout * n2] = dz
             if bn:
                 for o in range(cout):
-                    grad[bo + o], grad[ops[l, BETA] + o] = _batch_norm_grad(
+                    grad[gops[l, BOFF] + o], grad[gops[l, BETA] + o] = _batch_norm_grad(
                         dz[o * n2:(o + 1) * n2], act[xo + o * n2:xo + (o + 1) * n2], prm[bo + o],
                         act[xo + cout * n2 + o], n2)
             # a conv before BatchNorm has no bias: its sums go to room after the inverse standard deviations
-            gb = act[xo + cout * n2 + cout:xo + cout * n2 + 2 * cout] if bn else grad[bo:bo + cout]
+            gb = act[xo + cout * n2 + cout:xo + cout * n2 + 2 * cout] if bn else \
+                grad[gops[l, BOFF]:gops[l, BOFF] + cout]
             if stride != 1:
                 cols = ks * c * h * ((w + 1) // 2) * nb
-                _weight_grad_s2(dz, act[sh:sh + cols], c, cout, h, w, nb, ks, grad[wo:wo + cout * c * ks * ks], gb)
+                _weight_grad_s2(dz, act[sh:sh + cols], c, cout, h, w, nb, ks,
+                                grad[gops[l, WOFF]:gops[l, WOFF] + cout * c * ks * ks], gb)
                 if need_din:
                     din = dact[i0:i0 + c * n]
                     if not ops[l, ACC]:
@@ -881,7 +885,7 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
                                         dact[t:t + cols], din)
                 continue
             _weight_grad(dz, act[i0:i0 + c * n], act[sh:sh + (ks - 1) * c * n], c, cout, h, w, nb, ks,
-                         grad[wo:wo + cout * c * ks * ks], gb)
+                         grad[gops[l, WOFF]:gops[l, WOFF] + cout * c * ks * ks], gb)
             if need_din:
                 din = dact[i0:i0 + c * n]  # the gradient of this conv's input
                 if not ops[l, ACC]:
@@ -897,7 +901,7 @@ def _backward(y, prm, ops, head, nb, act, logits, grad, dact, smoothing):
 
 @njit(parallel=True, cache=True)
 def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, grads, loss, threads, aug, seeds,
-                 smoothing, stats, stab):
+                 smoothing, stats, stab, momentum_buf, lr, momentum, weight_decay, nesterov, frozen):
     """Networks lo..lo + n: each one's loss [n] on its batch idx [n, B] with labels y [n, B], and its gradient,
     written into grads. params and grads are the population's flat layer-major buffers; ptab [m, 2] gives each
     parameter tensor's start in them and its size per network. aug (flip, crop, cutout, epoch) and seeds [n] (the
@@ -905,6 +909,12 @@ def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, gra
     BatchNorm running statistics, flat layer-major as params (stab its ptab; empty without BatchNorm), updated in
     place with each network's batch statistics. threads:
     numba.get_num_threads(), passed in because a global read inside keeps numba from caching the kernel.
+
+    With lr, momentum and weight_decay [n] (else empty), each network then takes its SGD step (`sgd_kernel`'s
+    update, bit for bit) while its weights and gradient are still in cache; the gradient goes to a row of the
+    thread's, not to grads, and nothing passes over the population's buffers again. A network frozen[p] (diverged
+    before), or whose loss or running statistics are not finite (diverging now), is frozen as `sgd_kernel` freezes
+    it: momentum zero, weights unmoved.
 
     The three parallel kernels here are cached, against the house rule (HOUSE.md: no cache on parallel=True,
     after a crash seen elsewhere when the thread count changed), because the alternatives cost too much: uncached
@@ -918,11 +928,32 @@ def train_kernel(x, idx, y, mean, std, params, ptab, lo, ops, head, scratch, gra
         dact = np.empty(scratch, np.float32)
         logits = np.empty((k_out, nb), np.float32)
         own = ops.copy()
+        fused = lr.shape[0] > 0
+        row = np.empty(ptab[:, 1].sum() if fused else 0, np.float32)  # the gradient, in cache until the update
         for p in range(t, p_all, threads):
+            if fused and p + threads < p_all:
+                for j in range(ptab.shape[0]):
+                    a, n = ptab[j, 0] + (lo + p + threads) * ptab[j, 1], ptab[j, 1]
+                    for k in range(a, a + n, 16):
+                        _prefetch(params, k)
+                        _prefetch(momentum_buf, k)
             _point(ops, ptab, stab, lo + p, own)
             _forward(x, idx[p], mean, std, params, own, head, nb, act, logits, True, aug,
                      seeds[p] if seeds.shape[0] else 0, stats, True)
-            loss[p] = _backward(y[p], params, own, head, nb, act, logits, grads, dact, smoothing)
+            if not fused:
+                loss[p] = _backward(y[p], params, own, head, nb, act, logits, grads, own, dact, smoothing)
+                continue
+            loss[p] = _backward(y[p], params, own, head, nb, act, logits, row, ops, dact, smoothing)
+            dead = frozen[p] or not math.isfinite(loss[p]) or not _finite_rows(stats, stab, lo + p)
+            r = 0
+            for j in range(ptab.shape[0]):
+                a, n = ptab[j, 0] + (lo + p) * ptab[j, 1], ptab[j, 1]
+                if dead:
+                    momentum_buf[a:a + n] = 0
+                else:
+                    _sgd(params[a:a + n], row[r:r + n], momentum_buf[a:a + n], frozen[:0], lr[p], momentum[p],
+                         weight_decay[p], nesterov)
+                r += n
 
 
 @njit(parallel=True, cache=True)
@@ -1001,6 +1032,23 @@ def _point(ops, ptab, stab, p, own):
 
 
 @intrinsic
+def _prefetch(typingctx, a, i):
+    """Ask for the cache line of a[i] in L2, to be written (llvm.prefetch): a later network's weights and momentum
+    come in while this one computes."""
+    sig = types.void(a, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [args[1]])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 1), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _fma(typingctx, a, b, c):
     """a * b + c rounded once (llvm.fma.f32): what torch's add with alpha computes on this CPU."""
     def codegen(context, builder, signature, args):
@@ -1031,17 +1079,33 @@ def sgd_kernel(params, grads, momentum_buf, blocks, lr, momentum, weight_decay, 
             lo, hi = _overlap(blocks, j, t * per, min(n, (t + 1) * per))
             if lo >= hi:
                 continue
-            lr_j, mo, wd = lr[j], momentum[j], weight_decay[j]
-            p, g, m = params[lo:hi], grads[lo:hi], momentum_buf[lo:hi]
-            f = frozen[lo:hi] if frozen.shape[0] else frozen
-            for k in range(hi - lo):
-                gk = _fma(wd, p[k], g[k]) if wd else g[k]
-                mk = m[k] * mo + gk
-                if frozen.shape[0] and f[k]:
-                    gk, mk = np.float32(0), np.float32(0)
-                g[k] = gk
-                m[k] = mk
-                p[k] = _fma(-lr_j, _fma(mo, mk, gk) if nesterov else mk, p[k])
+            _sgd(params[lo:hi], grads[lo:hi], momentum_buf[lo:hi], frozen[lo:hi] if frozen.shape[0] else frozen,
+                 lr[j], momentum[j], weight_decay[j], nesterov)
+
+
+@njit(cache=True)
+def _sgd(p, g, m, f, lr, mo, wd, nesterov):
+    """SGD's update of entries p with gradients g and momentum m in place (see `sgd_kernel`); where the mask f (or
+    nothing, when empty) is set, gradient and momentum zero and the weight unmoved."""
+    for k in range(p.shape[0]):
+        gk = _fma(wd, p[k], g[k]) if wd else g[k]
+        mk = m[k] * mo + gk
+        if f.shape[0] and f[k]:
+            gk, mk = np.float32(0), np.float32(0)
+        g[k] = gk
+        m[k] = mk
+        p[k] = _fma(-lr, _fma(mo, mk, gk) if nesterov else mk, p[k])
+
+
+@njit(cache=True)
+def _finite_rows(stats, stab, p):
+    """Whether network p's running statistics (rows of a flat layer-major buffer, stab its ptab) are all finite."""
+    for j in range(stab.shape[0]):
+        a = stab[j, 0] + p * stab[j, 1]
+        for k in range(a, a + stab[j, 1]):
+            if not math.isfinite(stats[k]):
+                return False
+    return True
 
 
 @njit(parallel=True, cache=True)

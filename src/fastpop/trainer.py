@@ -197,18 +197,21 @@ def network_groups(config: Config) -> list[Group]:
 
 
 def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Tensor, chunk: int | None,
-                         groups: list[Group], epoch: int = 0, seeds: torch.Tensor | None = None) -> torch.Tensor:
+                         groups: list[Group], epoch: int = 0, seeds: torch.Tensor | None = None,
+                         update: list | None = None) -> torch.Tensor:
     """Forward and backward of every network on its batch idx [P, B], `chunk` networks of one group at a time,
     into pop.grads, with its group's label smoothing and augmentation (drawn from the networks' order seeds [P]
-    and the epoch); returns each network's batch loss [P]."""
+    and the epoch); returns each network's batch loss [P]. update: the SGD step's groups, for a backend that
+    `fuses_sgd`, which takes the step in the same pass."""
     losses = []
+    fused = {} if update is None else {"update": update}
     for glo, ghi, cfg in _same_loss(groups):
         augment = Augment.parse(cfg.augment)
         for lo in range(glo, ghi, chunk or ghi - glo):
             hi = min(ghi, lo + (chunk or ghi - glo))
             aug = AugmentBatch(augment, seeds[lo:hi], epoch) if augment else None
             losses.append(backend.gradients(pop, lo, hi, data.train.x, idx[lo:hi], data.train.y[idx[lo:hi]],
-                                            data.mean, data.std, aug, cfg.label_smoothing))
+                                            data.mean, data.std, aug, cfg.label_smoothing, **fused))
     return torch.cat(losses)
 
 
@@ -233,13 +236,16 @@ def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: f
     diverged and frozen before the update, so nothing of it reaches the others or its own weights (nor its
     BatchNorm running statistics: they keep the values before the step; non-finite ones mark it diverged too)."""
     groups = groups or [(0, pop.p, config)]
+    lrs = lr if isinstance(lr, list) else [lr]
+    update = [(lo, hi, cfg, lr_g) for (lo, hi, cfg), lr_g in zip(groups, lrs)]
+    fused = backend.fuses_sgd and all(cfg.optimizer == "sgd" for _, _, cfg in groups)
     before = pop.stats.clone() if pop.stat_sizes else None
-    loss = accumulate_gradients(pop, backend, data, idx, chunk, groups, epoch, seeds)
+    loss = accumulate_gradients(pop, backend, data, idx, chunk, groups, epoch, seeds, update if fused else None)
     pop.mark_diverged(~torch.isfinite(loss) | ~pop.finite_stats(), step)
     if before is not None and pop.frozen is not None:  # only once some network has diverged
         pop.keep_diverged_stats(before)
-    lrs = lr if isinstance(lr, list) else [lr]
-    backend.optimizer_step(pop, [(lo, hi, cfg, lr_g) for (lo, hi, cfg), lr_g in zip(groups, lrs)], pop.frozen, step)
+    if not fused:
+        backend.optimizer_step(pop, update, pop.frozen, step)
     return loss
 
 

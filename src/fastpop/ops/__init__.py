@@ -25,6 +25,7 @@ class Backend(Protocol):
 
     name: str  # as in --backend, run.json and the bench
     graphable: bool  # its training step may be captured as a CUDA graph (no host sync, fixed shapes)
+    fuses_sgd: bool  # gradients() takes update= and applies plain SGD's step in the same pass
 
     def native(self, arch) -> str | None:
         """None when the backend's own kernels run every layer of `arch`; else which path runs it and why."""
@@ -41,7 +42,10 @@ class Backend(Protocol):
         """Networks lo:hi: each one's mean cross-entropy [hi - lo] on its batch (augmented by aug, an AugmentBatch
         with the networks' order seeds; label-smoothed by `smoothing`); its gradient written (not added) into
         pop.grads. BatchNorm normalizes with the batch's statistics and updates pop.stats (running statistics)
-        in place."""
+        in place. A backend that `fuses_sgd` also takes update=groups (as `optimizer_step`'s, optimizer sgd):
+        then each network lo:hi takes that SGD step too, in the pass that computed its gradient, unless it is
+        diverged (before, or now: a loss or running statistic not finite), which freezes it as `optimizer_step`
+        freezes diverged networks; the trainer makes no separate optimizer step."""
 
     def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None, stats=()
               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,6 +124,7 @@ class ChainBackend:
     """A backend that runs every layer of all networks as one op of `ops`, gradients through autograd."""
 
     graphable = False
+    fuses_sgd = False
 
     def __init__(self, name: str, ops: ModuleType, graphable: bool = False):
         self.name, self.ops, self.graphable = name, ops, graphable

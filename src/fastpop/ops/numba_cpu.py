@@ -1,6 +1,6 @@
 """The numba backend, the CPU default: every spec of the architecture grammar runs whole, one network per core at a
-time (kernels in `fastpop.kernels.numba.network`): forward, loss and backward in one call in training, forward and
-scoring in evaluation; the optimizer is one fused pass.
+time (kernels in `fastpop.kernels.numba.network`): forward, loss, backward and the SGD step in one call in training
+(Adam: a separate pass), forward and scoring in evaluation.
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def _layer_major(arch: Arch, p: int, stats: bool = False) -> np.ndarray:
 class NumbaBackend:
     name = "numba"
     graphable = False
+    fuses_sgd = True
 
     def native(self, arch: Arch) -> str | None:
         return None
@@ -121,8 +122,10 @@ class NumbaBackend:
         """Only the logits leave the kernel."""
         return arch.classes
 
-    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0
-                  ) -> torch.Tensor:
+    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0,
+                  update=None) -> torch.Tensor:
+        """With update (SGD's groups), each network's step is taken in the same pass and its gradient never
+        reaches pop.grads."""
         ops, head, scratch = tables(pop.arch, idx.shape[1])
         loss = torch.empty(hi - lo, dtype=torch.float32)
         if aug is None:
@@ -134,7 +137,8 @@ class NumbaBackend:
         _k.train_kernel(x.numpy(), idx.contiguous().numpy(), y.contiguous().numpy(), _f32(mean).numpy(),
                         _f32(std).numpy(), pop.params.numpy(), _layer_major(pop.arch, pop.p), lo, ops, head, scratch,
                         pop.grads.numpy(), loss.numpy(), numba.get_num_threads(), draws, seeds, float(smoothing),
-                        pop.stats.numpy(), _layer_major(pop.arch, pop.p, True))
+                        pop.stats.numpy(), _layer_major(pop.arch, pop.p, True), pop.momentum.numpy(),
+                        *_per_network_sgd(update, pop.p, lo, hi), (pop.diverged_at[lo:hi] >= 0).numpy())
         return loss
 
     @torch.no_grad()
@@ -179,6 +183,17 @@ class NumbaBackend:
         else:
             adam_step(pop.params, pop.grads, pop.momentum, pop.second, lr, config.betas, config.eps, wd,
                       config.optimizer == "adamw", step, frozen, blocks)
+
+
+def _per_network_sgd(groups, p: int, lo: int, hi: int) -> tuple:
+    """(lr, momentum, weight_decay) float32 [hi - lo] of networks lo:hi from the optimizer's groups
+    [(lo, hi, config, lr)], and nesterov (one for all groups, as `sgd_step`); empty arrays without groups."""
+    if groups is None:
+        return np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0, np.float32), False
+    scalars = np.empty((3, p), np.float32)
+    for a, b, cfg, lr in groups:
+        scalars[:, a:b] = np.array([lr, cfg.momentum, cfg.weight_decay], np.float32)[:, None]
+    return (*scalars[:, lo:hi].copy(), bool(groups[0][2].nesterov))
 
 
 def sgd_step(params, grads, momentum_buf, lr, momentum, weight_decay, frozen=None, nesterov=False, blocks=None

@@ -132,6 +132,7 @@ def module_arch(spec: str, factory: Callable[[], torch.nn.Module] | None, in_sha
 class TorchFuncBackend:
     name = "torch.func"
     graphable = False
+    fuses_sgd = False
 
     def native(self, arch) -> str | None:
         return None
