@@ -282,6 +282,21 @@ def test_network_is_bit_identical_alone_or_in_company(spec):
     assert torch.equal(pop.grads, grads)
 
 
+def test_8_bit_images_normalized_by_table_are_the_division_bit_for_bit():
+    """numba normalizes 8-bit images by a table of each channel's 256 values; the same images as float32 take the
+    division per pixel: the same loss, gradient and scores bit for bit."""
+    arch = build_arch("c4-mp-flat-d5", (3, 6, 5), 4)
+    pop, x, y, idx, mean, std = _case(arch, 3, 7, 11)
+    out = []
+    for images in (x, x.float()):
+        loss = NUMBA.gradients(pop, 0, pop.p, images, idx, y[idx], mean, std)
+        bits = torch.zeros(3, 1, dtype=torch.uint8)
+        scored = NUMBA.score(arch, pop.views(pop.params), images, idx, y[idx], mean, std, bits, 0)
+        out.append((loss, pop.grads.clone(), bits, *scored))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
 @pytest.mark.parametrize("with_frozen", [False, True])
 def test_sgd_is_bit_identical_to_reference(weight_decay, with_frozen):

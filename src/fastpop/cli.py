@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=32, help="examples per network per step")
     bench.add_argument("--loop-max-nets", type=int, default=1000, help="skip the module loop above this P")
     bench.add_argument("--input-shape", help="random images of this C x H x W (e.g. 3x32x32) instead of digits")
+    bench.add_argument("--rounds", type=int, default=1, help="the providers take turns this many times; each "
+                       "keeps its best rate")
     for command in sub.choices.values():
         for action in command._actions:  # a default nobody described is still said
             if action.help is None and action.option_strings and action.default not in (None, False):
@@ -393,11 +395,11 @@ def _bench(args) -> int:
         nets = [int(v) for v in args.nets.split(",")]
     except ValueError:
         raise UsageError(f"--nets takes comma-separated population sizes, got {args.nets!r}") from None
-    if min(nets) < 1 or args.steps < 1 or args.batch_size < 1:
-        raise UsageError("--nets, --steps and --batch-size must be positive")
+    if min(nets) < 1 or args.steps < 1 or args.batch_size < 1 or args.rounds < 1:
+        raise UsageError("--nets, --steps, --batch-size and --rounds must be positive")
     shape = None if args.input_shape is None else _input_shape(args.input_shape)
-    print_table(run_benchmark(nets, args.steps, args.arch, args.batch_size, args.loop_max_nets, shape),
-                args.batch_size)
+    print_table(run_benchmark(nets, args.steps, args.arch, args.batch_size, args.loop_max_nets, shape,
+                              rounds=args.rounds), args.batch_size)
     return 0
 
 

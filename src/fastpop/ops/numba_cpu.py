@@ -138,7 +138,8 @@ class NumbaBackend:
                         _f32(std).numpy(), pop.params.numpy(), _layer_major(pop.arch, pop.p), lo, ops, head, scratch,
                         pop.grads.numpy(), loss.numpy(), numba.get_num_threads(), draws, seeds, float(smoothing),
                         pop.stats.numpy(), _layer_major(pop.arch, pop.p, True), pop.momentum.numpy(),
-                        *_per_network_sgd(update, pop.p, lo, hi), (pop.diverged_at[lo:hi] >= 0).numpy())
+                        *_per_network_sgd(update, pop.p, lo, hi), (pop.diverged_at[lo:hi] >= 0).numpy(),
+                        _normalized(x, mean, std))
         return loss
 
     @torch.no_grad()
@@ -161,7 +162,7 @@ class NumbaBackend:
             extra = np.empty((2, p, n) if per_example is not None else (2, 0, 0), np.float32)
             _k.score_kernel(x.numpy(), part.numpy(), labels.numpy(), _f32(mean).numpy(), _f32(std).numpy(), rows,
                             ptab, ops, head, scratch, bits.numpy(), (bit_offset + lo) // 8, summed.numpy(), out,
-                            numba.get_num_threads(), extra[0], extra[1], srows, stab)
+                            numba.get_num_threads(), extra[0], extra[1], srows, stab, _normalized(x, mean, std))
             pred[:, lo:lo + size] = torch.from_numpy(out)
             for t, values in zip(per_example or (), extra):
                 t[:, lo:lo + size] = torch.from_numpy(values)
@@ -183,6 +184,15 @@ class NumbaBackend:
         else:
             adam_step(pop.params, pop.grads, pop.momentum, pop.second, lr, config.betas, config.eps, wd,
                       config.optimizer == "adamw", step, frozen, blocks)
+
+
+def _normalized(x, mean, std) -> np.ndarray:
+    """For 8-bit images, each channel's 256 values normalized, (v - mean) / std in float32 as the kernels compute
+    it (the same bits); else empty."""
+    if x.dtype != torch.uint8:
+        return np.empty(0, np.float32)
+    values = torch.arange(256, dtype=torch.float32)
+    return ((values[None] - _f32(mean)[:, None]) / _f32(std)[:, None]).reshape(-1).numpy()
 
 
 def _per_network_sgd(groups, p: int, lo: int, hi: int) -> tuple:
