@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from fastpop.archs import build_arch
 from fastpop.benchmark import _grouped_step, _modules, run_benchmark
+from fastpop.cli import main
 
 
 def test_grouped_conv_baseline_computes_the_networks_losses():
@@ -22,6 +23,18 @@ def test_every_provider_is_timed():
     assert [r.provider for r in rows] == ["fastpop-numba", "fastpop-torch", "torch.func vmap", "grouped conv",
                                           "module loop", "fastpop-numba eval", "fastpop-torch eval"]
     assert all(r.net_images_per_s > 0 and r.p == 2 and r.ceiling_gflops > 0 for r in rows)
+
+
+def test_rounds_keep_each_providers_best_rate(monkeypatch):
+    import fastpop.benchmark as bench
+
+    turns = iter(range(100))
+    monkeypatch.setattr(bench, "provider_rate", lambda name, *a: (float(next(turns) % 7), 0.1))
+    monkeypatch.setattr(bench, "sgemm_ceiling", lambda: 1.0)
+    rows = run_benchmark([2], steps=1, arch_name="mlp", loop_max_nets=1, isolate=False, rounds=3)
+    # 6 providers take turns 0-5, 6-11, 12-17: each keeps the largest of its three rates modulo 7
+    assert [r.net_images_per_s for r in rows] == [max(t % 7 for t in (i, i + 6, i + 12)) for i in range(6)]
+    assert main(["bench", "--rounds", "0"]) == 2
 
 
 def test_a_provider_runs_in_a_process_of_its_own():
