@@ -100,25 +100,23 @@ def gemm_rows(w, so, sj, src, nin, nout, nb, dst):
     its input gradient (W transposed: so = 1) and its weight gradient (w the output gradient, src the input
     transposed to [B, F]) are all this one loop."""
     o = 0
-    while o + ROWS <= nout:
+    while o < nout:
+        rows = ROWS if o + ROWS <= nout else 1  # whole tiles, then the rows left one at a time
         k = 0
         while k + VECS * LANES <= nb:
-            _block(dst, o * nb + k, src, k, nb, w, o * so, so, sj, nin)
+            if rows == ROWS:
+                _block(dst, o * nb + k, src, k, nb, w, o * so, so, sj, nin)
+            else:
+                _row(dst, o * nb + k, src, k, nb, w, o * so, so, sj, nin)
             k += VECS * LANES
         while k + LANES <= nb:
-            _block1(dst, o * nb + k, src, k, nb, w, o * so, so, sj, nin)
+            if rows == ROWS:
+                _block1(dst, o * nb + k, src, k, nb, w, o * so, so, sj, nin)
+            else:
+                _row1(dst, o * nb + k, src, k, nb, w, o * so, so, sj, nin)
             k += LANES
-        _rows_plain(w, so, sj, src, nin, o, o + ROWS, nb, k, dst)
-        o += ROWS
-    for o in range(o, nout):
-        k = 0
-        while k + VECS * LANES <= nb:
-            _row(dst, o * nb + k, src, k, nb, w, o * so, so, sj, nin)
-            k += VECS * LANES
-        while k + LANES <= nb:
-            _row1(dst, o * nb + k, src, k, nb, w, o * so, so, sj, nin)
-            k += LANES
-        _rows_plain(w, so, sj, src, nin, o, o + 1, nb, k, dst)
+        _rows_plain(w, so, sj, src, nin, o, o + rows, nb, k, dst)
+        o += rows
 
 
 @njit(fastmath=_FMA, cache=True)
