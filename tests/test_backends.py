@@ -156,24 +156,41 @@ def test_conv_kernels_in_bands_match_numpy():
 def test_dense_product_in_register_tiles_is_the_plain_loop_bit_for_bit():
     """`gemm_rows` (whole tiles of ROWS rows x VECS vectors, then single vectors and single rows, the lanes left
     over in the plain loop) against the plain loop over every row and lane, on shapes that reach every one of those
-    cases, with W read as is (a forward) and transposed (an input gradient); and within rounding of numpy."""
-    from fastpop.kernels.numba import gemm
+    cases, with W read as is (a forward) and transposed (an input gradient); and within rounding of numpy. The
+    tile shapes of both ISAs (AVX-512's 8 x 2 vectors, AVX2's 4 x 1) alone, on this machine, the same way."""
+    from numba import njit
+
+    from fastpop.kernels.numba import network as k
 
     rng = np.random.default_rng(0)
-    wide = gemm.VECS * gemm.LANES
-    for nin, nout, nb in ((7, 1, 5), (13, gemm.ROWS + 3, wide + gemm.LANES + 5), (64, 2 * gemm.ROWS, wide),
-                          (3, gemm.ROWS - 1, gemm.LANES)):
+    wide = k.VECS * k.LANES
+    for nin, nout, nb in ((7, 1, 5), (13, k.ROWS + 3, wide + k.LANES + 5), (64, 2 * k.ROWS, wide),
+                          (3, k.ROWS - 1, k.LANES)):
         src = rng.standard_normal(nin * nb).astype(np.float32)
         start = rng.standard_normal(nout * nb).astype(np.float32)
         for so, sj in ((nin, 1), (1, nout)):
             w = rng.standard_normal(nin * nout).astype(np.float32)
             got, plain = start.copy(), start.copy()
-            gemm.gemm_rows(w, so, sj, src, nin, nout, nb, got)
-            gemm._rows_plain(w, so, sj, src, nin, 0, nout, nb, 0, plain)
+            k.gemm_rows(w, so, sj, src, nin, nout, nb, got)
+            k._rows_plain(w, so, sj, src, nin, 0, nout, nb, 0, plain)
             np.testing.assert_array_equal(got, plain)
             wmat = w.reshape(nout, nin) if so == nin else w.reshape(nin, nout).T
             want = start.reshape(nout, nb) + wmat.astype(np.float64) @ src.reshape(nin, nb)
             np.testing.assert_allclose(got.reshape(nout, nb), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for rows, vecs in ((8, 2), (4, 1)):
+        tile = k._tile_intrinsic(rows, vecs)
+
+        @njit
+        def one_tile(dst, src, w, nb, nin):
+            tile(dst, 0, src, 0, nb, w, 0, nin, 1, nin)
+
+        nin, nb = 11, vecs * k.LANES
+        src, w = rng.standard_normal(nin * nb).astype(np.float32), rng.standard_normal(rows * nin).astype(np.float32)
+        got = rng.standard_normal(rows * nb).astype(np.float32)
+        plain = got.copy()
+        one_tile(got, src, w, nb, nin)
+        k._rows_plain(w, nin, 1, src, nin, 0, rows, nb, 0, plain)
+        np.testing.assert_array_equal(got, plain)
 
 
 @pytest.mark.parametrize("spec", ["c5s2b-r8-r8s2-ap-gap", "c4b-r4-flat-d5"])

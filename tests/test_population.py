@@ -105,8 +105,9 @@ def test_gradients_do_not_mix(digits, backend):
 def test_sgd_in_the_gradient_pass_is_the_separate_step_bit_for_bit(digits, spec, nesterov):
     """numba takes the SGD step in the pass that computes the gradient (`fuses_sgd`); against its gradients then
     its separate optimizer step, three steps of a grid (lr, momentum and weight decay per group): parameters,
-    momentum, running statistics and divergence bit for bit, with a network diverged from the start (NaN
-    weights) and those of a group that diverge at step 2 or 3 (lr 1e30)."""
+    momentum, running statistics and divergence bit for bit, in chunks of two networks, with a network diverged
+    from the start (NaN weights), one marked diverged before with finite weights (never moves), and those of a
+    group that diverge at step 2 or 3 (lr 1e30)."""
     arch = build_arch(spec, digits.in_shape, digits.classes)
     config = Config(arch=spec, seeds=3, batch_size=8, nesterov=nesterov,
                     grid={"lr": [10.0, 0.1] if not nesterov else [0.2, 10.0], "momentum": [0.9, 0.5],
@@ -119,12 +120,14 @@ def test_sgd_in_the_gradient_pass_is_the_separate_step_bit_for_bit(digits, spec,
         backend.fuses_sgd = fused
         pop = Population(arch, config.init_seeds(), CPU)
         pop.set_networks(torch.full((1, pop.d), float("nan")), lo=5)
+        pop.set_diverged(torch.tensor([-1] * 9 + [0] + [-1] * (pop.p - 10)))  # finite weights, diverged before
         for step in range(3):
             lrs = [1e30 if cfg.lr == 10 and step else cfg.lr_at(step, 3, 3) for _, _, cfg in groups]
-            train_step(pop, backend, digits, idx[:, step * 8:(step + 1) * 8], lrs, config, step=step + 1,
+            train_step(pop, backend, digits, idx[:, step * 8:(step + 1) * 8], lrs, config, chunk=2, step=step + 1,
                        groups=groups)
         out[fused] = (pop.params, pop.momentum, pop.stats, pop.diverged_at)
     diverged = out[True][3]
-    assert diverged[5] == 1 and (diverged >= 0).sum() > 1  # NaN from the start; lr 1e30 at a later step
+    assert diverged[5] == 1 and diverged[9] == 0 and (diverged >= 0).sum() > 2  # and lr 1e30 at a later step
+    assert torch.equal(pop.networks(out[True][0])[9], Population(arch, config.init_seeds(), CPU).networks()[9])
     for got, want in zip(out[True], out[False]):
         assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))

@@ -202,7 +202,7 @@ def accumulate_gradients(pop: Population, backend, data: Dataset, idx: torch.Ten
     """Forward and backward of every network on its batch idx [P, B], `chunk` networks of one group at a time,
     into pop.grads, with its group's label smoothing and augmentation (drawn from the networks' order seeds [P]
     and the epoch); returns each network's batch loss [P]. update: the SGD step's groups, for a backend that
-    `fuses_sgd`, which takes the step in the same pass."""
+    `fuses_sgd`: it takes the step in the same pass instead (pop.grads need not be written)."""
     losses = []
     fused = {} if update is None else {"update": update}
     for glo, ghi, cfg in _same_loss(groups):

@@ -37,15 +37,16 @@ class Backend(Protocol):
         """Floats a network holds per example in evaluation (the largest activation, or only the logits): sizes
         the blocks of networks evaluated at once."""
 
-    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0
-                  ) -> torch.Tensor:
+    def gradients(self, pop, lo: int, hi: int, x, idx, y, mean, std, aug=None, smoothing: float = 0.0,
+                  update=None) -> torch.Tensor:
         """Networks lo:hi: each one's mean cross-entropy [hi - lo] on its batch (augmented by aug, an AugmentBatch
         with the networks' order seeds; label-smoothed by `smoothing`); its gradient written (not added) into
-        pop.grads. BatchNorm normalizes with the batch's statistics and updates pop.stats (running statistics)
-        in place. A backend that `fuses_sgd` also takes update=groups (as `optimizer_step`'s, optimizer sgd):
-        then each network lo:hi takes that SGD step too, in the pass that computed its gradient, unless it is
-        diverged (before, or now: a loss or running statistic not finite), which freezes it as `optimizer_step`
-        freezes diverged networks; the trainer makes no separate optimizer step."""
+        pop.grads (not with update, below). BatchNorm normalizes with the batch's statistics and updates
+        pop.stats (running statistics) in place. update is given only to a backend that `fuses_sgd`: groups as
+        `optimizer_step`'s (optimizer sgd); each network lo:hi then takes that SGD step in the pass that computed
+        its gradient (which need not reach pop.grads), unless it is diverged (before, or now: a loss or running
+        statistic not finite), which freezes it as `optimizer_step` freezes diverged networks; the trainer makes
+        no separate optimizer step."""
 
     def score(self, arch, params, x, idx, y, mean, std, bits, bit_offset, per_example=None, stats=()
               ) -> tuple[torch.Tensor, torch.Tensor]:

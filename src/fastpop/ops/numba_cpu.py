@@ -200,7 +200,7 @@ def _per_network_sgd(groups, p: int, lo: int, hi: int) -> tuple:
     [(lo, hi, config, lr)], and nesterov (one for all groups, as `sgd_step`); empty arrays without groups."""
     if groups is None:
         return np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0, np.float32), False
-    scalars = np.empty((3, p), np.float32)
+    scalars = np.full((3, p), np.nan, np.float32)  # a network no group covers would diverge, not move at random
     for a, b, cfg, lr in groups:
         scalars[:, a:b] = np.array([lr, cfg.momentum, cfg.weight_decay], np.float32)[:, None]
     return (*scalars[:, lo:hi].copy(), bool(groups[0][2].nesterov))
