@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from fastpop.archs import build_arch
 from fastpop.kernels.triton import batchnorm as KB, conv as K
@@ -154,9 +154,12 @@ def _check_chain(arch, pop, x, y, idx, mean, std, rtol=2e-3):
     pop.grads.fill_(float("nan"))
     got_loss = TRITON.gradients(pop, 0, pop.p, x, idx, y[idx], mean, std)
     torch.testing.assert_close(got_loss, want_loss, rtol=rtol, atol=1e-5)
+    scale = float(want_grads.abs().max())
     for (name, _), got, want in zip(arch.param_shapes(), pop.views(pop.grads), pop.views(want_grads)):
-        # a floor of 1e-6: gamma's gradient is a sum that can cancel to ~1e-6 from terms ~1e-2 (seen: r1-gap)
-        atol = max(rtol * float(want.abs().max()), 1e-6)
+        # a floor of 1e-5 of the network's largest gradient: what cancels to near zero is the others' rounding
+        # (gamma's gradient, ~1e-6 from terms ~1e-2 in r1-gap; a conv's weight before BatchNorm, zero by its scale
+        # invariance: 8e-7 against 4e-7, the largest 0.37, in c1k1b-mp-r3s2-gap)
+        atol = max(rtol * float(want.abs().max()), 1e-5 * scale)
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=f"gradient of {name} ({arch.spec})")
     for (name, _), got, want in zip(arch.stat_shapes(), pop.stat_views(), stats):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"running {name} ({arch.spec})")
@@ -180,6 +183,9 @@ def _check_chain(arch, pop, x, y, idx, mean, std, rtol=2e-3):
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=block_specs(), p=st.integers(1, 2), bsz=st.integers(2, 4), seed=st.integers(0, 1000))
 def test_random_block_specs_match_reference(arch, p, bsz, seed):
+    # BatchNorm over 2 values per channel passes no gradient (both normalize to +-1): what comes through is rounding
+    # (c1k5s2b-mp-r1s2-gap on 2x4x9 at B = 2: 1e-5 apart); from 4 values on it does
+    assume(min((bsz * op.out_hw[0] * op.out_hw[1] for op in arch.ops if op.bn or op.kind == "res"), default=4) >= 4)
     pop, x, y, idx, mean, std = _case(arch, p, bsz, seed)
     pop.params.div_(3)
     _check_chain(arch, pop, x, y, idx, mean, std)
