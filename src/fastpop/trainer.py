@@ -238,7 +238,7 @@ def train_step(pop: Population, backend, data: Dataset, idx: torch.Tensor, lr: f
     groups = groups or [(0, pop.p, config)]
     lrs = lr if isinstance(lr, list) else [lr]
     update = [(lo, hi, cfg, lr_g) for (lo, hi, cfg), lr_g in zip(groups, lrs)]
-    fused = backend.fuses_sgd and all(cfg.optimizer == "sgd" for _, _, cfg in groups)
+    fused = backend.fuses_sgd and config.optimizer == "sgd"  # a grid does not vary the optimizer
     before = pop.stats.clone() if pop.stat_sizes else None
     loss = accumulate_gradients(pop, backend, data, idx, chunk, groups, epoch, seeds, update if fused else None)
     pop.mark_diverged(~torch.isfinite(loss) | ~pop.finite_stats(), step)

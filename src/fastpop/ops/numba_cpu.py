@@ -14,6 +14,7 @@ import torch
 from fastpop.kernels.numba import network as _k
 
 from ..archs import Arch
+from . import reference
 
 # Examples per scoring kernel call: a network's activations for more than ~128 examples spill out of L2
 # (small-cnn, P = 1000, forward only: 64 examples 96 GFLOP/s, 96-128 98, 256 86 on the 2-core CPU). Nothing an
@@ -138,7 +139,7 @@ class NumbaBackend:
                         _f32(std).numpy(), pop.params.numpy(), _layer_major(pop.arch, pop.p), lo, ops, head, scratch,
                         pop.grads.numpy(), loss.numpy(), numba.get_num_threads(), draws, seeds, float(smoothing),
                         pop.stats.numpy(), _layer_major(pop.arch, pop.p, True), pop.momentum.numpy(),
-                        *_per_network_sgd(update, pop.p, lo, hi), (pop.diverged_at[lo:hi] >= 0).numpy(),
+                        *_per_network_sgd(update, lo, hi), (pop.diverged_at[lo:hi] >= 0).numpy(),
                         _normalized(x, mean, std))
         return loss
 
@@ -151,6 +152,7 @@ class NumbaBackend:
         pred = torch.empty(p, nb, dtype=torch.int64)
         parts = -(-nb // SCORE_EXAMPLES)
         size = -(-nb // parts // 8) * 8  # parts start on whole bytes of the record
+        images, mean32, std32, table = x.numpy(), _f32(mean).numpy(), _f32(std).numpy(), _normalized(x, mean, std)
         for lo in range(0, nb, size):
             part, labels = idx[:, lo:lo + size].contiguous(), y[:, lo:lo + size].contiguous()
             ops, head, scratch = tables(arch, part.shape[1])
@@ -160,9 +162,9 @@ class NumbaBackend:
             n = part.shape[1]
             out = np.empty((p, n), np.int64)
             extra = np.empty((2, p, n) if per_example is not None else (2, 0, 0), np.float32)
-            _k.score_kernel(x.numpy(), part.numpy(), labels.numpy(), _f32(mean).numpy(), _f32(std).numpy(), rows,
-                            ptab, ops, head, scratch, bits.numpy(), (bit_offset + lo) // 8, summed.numpy(), out,
-                            numba.get_num_threads(), extra[0], extra[1], srows, stab, _normalized(x, mean, std))
+            _k.score_kernel(images, part.numpy(), labels.numpy(), mean32, std32, rows, ptab, ops, head, scratch,
+                            bits.numpy(), (bit_offset + lo) // 8, summed.numpy(), out, numba.get_num_threads(),
+                            extra[0], extra[1], srows, stab, table)
             pred[:, lo:lo + size] = torch.from_numpy(out)
             for t, values in zip(per_example or (), extra):
                 t[:, lo:lo + size] = torch.from_numpy(values)
@@ -187,23 +189,25 @@ class NumbaBackend:
 
 
 def _normalized(x, mean, std) -> np.ndarray:
-    """For 8-bit images, each channel's 256 values normalized, (v - mean) / std in float32 as the kernels compute
-    it (the same bits); else empty."""
+    """For 8-bit images, each channel's 256 values normalized as the reference normalizes them (and the kernels'
+    division: the same bits), [C * 256]; else empty."""
     if x.dtype != torch.uint8:
         return np.empty(0, np.float32)
-    values = torch.arange(256, dtype=torch.float32)
-    return ((values[None] - _f32(mean)[:, None]) / _f32(std)[:, None]).reshape(-1).numpy()
+    values = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1).expand(256, len(mean), 1, 1)
+    table = reference.gather_images(values, torch.arange(256).view(1, 256), _f32(mean), _f32(std), flat=True)
+    return table[0].T.contiguous().view(-1).numpy()  # [256, C] -> channel after channel
 
 
-def _per_network_sgd(groups, p: int, lo: int, hi: int) -> tuple:
+def _per_network_sgd(groups, lo: int, hi: int) -> tuple:
     """(lr, momentum, weight_decay) float32 [hi - lo] of networks lo:hi from the optimizer's groups
     [(lo, hi, config, lr)], and nesterov (one for all groups, as `sgd_step`); empty arrays without groups."""
     if groups is None:
         return np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0, np.float32), False
-    scalars = np.full((3, p), np.nan, np.float32)  # a network no group covers would diverge, not move at random
+    scalars = np.full((3, hi - lo), np.nan, np.float32)  # a network no group covers would diverge, not move at random
     for a, b, cfg, lr in groups:
-        scalars[:, a:b] = np.array([lr, cfg.momentum, cfg.weight_decay], np.float32)[:, None]
-    return (*scalars[:, lo:hi].copy(), bool(groups[0][2].nesterov))
+        scalars[:, max(a, lo) - lo:max(min(b, hi) - lo, 0)] = np.array([lr, cfg.momentum, cfg.weight_decay],
+                                                                        np.float32)[:, None]
+    return (*scalars, bool(groups[0][2].nesterov))
 
 
 def sgd_step(params, grads, momentum_buf, lr, momentum, weight_decay, frozen=None, nesterov=False, blocks=None
